@@ -1,0 +1,35 @@
+"""The interface the engine's kernels use: an array namespace plus the few operations whose best
+implementation differs between numpy and CuPy."""
+
+import numpy as np
+
+
+class Backend:
+    name = "base"
+    xp = np  # the array namespace of the kernels (numpy or cupy)
+
+    def describe(self) -> str:
+        return self.name
+
+    def asarray(self, a):
+        """Host array -> backend array (float32 stays float32)."""
+        return self.xp.asarray(a)
+
+    def to_numpy(self, a) -> np.ndarray:
+        return np.asarray(a)
+
+    def scatter_add_rows(self, out, labels, rows) -> None:
+        """`out[labels[i]] += rows[i]` for every i (K-means' centroid sums)."""
+        raise NotImplementedError
+
+    def fit_kmeans(self, sample: np.ndarray, n_clusters: int, max_iter: int, tol: float,
+                   seed: int):
+        """Fit on `sample` (normalised float32 (m, d)); returns (centroids float32 (k, d) as a
+        numpy array, iterations run)."""
+        from semdedup_core.kmeans import lloyd
+
+        return lloyd(self, sample, n_clusters, max_iter, tol, seed)
+
+    def pairwise_tile_size(self, requested: int, dim: int) -> int:
+        """The tile size to use; the GPU shrinks it to fit free device memory."""
+        return requested

@@ -1,0 +1,139 @@
+"""The `semdedup` command. Its `run` options are generated from `DedupConfig`, so the flags,
+their defaults and their help are the config model's."""
+
+import argparse
+import logging
+import sys
+import typing
+from typing import Any
+
+from semdedup_core.config import DedupConfig, eps_text, make_config, parse_job_spec
+from semdedup_core.errors import SemdedupError
+
+log = logging.getLogger("semdedup")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    for name, f in DedupConfig.model_fields.items():
+        ann = f.annotation
+        kwargs: dict[str, Any] = {"default": None, "dest": name}
+        default = "" if f.is_required() else f" (default: {f.default if f.default is not None else 'unset'})"
+        args = typing.get_args(ann)
+        if typing.get_origin(ann) is typing.Literal:
+            kwargs["choices"] = list(args)
+        elif name == "eps_to_extract":
+            kwargs.update(type=float, nargs="+", action="extend", metavar="EPS")
+            default = " (default: 0.01; several allowed)"
+        elif ann is int:
+            kwargs["type"] = int
+        elif ann is float:
+            kwargs["type"] = float
+        parser.add_argument(_flag(name), help=f.description + default, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="semdedup",
+        description="Semantic deduplication of clip embeddings: K-means, then inside each cluster "
+                    "flag every clip within eps of an earlier-ranked clip.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the whole pipeline and write the output layout")
+    run.add_argument("--job-spec", metavar="FILE",
+                     help='JSON job spec {"pipeline": "semantic-dedup", "args": {...}}; flags given '
+                          "beside it override its args")
+    _add_config_options(run)
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    demo = sub.add_parser("demo", help="run on the bundled sample into a local folder")
+    demo.add_argument("--output-path", default="semdedup-demo-output",
+                      help="where to write (default: ./semdedup-demo-output)")
+
+    sample = sub.add_parser("make-sample", help="write synthetic clip embeddings with planted "
+                                                "duplicates (for trials and benchmarks)")
+    sample.add_argument("folder", help="folder to write parquet files into")
+    sample.add_argument("--rows", type=int, default=10000, help="number of clips")
+    sample.add_argument("--dim", type=int, default=512, help="embedding dimension")
+    sample.add_argument("--files", type=int, default=4, help="number of parquet files")
+    sample.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                        help="stored value type")
+    sample.add_argument("--seed", type=int, default=0, help="random seed")
+    return parser
+
+
+def config_from_args(ns: argparse.Namespace) -> DedupConfig:
+    args: dict[str, Any] = parse_job_spec(ns.job_spec) if ns.job_spec else {}
+    for name in DedupConfig.model_fields:
+        value = getattr(ns, name, None)
+        if value is not None:
+            args[name] = value
+    missing = [_flag(n) for n in ("input_embeddings_path", "n_clusters") if n not in args]
+    if missing:
+        raise SemdedupError(f"missing {' and '.join(missing)} (or give them in --job-spec)")
+    return make_config(**args)
+
+
+def format_report(report) -> str:
+    from semdedup_core.pipeline import RunReport
+
+    assert isinstance(report, RunReport)
+    lines = [f"output: {report.output_path}",
+             f"clips: {report.n_rows:,}  dim: {report.dim}  clusters: {report.n_clusters} "
+             f"({int((report.cluster_sizes > 0).sum())} non-empty, largest "
+             f"{int(report.cluster_sizes.max()):,})  backend: {report.backend}  "
+             f"k-means: {report.kmeans_iterations} iterations on {report.sample_rows:,} clips",
+             "",
+             f"{'eps':>8} {'total':>12} {'kept':>12} {'removed':>12} {'removed %':>10}"]
+    for eps, row in report.summary.items():
+        pct = 100.0 * row["removed"] / row["total"] if row["total"] else 0.0
+        lines.append(f"{eps_text(eps):>8} {row['total']:>12,} {row['kept']:>12,} "
+                     f"{row['removed']:>12,} {pct:>9.2f}%")
+    lines += ["", f"{'phase':<12} {'seconds':>9} {'GFLOP/s':>9}"]
+    for name, secs in report.timer.seconds.items():
+        g = report.timer.gflops(name)
+        lines.append(f"{name:<12} {secs:>9.2f} {(f'{g:.1f}' if g else '-'):>9}")
+    lines.append(f"{'total':<12} {sum(report.timer.seconds.values()):>9.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    try:
+        if ns.command == "make-sample":
+            from semdedup_core.sample import write_sample
+
+            info = write_sample(ns.folder, ns.rows, ns.dim, files=ns.files, seed=ns.seed,
+                                dtype=ns.dtype, keep_groups=False)
+            print(f"wrote {info.rows:,} clips x {info.dim} into {len(info.files)} files "
+                  f"under {ns.folder}")
+            return 0
+        from semdedup_core.pipeline import run_pipeline
+
+        if ns.command == "demo":
+            from semdedup_core.sample import SAMPLE_DIR
+
+            cfg = make_config(input_embeddings_path=SAMPLE_DIR, output_path=ns.output_path,
+                              n_clusters=20, eps_to_extract=[0.01, 0.05])
+            show = sys.stderr.isatty()
+        else:
+            cfg = config_from_args(ns)
+            show = not ns.quiet and sys.stderr.isatty()
+        report = run_pipeline(cfg, show_progress=show)
+        print(format_report(report))
+        return 0
+    except SemdedupError as exc:
+        print(f"semdedup: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

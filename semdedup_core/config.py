@@ -1,0 +1,164 @@
+"""The documented arguments as one pydantic model, and job-spec parsing.
+
+Every other surface (the `semdedup` command, Dagster run config, JSON job specs) is derived
+from `DedupConfig`, so a default or a choice is written down exactly once.
+"""
+
+import json
+import posixpath
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from semdedup_core.errors import ConfigError
+
+EPS_MIN = 1e-4
+
+PIPELINE_NAMES = ("semantic-dedup", "dedup")
+
+
+def eps_text(eps: float) -> str:
+    """The spelling of an eps in artifact names: Python's shortest float text (`0.01`)."""
+    return repr(float(eps))
+
+
+class DedupConfig(BaseModel):
+    """Arguments of one semantic-dedup run (CLI `--kebab-case`, job specs and Dagster `snake_case`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # The documented arguments (SPEC.md).
+    input_embeddings_path: str = Field(
+        description="Parquet folder or .zip of one, local or s3://bucket/prefix.")
+    output_path: str | None = Field(
+        default=None,
+        description="Where the artifacts go, local or s3://. Required unless the input is a .zip "
+                    "(then it defaults to <zip name>_semdedup beside the zip).")
+    n_clusters: int = Field(ge=1, description="Number of K-means clusters.")
+    max_iter: int = Field(default=100, ge=1, description="Maximum K-means iterations.")
+    eps_to_extract: list[float] = Field(
+        default=[0.01],
+        description="Epsilon(s) in [1e-4, 1): a clip is removed when its similarity to an "
+                    "earlier-ranked clip is >= 1 - eps. Each eps gets its own outputs.")
+    sim_metric: Literal["cosine", "l2"] = Field(
+        default="cosine", description="Distance to the centroid used to rank clips in a cluster.")
+    which_to_keep: Literal["hard", "easy", "random"] = Field(
+        default="hard",
+        description="hard: keep the clip farthest from the centroid; easy: the nearest; "
+                    "random: a seeded random one.")
+    random_state: int = Field(default=42, description="Seed for K-means and the random ranking.")
+
+    # Engine settings (documented in the README; not in SPEC's table).
+    backend: Literal["auto", "cpu", "gpu"] = Field(
+        default="auto", description="Compute backend: auto picks the GPU when RAPIDS/CuPy is usable.")
+    id_column: str = Field(default="id", description="Input column holding the clip id.")
+    embedding_column: str = Field(default="embedding",
+                                  description="Input column holding the embedding.")
+    kmeans_sample_per_cluster: int = Field(
+        default=256, ge=1,
+        description="K-means fits on at most this many clips per cluster (a seeded uniform "
+                    "sample); all clips are then assigned.")
+    kmeans_tol: float = Field(
+        default=1e-4, ge=0,
+        description="Stop K-means early when inertia improves by less than this fraction.")
+    read_batch_rows: int = Field(default=65536, ge=1,
+                                 description="Rows decoded per input batch (bounds memory).")
+    pairwise_tile_size: int = Field(
+        default=2048, ge=16,
+        description="Rows per tile of the pairwise similarity (memory ~ 4*tile^2 bytes).")
+    aws_profile: str | None = Field(default=None,
+                                    description="AWS profile for s3:// paths (else the default chain).")
+    aws_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint (else AWS_ENDPOINT_URL, else AWS).")
+    aws_region: str | None = Field(default=None, description="AWS region for s3:// paths.")
+    zip_max_bytes: int = Field(default=64 * 2**30, ge=1,
+                               description="Largest total uncompressed size a .zip may extract to.")
+
+    @field_validator("eps_to_extract", mode="before")
+    @classmethod
+    def _eps_as_list(cls, value: Any) -> Any:
+        if isinstance(value, (int, float, str)):
+            value = [value]
+        return value
+
+    @field_validator("eps_to_extract")
+    @classmethod
+    def _eps_in_range(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("give at least one eps")
+        for eps in value:
+            if not (EPS_MIN <= eps < 1):
+                raise ValueError(f"eps {eps} is outside [{EPS_MIN}, 1)")
+        # Keep the user's order, drop repeats: each eps names one set of files.
+        return list(dict.fromkeys(float(e) for e in value))
+
+    @model_validator(mode="after")
+    def _output_needed(self) -> "DedupConfig":
+        if self.output_path is None and not is_zip_path(self.input_embeddings_path):
+            raise ValueError("output_path is required unless input_embeddings_path is a .zip")
+        return self
+
+    @property
+    def resolved_output_path(self) -> str:
+        """`output_path`, or in zip mode `<zip stem>_semdedup` beside the zip."""
+        if self.output_path is not None:
+            return self.output_path.rstrip("/") or "/"
+        parent, name = posixpath.split(self.input_embeddings_path.rstrip("/"))
+        return posixpath.join(parent, name[: -len(".zip")] + "_semdedup")
+
+
+def is_zip_path(path: str) -> bool:
+    return path.lower().rstrip("/").endswith(".zip")
+
+
+def make_config(**args: Any) -> DedupConfig:
+    """Build a config, turning pydantic's errors into one readable ConfigError."""
+    try:
+        return DedupConfig(**args)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown argument (check the spelling; see `semdedup run --help`)"
+        lines.append(f"{where}: {msg}")
+    return "invalid arguments:\n  " + "\n  ".join(lines)
+
+
+class JobSpec(BaseModel):
+    """`{"pipeline": "semantic-dedup", "args": {...}}`."""
+
+    model_config = ConfigDict(extra="forbid")
+    pipeline: Literal["semantic-dedup", "dedup"]
+    args: dict[str, Any]
+
+
+def parse_job_spec(source: str | Path | dict) -> dict[str, Any]:
+    """Return the `args` of a JSON job spec (a path, a JSON string or a dict), checked."""
+    where = "job spec"
+    if isinstance(source, dict):
+        raw = source
+    else:
+        text = str(source)
+        if not text.lstrip().startswith("{"):
+            where = f"job spec {text}"
+            try:
+                text = Path(text).read_text()
+            except OSError as exc:
+                raise ConfigError(f"{where}: cannot read it ({exc.strerror})") from None
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: not valid JSON ({exc})") from None
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: " + format_validation_error(exc)) from None
+    make_config(**spec.args)  # validate the args now, with the spec's name in any error
+    return spec.args

@@ -1,0 +1,215 @@
+"""Finding and streaming the input parquet: schema checks, validation, normalisation.
+
+`scan_input` reads everything once before any output is written: it checks every rule of SPEC's
+"bad input" list and draws the K-means fit sample on the way. `iter_batches` then streams the
+input again for the assignment; memory is one batch, never the whole input.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from semdedup_core.errors import InputError
+from semdedup_core.storage import Storage
+
+NORM_FLOOR = 1e-12
+_FLOAT_TYPES = (pa.float16(), pa.float32(), pa.float64())
+
+
+def normalize(emb: np.ndarray) -> np.ndarray:
+    """`e / max(||e||, 1e-12)` row-wise, in place for float32 input; returns float32."""
+    emb = np.asarray(emb, dtype=np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", emb, emb, dtype=np.float64))
+    emb /= np.maximum(norms, NORM_FLOOR).astype(np.float32)[:, None]
+    return emb
+
+
+@dataclass
+class Batch:
+    """One decoded slice of one input file; `emb` is float32 (rows, dim), not yet normalised."""
+
+    file: str  # user-facing address, for messages
+    start_row: int  # global row number of the first row
+    ids: pa.Array
+    emb: np.ndarray
+
+
+@dataclass
+class InputFile:
+    rel: str
+    rows: int
+
+
+@dataclass
+class EmbeddingSource:
+    """The parquet files of one input folder, in a fixed (sorted) order."""
+
+    storage: Storage
+    files: list[InputFile]
+    id_column: str = "id"
+    embedding_column: str = "embedding"
+    batch_rows: int = 65536
+    dim: int | None = field(default=None)
+
+    @property
+    def n_rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    @classmethod
+    def discover(cls, storage: Storage, id_column: str = "id", embedding_column: str = "embedding",
+                 batch_rows: int = 65536) -> "EmbeddingSource":
+        """List `*.parquet` under the folder (recursively; hidden and `_`-prefixed names skipped)
+        and check each file's schema from its footer."""
+        if not storage.exists():
+            raise InputError(f"{storage.display()}: no such folder")
+        rels = [r for r in storage.list_files()
+                if r.endswith(".parquet") and not any(p.startswith((".", "_")) for p in r.split("/"))]
+        if not rels:
+            raise InputError(f"{storage.display()}: no parquet files found")
+        src = cls(storage, [], id_column, embedding_column, batch_rows)
+        for rel in rels:
+            try:
+                with storage.open_input(rel) as f:
+                    meta = pq.ParquetFile(f)
+                    schema, rows = meta.schema_arrow, meta.metadata.num_rows
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise InputError(f"{storage.display(rel)}: not a readable parquet file ({exc})") \
+                    from None
+            src._check_schema(storage.display(rel), schema)
+            src.files.append(InputFile(rel, rows))
+        if src.n_rows == 0:
+            raise InputError(f"{storage.display()}: the parquet files hold no rows")
+        return src
+
+    def _check_schema(self, where: str, schema: pa.Schema) -> None:
+        names = schema.names
+        for col in (self.id_column, self.embedding_column):
+            if col not in names:
+                raise InputError(f"{where}: missing column {col!r} (columns: {names}); set "
+                                 "id_column / embedding_column if it has another name")
+        id_type = schema.field(self.id_column).type
+        if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
+            raise InputError(f"{where}: column {self.id_column!r} is {id_type}, expected a string")
+        emb_type = schema.field(self.embedding_column).type
+        if not (pa.types.is_list(emb_type) or pa.types.is_large_list(emb_type)
+                or pa.types.is_fixed_size_list(emb_type)) or emb_type.value_type not in _FLOAT_TYPES:
+            raise InputError(f"{where}: column {self.embedding_column!r} is {emb_type}, expected a "
+                             "list of float16/float32/float64")
+
+    def iter_batches(self) -> Iterator[Batch]:
+        """Every row, file by file, in batches of at most `batch_rows`."""
+        start = 0
+        for f in self.files:
+            where = self.storage.display(f.rel)
+            with self.storage.open_input(f.rel) as handle:
+                reader = pq.ParquetFile(handle)
+                for rb in reader.iter_batches(batch_size=self.batch_rows,
+                                              columns=[self.id_column, self.embedding_column]):
+                    ids = rb.column(self.id_column)
+                    emb = self._decode(where, ids, rb.column(self.embedding_column))
+                    yield Batch(where, start, ids, emb)
+                    start += rb.num_rows
+
+    def _decode(self, where: str, ids: pa.Array, col: pa.Array) -> np.ndarray:
+        """The embedding column as float32 (rows, dim); checks nulls, ragged and mixed dims."""
+        n = len(col)
+        if ids.null_count:
+            raise InputError(f"{where}: {ids.null_count} null value(s) in column {self.id_column!r}")
+        if col.null_count:
+            row = int(pc.index(pc.is_null(col), True).as_py())
+            raise InputError(f"{where}: null embedding for id {ids[row].as_py()!r}")
+        if pa.types.is_fixed_size_list(col.type):
+            dim = col.type.list_size
+        else:
+            lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+            dim = int(lengths[0]) if n else 0
+            if n and (lengths != dim).any():
+                row = int(np.flatnonzero(lengths != dim)[0])
+                raise InputError(f"{where}: ragged embeddings: id {ids[row].as_py()!r} has "
+                                 f"{lengths[row]} values, id {ids[0].as_py()!r} has {dim}")
+        if n and dim == 0:
+            raise InputError(f"{where}: embeddings are empty lists")
+        if self.dim is None:
+            self.dim = dim
+        elif n and dim != self.dim:
+            raise InputError(f"{where}: embeddings have {dim} dimensions, but earlier files have "
+                             f"{self.dim}; all files must share one dimension")
+        values = col.flatten()
+        if values.null_count:
+            raise InputError(f"{where}: null values inside embeddings")
+        return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, dim)
+
+
+@dataclass
+class ScanResult:
+    n_rows: int
+    dim: int
+    sample: np.ndarray  # normalised float32 (m, dim), rows in input order
+
+
+def sample_rows(n_rows: int, size: int, seed: int) -> np.ndarray:
+    """Sorted global row numbers of a seeded uniform sample (all rows when size >= n_rows)."""
+    if size >= n_rows:
+        return np.arange(n_rows, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_rows, size=size, replace=False)).astype(np.int64)
+
+
+def scan_input(source: EmbeddingSource, sample_size: int, seed: int,
+               progress=None) -> ScanResult:
+    """Validate every row (NaN/inf, zero vectors, dimensions, duplicate ids) and draw the fit
+    sample. Raises InputError naming the file; writes nothing."""
+    n = source.n_rows
+    picks = sample_rows(n, sample_size, seed)
+    sample_parts = []
+    # Duplicate ids: keep a 64-bit fingerprint per clip (8 bytes/clip); a fingerprint collision
+    # is confirmed against the real strings in a second, rare pass.
+    fingerprints = np.empty(n, dtype=np.int64)
+    for batch in source.iter_batches():
+        emb, rows = batch.emb, len(batch.emb)
+        finite = np.isfinite(emb).all(axis=1)
+        if not finite.all():
+            bad = int(np.flatnonzero(~finite)[0])
+            raise InputError(f"{batch.file}: embedding of id {batch.ids[bad].as_py()!r} contains "
+                             "NaN or inf")
+        zero = ~emb.any(axis=1)
+        if zero.any():
+            bad = int(np.flatnonzero(zero)[0])
+            raise InputError(f"{batch.file}: embedding of id {batch.ids[bad].as_py()!r} is all "
+                             "zeros; it has no direction to compare")
+        lo, hi = batch.start_row, batch.start_row + rows
+        fingerprints[lo:hi] = _fingerprints(batch.ids)
+        a, b = np.searchsorted(picks, [lo, hi])
+        if b > a:
+            sample_parts.append(normalize(emb[picks[a:b] - lo]))
+        if progress is not None:
+            progress(rows)
+    _check_unique_ids(source, fingerprints)
+    sample = np.concatenate(sample_parts) if sample_parts else np.empty((0, source.dim), np.float32)
+    return ScanResult(n, source.dim, sample)
+
+
+def _fingerprints(ids: pa.Array) -> np.ndarray:
+    # Python's str hash is stable within one process, which is all the check needs.
+    return np.fromiter((hash(s) for s in ids.to_pylist()), dtype=np.int64, count=len(ids))
+
+
+def _check_unique_ids(source: EmbeddingSource, fingerprints: np.ndarray) -> None:
+    ordered = np.sort(fingerprints)
+    clashes = ordered[1:][ordered[1:] == ordered[:-1]]
+    if not len(clashes):
+        return
+    suspects = set(clashes.tolist())
+    seen: dict[str, str] = {}
+    for batch in source.iter_batches():
+        for s, fp in zip(batch.ids.to_pylist(), _fingerprints(batch.ids)):
+            if fp in suspects:
+                if s in seen:
+                    where = batch.file if seen[s] == batch.file else f"{seen[s]} and {batch.file}"
+                    raise InputError(f"{where}: duplicate id {s!r}; ids must be unique across "
+                                     "the input")
+                seen[s] = batch.file

@@ -1,0 +1,57 @@
+"""From pruning tables to removals: per eps, the ids to remove per cluster, and the summary."""
+
+import numpy as np
+import pyarrow as pa
+
+from semdedup_core import layout
+from semdedup_core.config import eps_text
+from semdedup_core.parquet import read_table, row_count, write_table
+from semdedup_core.storage import Storage
+
+
+def removed_mask(score: np.ndarray, eps: float) -> np.ndarray:
+    """A clip is removed when its score (float32, as written) is >= 1 - eps (in float64)."""
+    return np.asarray(score, dtype=np.float64) >= 1.0 - eps
+
+
+def removed_table(pruning: pa.Table, cosine_dist: np.ndarray, cluster: int,
+                  eps: float) -> pa.Table:
+    """`id, cosine_dist_to_cent, cluster` of the removed clips, in rank order.
+    `cosine_dist` is aligned with the pruning table's rows."""
+    keep_rows = np.flatnonzero(removed_mask(pruning.column("cosine_sim_score").to_numpy(), eps))
+    rows = pa.array(keep_rows, type=pa.int64())
+    return pa.table({
+        "id": pruning.column("id").take(rows),
+        "cosine_dist_to_cent": pa.array(np.asarray(cosine_dist, np.float32)[keep_rows]),
+        "cluster": pa.array(np.full(len(keep_rows), cluster, dtype=np.int64)),
+    })
+
+
+def write_removed(out: Storage, pruning: pa.Table, cosine_dist: np.ndarray, cluster: int,
+                  eps_list: list[float]) -> dict[float, int]:
+    """Write `unique_ids_<eps>.parquet/part.<cluster>.parquet` for each eps (zero rows when
+    nothing is removed). Returns removed counts per eps."""
+    counts = {}
+    for eps in eps_list:
+        table = removed_table(pruning, cosine_dist, cluster, eps)
+        write_table(out, layout.unique_ids_part(eps, cluster), table)
+        counts[eps] = table.num_rows
+    return counts
+
+
+def summarize(out: Storage, eps_list: list[float], clusters: list[int]) -> dict[float, dict]:
+    """Write `dedup_summary_<eps>.csv` from the parts and pruning tables on storage, and drop
+    parts of clusters that are not in `clusters` (left by an earlier run). Returns the rows."""
+    wanted = set(clusters)
+    total = sum(row_count(out, layout.pruning_table(c)) for c in clusters)
+    rows = {}
+    for eps in eps_list:
+        for rel in out.list_files(layout.unique_ids_dir(eps)):
+            c = layout.cluster_of_part(rel.rsplit("/", 1)[-1])
+            if c is not None and c not in wanted:
+                out.delete_file(rel)
+        removed = sum(row_count(out, layout.unique_ids_part(eps, c)) for c in clusters)
+        rows[eps] = {"eps": eps, "kept": total - removed, "removed": removed, "total": total}
+        csv = f"eps,kept,removed,total\n{eps_text(eps)},{total - removed},{removed},{total}\n"
+        out.write_bytes(layout.summary_csv(eps), csv.encode())
+    return rows

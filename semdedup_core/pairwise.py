@@ -1,0 +1,53 @@
+"""The hot loop: for each clip of a ranked cluster, its highest cosine similarity to any clip
+ranked before it, computed in square tiles so memory is O(tile^2), never O(n^2).
+
+Written once over the backend's array namespace: numpy on the CPU, CuPy on the GPU.
+"""
+
+from semdedup_core.backends.base import Backend
+
+
+def max_similarity_to_earlier(backend: Backend, emb, tile: int):
+    """For unit rows `emb` (n, d) in rank order, return (score float32 (n,), match int64 (n,)):
+    score[j] = max over i<j of emb[i].emb[j], match[j] = the smallest i reaching it. Row 0 gets
+    score 0 and match 0 (itself). Scores are clipped to [0, 1].
+
+    Tiles are (rows j) x (columns i) products reduced along the row, i.e. along contiguous
+    memory; column tiles are visited in increasing i and a later tile only wins when strictly
+    greater, so ties go to the earliest clip.
+    """
+    xp = backend.xp
+    n = emb.shape[0]
+    score = xp.full(n, -xp.inf, dtype=xp.float32)
+    match = xp.arange(n, dtype=xp.int64)
+    # Within a diagonal tile only columns left of the diagonal (i < j) count.
+    upper = xp.triu(xp.ones((min(tile, n), min(tile, n)), dtype=bool))
+    for j0 in range(0, n, tile):
+        j1 = min(j0 + tile, n)
+        rows = emb[j0:j1]
+        best = xp.full(j1 - j0, -xp.inf, dtype=xp.float32)
+        best_i = xp.zeros(j1 - j0, dtype=xp.int64)
+        for i0 in range(0, j1, tile):
+            i1 = min(i0 + tile, j1)
+            sims = rows @ emb[i0:i1].T
+            if i0 == j0:
+                sims[upper[: j1 - j0, : i1 - i0]] = -xp.inf
+            top = sims.max(axis=1)
+            arg = sims.argmax(axis=1)
+            better = top > best
+            best = xp.where(better, top, best)
+            best_i = xp.where(better, arg + i0, best_i)
+        found = best > -xp.inf
+        score[j0:j1] = best
+        match[j0:j1] = xp.where(found, best_i, match[j0:j1])
+    score = xp.where(xp.isfinite(score), score, 0)
+    return xp.clip(score, 0, 1).astype(xp.float32), match
+
+
+def pairwise_flops(n: int, tile: int, dim: int) -> int:
+    """Multiply-add FLOPs the tiled loop performs for a cluster of n clips."""
+    total = 0
+    for j0 in range(0, n, tile):
+        j1 = min(j0 + tile, n)
+        total += 2 * (j1 - j0) * j1 * dim
+    return total

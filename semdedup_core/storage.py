@@ -1,0 +1,259 @@
+"""Where bytes live: local folders and `s3://` prefixes as one `Storage` type, atomic writes,
+and safe extraction of `.zip` inputs. The only module that knows about S3 and zip files."""
+
+import configparser
+import contextlib
+import os
+import posixpath
+import shutil
+import stat
+import tempfile
+import uuid
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from semdedup_core.config import DedupConfig, is_zip_path
+from semdedup_core.errors import InputError
+
+S3_SCHEME = "s3://"
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """How to reach S3: a named profile, an endpoint for S3-compatible stores, a region.
+    Unset fields fall back to the standard AWS chain (environment, profile files, roles)."""
+
+    profile: str | None = None
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: DedupConfig) -> "S3Options":
+        return cls(cfg.aws_profile, cfg.aws_endpoint_url, cfg.aws_region)
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(S3_SCHEME)
+
+
+def _profile_region(profile: str | None) -> str | None:
+    """`region` from the credentials file's profile: the AWS SDKs only read it from ~/.aws/config,
+    but curation teams commonly keep it beside the keys."""
+    path = Path(os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")).expanduser()
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(path)
+    except configparser.Error:
+        return None
+    section = profile or os.environ.get("AWS_PROFILE") or "default"
+    return parser.get(section, "region", fallback=None)
+
+
+def make_s3_filesystem(opts: S3Options) -> pafs.S3FileSystem:
+    """A pyarrow S3 filesystem with credentials resolved by boto3's chain (profiles included)."""
+    import boto3  # boto3 resolves the whole credential chain; pyarrow then does the I/O
+
+    session = boto3.Session(profile_name=opts.profile)
+    kwargs: dict = {}
+    creds = session.get_credentials()
+    if creds is not None:
+        frozen = creds.get_frozen_credentials()
+        kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key)
+        if frozen.token:
+            kwargs["session_token"] = frozen.token
+    region = (opts.region or session.region_name or _profile_region(opts.profile)
+              or os.environ.get("AWS_REGION") or "us-east-1")
+    kwargs["region"] = region
+    endpoint = opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+        "AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else "https://" + endpoint)
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+    return pafs.S3FileSystem(**kwargs)
+
+
+class Storage:
+    """A root folder, local or `s3://bucket/prefix`; every path argument is relative to it."""
+
+    def __init__(self, uri: str, s3: S3Options | None = None):
+        self.uri = uri.rstrip("/") if uri not in ("/", S3_SCHEME) else uri
+        if is_s3(uri):
+            self.fs: pafs.FileSystem = make_s3_filesystem(s3 or S3Options())
+            self.root = self.uri[len(S3_SCHEME):]
+            self.local = False
+        else:
+            self.fs = pafs.LocalFileSystem()
+            self.root = str(Path(uri).expanduser().absolute())
+            self.local = True
+
+    def __repr__(self) -> str:  # never shows credentials
+        return f"Storage({self.uri!r})"
+
+    def path(self, rel: str = "") -> str:
+        return posixpath.join(self.root, rel) if rel else self.root
+
+    def display(self, rel: str = "") -> str:
+        """The user-facing address of `rel`, for messages."""
+        return posixpath.join(self.uri, rel) if rel else self.uri
+
+    def child(self, rel: str) -> "Storage":
+        sub = Storage.__new__(Storage)
+        sub.uri, sub.fs, sub.local = self.display(rel), self.fs, self.local
+        sub.root = self.path(rel)
+        return sub
+
+    # -- reading -----------------------------------------------------------------------------
+    def exists(self, rel: str = "") -> bool:
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def is_dir(self, rel: str = "") -> bool:
+        return self.fs.get_file_info(self.path(rel)).type == pafs.FileType.Directory
+
+    def list_files(self, rel: str = "", recursive: bool = True) -> list[str]:
+        """Relative paths of the files under `rel`, sorted; [] when it does not exist."""
+        base = self.path(rel)
+        selector = pafs.FileSelector(base, recursive=recursive, allow_not_found=True)
+        out = []
+        for info in self.fs.get_file_info(selector):
+            if info.type == pafs.FileType.File:
+                out.append(posixpath.relpath(info.path, self.root))
+        return sorted(out)
+
+    def list_dirs(self, rel: str = "") -> list[str]:
+        selector = pafs.FileSelector(self.path(rel), recursive=False, allow_not_found=True)
+        return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(selector)
+                      if i.type == pafs.FileType.Directory)
+
+    def open_input(self, rel: str):
+        """A random-access pyarrow file (parquet reads only the ranges they need)."""
+        return self.fs.open_input_file(self.path(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return f.read()
+
+    # -- writing -----------------------------------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a whole file atomically: readers see the old file or the new one, never a part.
+        Locally: a temporary name in the same folder, then rename. On S3: one upload, which S3
+        only makes visible when complete."""
+        target = self.path(rel)
+        if self.local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = posixpath.join(os.path.dirname(target),
+                                 f".{os.path.basename(target)}.{uuid.uuid4().hex}.tmp")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:
+            with self.fs.open_output_stream(target) as f:
+                f.write(data)
+
+    def delete_file(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(self.path(rel))
+
+    def delete_dir(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_dir(self.path(rel))
+
+
+# -- zip inputs --------------------------------------------------------------------------------
+MACOS_META = "__MACOSX"
+
+
+def _safe_member_path(name: str) -> str | None:
+    """The normalised relative path of a zip member, or None if it would escape the folder."""
+    name = name.replace("\\", "/")
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return None
+    norm = posixpath.normpath(name)
+    if norm == ".." or norm.startswith("../"):
+        return None
+    return norm
+
+
+def extract_zip_safely(zip_path: str, dest: str, max_bytes: int, display: str) -> None:
+    """Extract `zip_path` into `dest`. Refuses members that escape `dest` (absolute paths, `..`),
+    symbolic links, and archives whose entries would exceed `max_bytes` uncompressed: the
+    declared sizes are checked first, then the bytes actually written are counted."""
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except zipfile.BadZipFile:
+        raise InputError(f"{display}: not a valid zip archive") from None
+    with archive:
+        infos = archive.infolist()
+        declared = sum(i.file_size for i in infos)
+        if declared > max_bytes:
+            raise InputError(f"{display}: would extract to {declared:,} bytes, over the limit of "
+                             f"{max_bytes:,} (zip_max_bytes)")
+        written = 0
+        for info in infos:
+            rel = _safe_member_path(info.filename)
+            if rel is None:
+                raise InputError(f"{display}: member {info.filename!r} would be written outside "
+                                 "the extraction folder; refusing the archive")
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise InputError(f"{display}: member {info.filename!r} is a symbolic link; "
+                                 "refusing the archive")
+            if rel.split("/")[0] == MACOS_META:
+                continue
+            target = os.path.join(dest, rel)
+            if info.is_dir():
+                os.makedirs(target, exist_ok=True)
+                continue
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with archive.open(info) as src, open(target, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    written += len(chunk)
+                    if written > max_bytes:
+                        raise InputError(f"{display}: extracts to more than {max_bytes:,} bytes "
+                                         "(zip_max_bytes); refusing the archive")
+                    out.write(chunk)
+
+
+@contextlib.contextmanager
+def open_input_location(uri: str, s3: S3Options, zip_max_bytes: int,
+                        scratch: str | None = None) -> Iterator[Storage]:
+    """The input folder as a Storage. A `.zip` (local or S3) is extracted to a temporary folder,
+    removed on exit; if the archive holds exactly one top-level folder, that folder is the input."""
+    if not is_zip_path(uri):
+        yield Storage(uri, s3)
+        return
+    workdir = tempfile.mkdtemp(prefix="semdedup-zip-", dir=scratch)
+    try:
+        if is_s3(uri):
+            parent, name = posixpath.split(uri)
+            source = Storage(parent, s3)
+            local_zip = os.path.join(workdir, "input.zip")
+            try:
+                with source.fs.open_input_stream(source.path(name)) as src, \
+                        open(local_zip, "wb") as out:
+                    while chunk := src.read(8 << 20):
+                        out.write(chunk)
+            except FileNotFoundError:
+                raise InputError(f"{uri}: no such zip") from None
+        else:
+            local_zip = str(Path(uri).expanduser())
+            if not os.path.isfile(local_zip):
+                raise InputError(f"{uri}: no such zip")
+        folder = os.path.join(workdir, "extracted")
+        os.makedirs(folder)
+        extract_zip_safely(local_zip, folder, zip_max_bytes, uri)
+        entries = [e for e in os.listdir(folder) if e != MACOS_META]
+        if len(entries) == 1 and os.path.isdir(os.path.join(folder, entries[0])):
+            folder = os.path.join(folder, entries[0])
+        storage = Storage(folder)
+        storage.uri = uri + "!"  # messages name files inside the zip as `drop.zip!/a.parquet`
+        yield storage
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
