@@ -23,6 +23,8 @@ _FLOAT_TYPES = (pa.float16(), pa.float32(), pa.float64())
 def normalize(emb: np.ndarray) -> np.ndarray:
     """`e / max(||e||, 1e-12)` row-wise, in place for float32 input; returns float32."""
     emb = np.asarray(emb, dtype=np.float32)
+    if not emb.flags.writeable:  # a zero-copy view of Arrow memory
+        emb = emb.copy()
     norms = np.sqrt(np.einsum("ij,ij->i", emb, emb, dtype=np.float64))
     emb /= np.maximum(norms, NORM_FLOOR).astype(np.float32)[:, None]
     return emb

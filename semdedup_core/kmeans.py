@@ -41,18 +41,43 @@ def nearest_centroid(backend: Backend, X, C, chunk: int = ASSIGN_CHUNK):
     return labels, xp.maximum(dist, 0)
 
 
+INIT_CANDIDATES_PER_CLUSTER = 16
+
+
+def kmeans_pp_init(backend: Backend, X, n_clusters: int, rng: np.random.Generator):
+    """k-means++ (D^2 sampling) over a seeded subsample of at most 16 candidates per cluster,
+    which keeps the init to k matrix-vector products over a small array."""
+    xp = backend.xp
+    m = X.shape[0]
+    n_cand = min(m, INIT_CANDIDATES_PER_CLUSTER * n_clusters)
+    cand_rows = np.sort(rng.choice(m, size=n_cand, replace=False))
+    cand = X[backend.asarray(cand_rows)]
+    chosen = [int(rng.integers(n_cand))]
+    closest = xp.maximum(2 - 2 * (cand @ cand[chosen[0]]), 0)  # unit rows: ||a-b||^2
+    for _ in range(1, n_clusters):
+        weights = backend.to_numpy(closest).astype(np.float64)
+        total = weights.sum()
+        if total <= 0:  # every candidate coincides with a centre: take unused ones in order
+            used = set(chosen)
+            pick = next(i for i in range(n_cand) if i not in used)
+        else:
+            pick = int(np.searchsorted(np.cumsum(weights), rng.random() * total, side="right"))
+            pick = min(pick, n_cand - 1)
+        chosen.append(pick)
+        closest = xp.minimum(closest, xp.maximum(2 - 2 * (cand @ cand[pick]), 0))
+    return cand[backend.asarray(np.array(chosen))].copy()
+
+
 def lloyd(backend: Backend, sample: np.ndarray, n_clusters: int, max_iter: int, tol: float,
           seed: int) -> tuple[np.ndarray, int]:
-    """Seeded Lloyd iterations. Init: `n_clusters` distinct sample rows drawn with `seed`.
+    """Seeded Lloyd iterations from a k-means++ init (`kmeans_pp_init`).
     Stops after `max_iter` iterations, or when inertia improves by less than `tol` (relative),
     as cuML does. An emptied cluster is re-seeded with the sample point farthest from its
     centroid. Returns (centroids float32 (k, d) on the host, iterations run)."""
     xp = backend.xp
     m, d = sample.shape
-    rng = np.random.default_rng(seed)
-    init = np.sort(rng.choice(m, size=n_clusters, replace=False))
     X = backend.asarray(sample)
-    C = X[backend.asarray(init)].copy()
+    C = kmeans_pp_init(backend, X, n_clusters, np.random.default_rng(seed))
     prev_inertia = np.inf
     it = 0
     for it in range(1, max_iter + 1):

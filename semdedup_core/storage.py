@@ -10,6 +10,7 @@ import stat
 import tempfile
 import uuid
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,13 +213,17 @@ def extract_zip_safely(zip_path: str, dest: str, max_bytes: int, display: str) -
                 os.makedirs(target, exist_ok=True)
                 continue
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            with archive.open(info) as src, open(target, "wb") as out:
-                while chunk := src.read(1 << 20):
-                    written += len(chunk)
-                    if written > max_bytes:
-                        raise InputError(f"{display}: extracts to more than {max_bytes:,} bytes "
-                                         "(zip_max_bytes); refusing the archive")
-                    out.write(chunk)
+            try:
+                with archive.open(info) as src, open(target, "wb") as out:
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > max_bytes:
+                            raise InputError(f"{display}: extracts to more than {max_bytes:,} "
+                                             "bytes (zip_max_bytes); refusing the archive")
+                        out.write(chunk)
+            except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                raise InputError(f"{display}: member {info.filename!r} is corrupt ({exc})") \
+                    from None
 
 
 @contextlib.contextmanager

@@ -67,11 +67,13 @@ class GpuBackend(Backend):
         if self._cuml is None:
             return super().fit_kmeans(sample, n_clusters, max_iter, tol, seed)
         # Same initial centroids as the shared Lloyd, so both backends start from one point.
-        rng = np.random.default_rng(seed)
-        init = sample[np.sort(rng.choice(len(sample), size=n_clusters, replace=False))]
+        from semdedup_core.kmeans import kmeans_pp_init
+
+        X = self.xp.asarray(sample)
+        init = kmeans_pp_init(self, X, n_clusters, np.random.default_rng(seed))
         model = self._cuml(n_clusters=n_clusters, max_iter=max_iter, tol=tol, n_init=1,
-                           init=self.xp.asarray(init), random_state=seed, output_type="cupy")
-        model.fit(self.xp.asarray(sample))
+                           init=init, random_state=seed, output_type="cupy")
+        model.fit(X)
         centroids = self.to_numpy(model.cluster_centers_).astype(np.float32)
         return centroids, int(getattr(model, "n_iter_", max_iter))
 

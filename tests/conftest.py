@@ -1,0 +1,76 @@
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from semdedup_core.sample import write_sample
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def planted(tmp_path_factory):
+    """3,000 clips x 64-d with planted duplicate groups, in 3 files."""
+    folder = tmp_path_factory.mktemp("planted") / "iv2_embd_parquet"
+    info = write_sample(str(folder), rows=3000, dim=64, n_topics=8, files=3, seed=3)
+    return folder, info
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """A real S3 API server (moto_server) on loopback, for the whole session."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1)
+            break
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto_server did not start")
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def aws_profile(tmp_path, monkeypatch):
+    """Credentials only in a profile file (with its region), none in the environment."""
+    creds = tmp_path / "credentials"
+    creds.write_text("[semdedup-test]\naws_access_key_id = testing-key\n"
+                     "aws_secret_access_key = testing-secret\nregion = us-east-1\n")
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    return "semdedup-test"
+
+
+@pytest.fixture
+def s3_client(s3_endpoint, aws_profile):
+    import boto3
+
+    return boto3.Session(profile_name=aws_profile).client("s3", endpoint_url=s3_endpoint)
+
+
+def upload_folder(client, bucket: str, prefix: str, folder) -> None:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            key = f"{prefix}/{os.path.relpath(path, folder)}"
+            client.upload_file(path, bucket, key)

@@ -1,0 +1,175 @@
+"""The exact rules of SPEC.md on hand-checkable fixtures, and the tiled kernel against a plain
+reference on random clusters."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from semdedup_core.backends import CpuBackend
+from semdedup_core.config import eps_text, make_config, parse_job_spec
+from semdedup_core.embeddings import normalize
+from semdedup_core.errors import ConfigError
+from semdedup_core.extraction import removed_mask
+from semdedup_core.kmeans import centroid_distances, lloyd, nearest_centroid
+from semdedup_core.pairwise import max_similarity_to_earlier
+from semdedup_core.ranking import rank_order
+
+CPU = CpuBackend()
+
+
+def test_public_fixture_scores_and_matches():
+    # From NeMo Curator's semantic-dedup tests: rows ranked in input order.
+    rows = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12], [1, 2, 3], [1, 2, 3]],
+                    dtype=np.float32)
+    for tile in (1, 2, 4, 16):
+        score, match = max_similarity_to_earlier(CPU, normalize(rows.copy()), tile)
+        np.testing.assert_allclose(score, [0, 0.974631, 0.998190, 0.999618, 1, 1], atol=2e-6)
+        assert match.tolist() == [0, 0, 1, 2, 0, 0]
+
+
+def brute_force(emb: np.ndarray):
+    """Plain reference: the full similarity matrix in float64."""
+    e = emb.astype(np.float64)
+    sims = e @ e.T
+    n = len(e)
+    score = np.zeros(n)
+    match = np.arange(n)
+    for j in range(1, n):
+        col = sims[:j, j]
+        score[j] = max(col.max(), 0.0)
+        match[j] = int(np.argmax(col))  # earliest maximum
+    return np.minimum(score, 1), match, sims
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 80), st.integers(1, 24), st.integers(1, 6), st.integers(1, 90),
+       st.integers(0, 2**32 - 1))
+def test_tiled_equals_brute_force(n, dim, pool, tile, seed):
+    """Rows drawn from a small pool of vectors (so exact duplicates and ties are common) mixed
+    with unique rows; any tile size gives the reference's scores and earliest matches."""
+    rng = np.random.default_rng(seed)
+    vectors = normalize(rng.standard_normal((pool, dim)).astype(np.float32))
+    pick = rng.integers(0, pool + 3, n)  # >= pool: a fresh unique row
+    emb = np.where((pick < pool)[:, None], vectors[np.minimum(pick, pool - 1)],
+                   normalize(rng.standard_normal((n, dim)).astype(np.float32)))
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    ref_score, ref_match, sims = brute_force(emb)
+    for j in range(1, n):  # skip draws with two distinct rows within float noise of the max
+        col = np.unique(np.round(sims[:j, j], 12))
+        assume(len(col) < 2 or col[-1] - col[-2] > 1e-5 or col[-1] == col[-2])
+    score, match = max_similarity_to_earlier(CPU, emb, tile)
+    np.testing.assert_allclose(score, ref_score, atol=1e-5)
+    # The earliest row identical to the reference's best row is the one to report.
+    for j in range(1, n):
+        best = emb[ref_match[j]]
+        earliest = int(np.flatnonzero((emb[:j] == best).all(axis=1))[0])
+        assert match[j] == earliest, (j, match[j], earliest)
+    assert score.dtype == np.float32 and match[0] == 0
+
+
+def test_negative_similarity_is_written_as_zero():
+    emb = normalize(np.array([[1, 0], [-1, 0.001]], dtype=np.float32))
+    score, match = max_similarity_to_earlier(CPU, emb, 4)
+    assert score.tolist() == [0, 0] and match.tolist() == [0, 0]
+
+
+def test_removed_clip_still_matches_later_ones():
+    # Fixed ranked rule: c is compared with b even though b is itself removed.
+    a = [1.0, 0.0]
+    b = [np.cos(0.01), np.sin(0.01)]
+    c = [np.cos(0.02), np.sin(0.02)]
+    emb = normalize(np.array([a, b, c], dtype=np.float32))
+    score, match = max_similarity_to_earlier(CPU, emb, 2)
+    assert match.tolist() == [0, 0, 1]
+    assert removed_mask(score, 1e-3).tolist() == [False, True, True]
+
+
+def test_threshold_is_inclusive():
+    score = np.array([0.99, 0.98999, 1.0], dtype=np.float32)
+    eps = 0.01
+    mask = removed_mask(score, eps)
+    assert mask.tolist() == [np.float64(np.float32(0.99)) >= 0.99, False, True]
+
+
+def _ids(*names):
+    return pa.array(list(names))
+
+
+def test_ranking_hard_easy_and_id_tiebreak():
+    ids = _ids("a", "b", "c", "d")
+    cos = np.array([0.1, 0.3, 0.3, 0.2], dtype=np.float32)
+    l2 = np.array([0.4, 0.1, 0.2, 0.3], dtype=np.float32)
+    assert rank_order(ids, l2, cos, "cosine", "hard", 42, 0).tolist() == [2, 1, 3, 0]
+    assert rank_order(ids, l2, cos, "cosine", "easy", 42, 0).tolist() == [0, 3, 1, 2]
+    assert rank_order(ids, l2, cos, "l2", "hard", 42, 0).tolist() == [0, 3, 2, 1]
+
+
+def test_random_ranking_is_seeded_and_layout_free():
+    ids = _ids(*[f"id{i:03d}" for i in range(50)])
+    d = np.zeros(50, dtype=np.float32)
+    first = rank_order(ids, d, d, "cosine", "random", 7, 3)
+    assert rank_order(ids, d, d, "cosine", "random", 7, 3).tolist() == first.tolist()
+    assert rank_order(ids, d, d, "cosine", "random", 7, 4).tolist() != first.tolist()
+    # Shuffling the rows does not change which ids come first.
+    perm = np.random.default_rng(0).permutation(50)
+    shuffled = rank_order(ids.take(pa.array(perm)), d, d, "cosine", "random", 7, 3)
+    assert [ids[int(i)].as_py() for i in first] == \
+        [ids[int(perm[i])].as_py() for i in shuffled]
+
+
+def test_centroid_distances_follow_the_spec():
+    emb = normalize(np.array([[1, 0], [0, 1]], dtype=np.float32))
+    c = np.array([0.5, 0.0], dtype=np.float32)
+    l2, cos = centroid_distances(emb, c)
+    np.testing.assert_allclose(l2, [0.5, np.sqrt(1.25)], rtol=1e-6)
+    np.testing.assert_allclose(cos, [0.0, 1.0], atol=1e-7)
+
+
+def test_lloyd_recovers_separated_blobs_and_is_deterministic():
+    rng = np.random.default_rng(0)
+    centers = normalize(rng.standard_normal((5, 16)).astype(np.float32))
+    x = normalize(np.repeat(centers, 200, axis=0)
+                  + 0.05 * rng.standard_normal((1000, 16)).astype(np.float32))
+    c1, _ = lloyd(CPU, x, 5, 50, 1e-6, 1)
+    c2, _ = lloyd(CPU, x, 5, 50, 1e-6, 1)
+    assert np.array_equal(c1, c2)
+    labels, _ = nearest_centroid(CPU, x, c1)
+    # every blob maps to exactly one cluster
+    assert all(len(set(labels[i * 200:(i + 1) * 200].tolist())) == 1 for i in range(5))
+    assert len(set(labels.tolist())) == 5
+
+
+def test_eps_text_is_shortest_float():
+    assert [eps_text(e) for e in (0.01, 0.005, 0.1, 1e-4)] == ["0.01", "0.005", "0.1", "0.0001"]
+
+
+def test_config_rules():
+    cfg = make_config(input_embeddings_path="in", output_path="out", n_clusters=3,
+                      eps_to_extract=0.05)
+    assert cfg.eps_to_extract == [0.05] and cfg.max_iter == 100 and cfg.which_to_keep == "hard"
+    for bad in ({"eps_to_extract": [0.00001]}, {"eps_to_extract": 1.0}, {"n_clusters": 0},
+                {"sim_metric": "dot"}, {"n_clsters": 3}):
+        args = {"input_embeddings_path": "in", "output_path": "out", "n_clusters": 3, **bad}
+        with pytest.raises(ConfigError):
+            make_config(**args)
+    with pytest.raises(ConfigError, match="output_path is required"):
+        make_config(input_embeddings_path="in", n_clusters=3)
+    z = make_config(input_embeddings_path="s3://b/drops/x.zip", n_clusters=3)
+    assert z.resolved_output_path == "s3://b/drops/x_semdedup"
+
+
+def test_job_spec_parsing(tmp_path):
+    spec = {"pipeline": "semantic-dedup", "args": {"input_embeddings_path": "in",
+                                                   "output_path": "out", "n_clusters": 4}}
+    assert parse_job_spec(spec)["n_clusters"] == 4
+    assert parse_job_spec({**spec, "pipeline": "dedup"})["n_clusters"] == 4
+    with pytest.raises(ConfigError, match="unknown argument"):
+        parse_job_spec({"pipeline": "dedup", "args": {**spec["args"], "n_cluster": 3}})
+    with pytest.raises(ConfigError):
+        parse_job_spec({**spec, "extra": 1})
+    path = tmp_path / "spec.json"
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match=str(path)):
+        parse_job_spec(str(path))
