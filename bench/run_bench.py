@@ -22,16 +22,19 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--clusters", type=int, default=1000)
-    p.add_argument("--files", type=int, default=16)
+    p.add_argument("--rows-per-file", type=int, default=62500,
+                   help="input file size (a drop's files have a fixed size; memory per batch "
+                        "follows it, so keep it fixed when comparing input sizes)")
     p.add_argument("--workdir", default=os.path.join(os.path.dirname(__file__), "out"))
     p.add_argument("--backend", default="cpu")
     p.add_argument("extra", nargs="*", help="more `semdedup run` flags, after --")
     a = p.parse_args()
 
-    data = os.path.join(a.workdir, f"input_{a.rows}x{a.dim}")
+    files = max(1, round(a.rows / a.rows_per_file))
+    data = os.path.join(a.workdir, f"input_{a.rows}x{a.dim}_{files}files")
     if not os.path.isdir(data):
         t = time.perf_counter()
-        write_sample(data + ".tmp", a.rows, a.dim, n_topics=256, files=a.files, seed=1,
+        write_sample(data + ".tmp", a.rows, a.dim, n_topics=256, files=files, seed=1,
                      keep_groups=False)
         os.rename(data + ".tmp", data)
         print(f"generated {a.rows:,} x {a.dim} in {time.perf_counter() - t:.1f}s", flush=True)

@@ -62,7 +62,7 @@ class DedupConfig(BaseModel):
     kmeans_tol: float = Field(
         default=1e-4, ge=0,
         description="Stop K-means early when inertia improves by less than this fraction.")
-    read_batch_rows: int = Field(default=65536, ge=1,
+    read_batch_rows: int = Field(default=32768, ge=1,
                                  description="Rows decoded per input batch (bounds memory).")
     pairwise_tile_size: int = Field(
         default=2048, ge=16,

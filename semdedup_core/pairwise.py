@@ -38,10 +38,12 @@ def max_similarity_to_earlier(backend: Backend, emb, tile: int):
             best = xp.where(better, top, best)
             best_i = xp.where(better, arg + i0, best_i)
         found = best > -xp.inf
-        score[j0:j1] = best
         match[j0:j1] = xp.where(found, best_i, match[j0:j1])
-    score = xp.where(xp.isfinite(score), score, 0)
-    return xp.clip(score, 0, 1).astype(xp.float32), match
+        # The GEMM found the match; the score is then recomputed as one float64 dot product, so
+        # its bits do not depend on tile shapes, BLAS threads or the device.
+        exact = (emb[match[j0:j1]].astype(xp.float64) * rows.astype(xp.float64)).sum(axis=1)
+        score[j0:j1] = xp.where(found, exact, 0).astype(xp.float32)
+    return xp.clip(score, 0, 1), match
 
 
 def pairwise_flops(n: int, tile: int, dim: int) -> int:
