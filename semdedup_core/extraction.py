@@ -5,7 +5,7 @@ import pyarrow as pa
 
 from semdedup_core import layout
 from semdedup_core.config import eps_text
-from semdedup_core.parquet import read_table, row_count, write_table
+from semdedup_core.parquet import row_count, write_table
 from semdedup_core.storage import Storage
 
 

@@ -167,9 +167,10 @@ def write_shard(out: Storage, cluster: int, table: pa.Table) -> str:
 
 def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storage,
                      backend: Backend, scratch: str | None = None, progress=None,
-                     shard_progress=None) -> np.ndarray:
-    """Assign every clip to its nearest centroid and write `embs_by_nearest_center`.
-    Memory: one input batch plus the largest cluster. Returns cluster sizes (n_clusters,)."""
+                     shard_progress=None, only: set[int] | None = None) -> np.ndarray:
+    """Assign every clip to its nearest centroid and write `embs_by_nearest_center` (all
+    clusters, or just those in `only`). Memory: one input batch plus the largest cluster.
+    Returns the sizes of all clusters (n_clusters,)."""
     k, dim = centroids.shape
     C = backend.asarray(centroids)
     sizes = np.zeros(k, dtype=np.int64)
@@ -186,11 +187,14 @@ def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storag
             for s, e in zip(starts, ends):
                 rows = order[s:e]
                 cluster = int(sorted_labels[s])
-                spill.append(cluster, batch.ids.take(pa.array(rows)), emb[rows])
                 sizes[cluster] += e - s
+                if only is None or cluster in only:
+                    spill.append(cluster, batch.ids.take(pa.array(rows)), emb[rows])
             if progress is not None:
                 progress(len(emb))
         for cluster in np.flatnonzero(sizes):
+            if only is not None and int(cluster) not in only:
+                continue
             ids, emb = spill.read(int(cluster), dim)
             write_shard(out, int(cluster), shard_table(ids, emb, centroids[cluster]))
             if shard_progress is not None:
@@ -200,7 +204,7 @@ def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storag
     # A re-run with other settings may have left shards of clusters that are empty now.
     for name in out.list_dirs(layout.SHARDS):
         c = layout.cluster_of_shard_dir(name)
-        if c is not None and (c >= k or sizes[c] == 0):
+        if c is not None and (c >= k or sizes[c] == 0) and (only is None or c in only):
             out.delete_dir(layout.shard_dir(c))
     return sizes
 

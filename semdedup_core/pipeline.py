@@ -24,10 +24,9 @@ from semdedup_core.config import DedupConfig
 from semdedup_core.embeddings import EmbeddingSource, scan_input
 from semdedup_core.errors import InputError
 from semdedup_core.extraction import summarize, write_removed
-from semdedup_core.kmeans import (assign_to_shards, load_centroids, lloyd, read_shard,
-                                  save_centroids)
+from semdedup_core.kmeans import assign_to_shards, read_shard, save_centroids
 from semdedup_core.pairwise import max_similarity_to_earlier, pairwise_flops
-from semdedup_core.parquet import write_table
+from semdedup_core.parquet import read_table, write_table
 from semdedup_core.ranking import rank_order
 from semdedup_core.storage import S3Options, Storage, open_input_location
 
@@ -60,16 +59,17 @@ def _bar(total: int, desc: str, unit: str, show: bool):
 
 
 @contextlib.contextmanager
-def open_source(cfg: DedupConfig) -> Iterator[EmbeddingSource]:
-    """The input as an EmbeddingSource (a .zip is extracted for the duration)."""
-    with open_input_location(cfg.input_embeddings_path, S3Options.from_config(cfg),
+def open_source(cfg: DedupConfig, s3: S3Options | None = None) -> Iterator[EmbeddingSource]:
+    """The input as an EmbeddingSource (a .zip is extracted for the duration). `s3`: the
+    deployment's S3 defaults, under the run's own aws_* settings."""
+    with open_input_location(cfg.input_embeddings_path, S3Options.from_config(cfg, s3),
                              cfg.zip_max_bytes) as folder:
         yield EmbeddingSource.discover(folder, cfg.id_column, cfg.embedding_column,
                                        cfg.read_batch_rows)
 
 
-def output_storage(cfg: DedupConfig) -> Storage:
-    return Storage(cfg.resolved_output_path, S3Options.from_config(cfg))
+def output_storage(cfg: DedupConfig, s3: S3Options | None = None) -> Storage:
+    return Storage(cfg.resolved_output_path, S3Options.from_config(cfg, s3))
 
 
 # -- stage 1: scan + fit -------------------------------------------------------------------------
@@ -108,16 +108,16 @@ def fit_centroids(cfg: DedupConfig, source: EmbeddingSource, backend: Backend,
 
 # -- stage 2: assign -----------------------------------------------------------------------------
 def assign(cfg: DedupConfig, source: EmbeddingSource, centroids: np.ndarray, out: Storage,
-           backend: Backend, timer: PhaseTimer | None = None,
-           show_progress: bool = False) -> np.ndarray:
-    """Write every `nearest_cent=<k>` shard. Returns cluster sizes (n_clusters,)."""
+           backend: Backend, timer: PhaseTimer | None = None, show_progress: bool = False,
+           only: set[int] | None = None) -> np.ndarray:
+    """Write every `nearest_cent=<k>` shard (or those in `only`). Returns cluster sizes."""
     timer = timer or PhaseTimer()
     k, dim = centroids.shape
     with timer.phase("assign"), \
             _bar(source.n_rows, "assign", "clip", show_progress) as bar, \
             _bar(k, "write shards", "cluster", show_progress) as bar2:
         sizes = assign_to_shards(source, centroids, out, backend, progress=bar.update,
-                                 shard_progress=bar2.update)
+                                 shard_progress=bar2.update, only=only)
     timer.flops["assign"] = 2.0 * source.n_rows * k * dim
     return sizes
 
@@ -128,13 +128,14 @@ def nonempty_clusters(out: Storage) -> list[int]:
     return sorted(c for c in found if c is not None)
 
 
-# -- stage 3: prune one cluster ------------------------------------------------------------------
+# -- stage 3: prune one cluster, stage 4: extract its removals -----------------------------------
 @dataclass
 class ClusterResult:
     cluster: int
     size: int
     removed: dict[float, int]
     flops: int
+    max_score: float
 
 
 def list_column_to_numpy(col) -> np.ndarray:
@@ -145,25 +146,58 @@ def list_column_to_numpy(col) -> np.ndarray:
     return values.reshape(n, len(values) // n if n else 0)
 
 
-def prune_cluster(cfg: DedupConfig, out: Storage, cluster: int, backend: Backend) -> ClusterResult:
-    """Rank one cluster's shard, compute its pruning table, and write the table and the
-    `unique_ids_<eps>` part of every eps."""
+@dataclass
+class RankedShard:
+    ids: pa.Array  # in rank order
+    emb: np.ndarray  # unit float32 (n, d), rank order
+    cosine_dist: np.ndarray  # float32 (n,), rank order
+
+
+def ranked_shard(cfg: DedupConfig, out: Storage, cluster: int) -> RankedShard:
     shard = read_shard(out, cluster)
     ids = shard.column("id").combine_chunks()
-    l2 = shard.column("l2_dist_to_cent").to_numpy()
     cos = shard.column("cosine_dist_to_cent").to_numpy()
-    order = rank_order(ids, l2, cos, cfg.sim_metric, cfg.which_to_keep, cfg.random_state, cluster)
+    order = rank_order(ids, shard.column("l2_dist_to_cent").to_numpy(), cos, cfg.sim_metric,
+                       cfg.which_to_keep, cfg.random_state, cluster)
     emb = list_column_to_numpy(shard.column("embedding"))[order]
-    tile = backend.pairwise_tile_size(cfg.pairwise_tile_size, emb.shape[1])
-    score, match = max_similarity_to_earlier(backend, backend.asarray(emb), tile)
+    return RankedShard(ids.take(pa.array(order)), emb, cos[order])
+
+
+def prune_cluster(cfg: DedupConfig, out: Storage, cluster: int, backend: Backend,
+                  extract: bool = True) -> ClusterResult:
+    """Rank one cluster's shard and write its pruning table; with `extract`, also write the
+    `unique_ids_<eps>` part of every eps (what `extract_cluster` does alone)."""
+    ranked = ranked_shard(cfg, out, cluster)
+    tile = backend.pairwise_tile_size(cfg.pairwise_tile_size, ranked.emb.shape[1])
+    score, match = max_similarity_to_earlier(backend, backend.asarray(ranked.emb), tile)
     score, match = backend.to_numpy(score), backend.to_numpy(match)
-    ranked_ids = ids.take(pa.array(order))
-    pruning = pa.table({"id": ranked_ids, "max_id": ranked_ids.take(pa.array(match)),
+    pruning = pa.table({"id": ranked.ids, "max_id": ranked.ids.take(pa.array(match)),
                         "cosine_sim_score": pa.array(score, type=pa.float32())})
     write_table(out, layout.pruning_table(cluster), pruning)
-    removed = write_removed(out, pruning, cos[order], cluster, cfg.eps_to_extract)
-    return ClusterResult(cluster, len(order), removed, pairwise_flops(len(order), tile,
-                                                                      emb.shape[1]))
+    removed = write_removed(out, pruning, ranked.cosine_dist, cluster, cfg.eps_to_extract) \
+        if extract else {}
+    n = len(ranked.ids)
+    return ClusterResult(cluster, n, removed, pairwise_flops(n, tile, ranked.emb.shape[1]),
+                         float(score.max()) if n else 0.0)
+
+
+def extract_cluster(cfg: DedupConfig, out: Storage, cluster: int) -> dict[float, int]:
+    """Write the `unique_ids_<eps>` parts of one cluster from its pruning table on storage."""
+    ranked = ranked_shard(cfg, out, cluster)
+    pruning = read_table(out, layout.pruning_table(cluster))
+    if not pruning.column("id").combine_chunks().equals(ranked.ids):
+        raise RuntimeError(f"{out.display(layout.pruning_table(cluster))} does not match the "
+                           "shard of its cluster; re-materialise the pruning table first")
+    return write_removed(out, pruning, ranked.cosine_dist, cluster, cfg.eps_to_extract)
+
+
+def drop_stale_pruning_tables(out: Storage, clusters: list[int]) -> None:
+    """Pruning tables of clusters that no longer exist (an earlier run) would mislead readers."""
+    wanted = set(clusters)
+    for rel in out.list_files(layout.PRUNING_TABLES):
+        c = layout.cluster_of_pruning_table(rel.rsplit("/", 1)[-1])
+        if c is not None and c not in wanted:
+            out.delete_file(rel)
 
 
 def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Backend,
@@ -175,12 +209,7 @@ def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Back
             results.append(prune_cluster(cfg, out, c, backend))
             bar.update(1)
     timer.flops["prune"] = float(sum(r.flops for r in results))
-    # Pruning tables of clusters that no longer exist (an earlier run) would mislead readers.
-    wanted = set(clusters)
-    for rel in out.list_files(layout.PRUNING_TABLES):
-        c = layout.cluster_of_pruning_table(rel.rsplit("/", 1)[-1])
-        if c is not None and c not in wanted:
-            out.delete_file(rel)
+    drop_stale_pruning_tables(out, clusters)
     return results
 
 
@@ -199,12 +228,13 @@ class RunReport:
     timer: PhaseTimer
 
 
-def run_pipeline(cfg: DedupConfig, show_progress: bool = False) -> RunReport:
+def run_pipeline(cfg: DedupConfig, show_progress: bool = False,
+                 s3: S3Options | None = None) -> RunReport:
     """Every stage in order; the output layout is complete when this returns."""
     timer = PhaseTimer()
     backend = get_backend(cfg.backend)
-    out = output_storage(cfg)
-    with open_source(cfg) as source:
+    out = output_storage(cfg, s3)
+    with open_source(cfg, s3) as source:
         fit = fit_centroids(cfg, source, backend, timer, show_progress)
         # Nothing is written before the whole input has been validated.
         with timer.phase("assign"):
@@ -217,6 +247,3 @@ def run_pipeline(cfg: DedupConfig, show_progress: bool = False) -> RunReport:
     return RunReport(out.display(), backend.name, fit.n_rows, fit.dim, cfg.n_clusters,
                      fit.iterations, fit.sample_rows, sizes, summary, timer)
 
-
-__all__ = ["run_pipeline", "fit_centroids", "assign", "prune_cluster", "prune_all", "summarize",
-           "load_centroids", "lloyd", "nonempty_clusters", "open_source", "output_storage"]

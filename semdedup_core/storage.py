@@ -12,7 +12,7 @@ import uuid
 import zipfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -32,10 +32,18 @@ class S3Options:
     profile: str | None = None
     endpoint_url: str | None = None
     region: str | None = None
+    # Explicit keys (e.g. from a Dagster resource's EnvVar); never shown in repr.
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
 
     @classmethod
-    def from_config(cls, cfg: DedupConfig) -> "S3Options":
-        return cls(cfg.aws_profile, cfg.aws_endpoint_url, cfg.aws_region)
+    def from_config(cls, cfg: DedupConfig, base: "S3Options | None" = None) -> "S3Options":
+        """The run's settings, falling back to `base` (a deployment's defaults) field by field."""
+        base = base or cls()
+        return replace(base, profile=cfg.aws_profile or base.profile,
+                       endpoint_url=cfg.aws_endpoint_url or base.endpoint_url,
+                       region=cfg.aws_region or base.region)
 
 
 def is_s3(uri: str) -> bool:
@@ -61,8 +69,12 @@ def make_s3_filesystem(opts: S3Options) -> pafs.S3FileSystem:
 
     session = boto3.Session(profile_name=opts.profile)
     kwargs: dict = {}
-    creds = session.get_credentials()
-    if creds is not None:
+    creds = None if opts.access_key_id else session.get_credentials()
+    if opts.access_key_id:
+        kwargs.update(access_key=opts.access_key_id, secret_key=opts.secret_access_key)
+        if opts.session_token:
+            kwargs["session_token"] = opts.session_token
+    elif creds is not None:
         frozen = creds.get_frozen_credentials()
         kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key)
         if frozen.token:
@@ -124,6 +136,13 @@ class Storage:
             if info.type == pafs.FileType.File:
                 out.append(posixpath.relpath(info.path, self.root))
         return sorted(out)
+
+    def list_file_infos(self, rel: str = "") -> list[tuple[str, int, float]]:
+        """(relative path, size, modification time in seconds) of every file under `rel`."""
+        selector = pafs.FileSelector(self.path(rel), recursive=True, allow_not_found=True)
+        return sorted((posixpath.relpath(i.path, self.root), i.size or 0,
+                       i.mtime.timestamp() if i.mtime else 0.0)
+                      for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File)
 
     def list_dirs(self, rel: str = "") -> list[str]:
         selector = pafs.FileSelector(self.path(rel), recursive=False, allow_not_found=True)
