@@ -116,10 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         from semdedup_core.pipeline import run_pipeline
 
         if ns.command == "demo":
-            from semdedup_core.sample import SAMPLE_DIR
+            from semdedup_core.sample import DEMO_ARGS
 
-            cfg = make_config(input_embeddings_path=SAMPLE_DIR, output_path=ns.output_path,
-                              n_clusters=20, eps_to_extract=[0.01, 0.05])
+            cfg = make_config(**{**DEMO_ARGS, "output_path": ns.output_path})
             show = sys.stderr.isatty()
         else:
             cfg = config_from_args(ns)

@@ -12,6 +12,9 @@ import pyarrow.parquet as pq
 # The bundled sample the demo and the default Dagster config run on: 4,000 clips x 256-d float16
 # (a Cosmos-Embed1-like drop) with planted duplicates. Rebuild with `python -m semdedup_core.sample`.
 SAMPLE_DIR = os.path.join(os.path.dirname(__file__), "sample_data", "ce1_embd_parquet")
+# The demo run (`semdedup demo`, and the `semdedup` Dagster job's default config).
+DEMO_ARGS = {"input_embeddings_path": SAMPLE_DIR, "output_path": "semdedup-demo-output",
+             "n_clusters": 20, "eps_to_extract": [0.01, 0.05]}
 
 
 @dataclass

@@ -1,0 +1,207 @@
+"""Software-defined assets of the output layout, and the stage helpers the `semdedup` job's ops
+share with them. Every helper is a thin call into `semdedup_core.pipeline`."""
+
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+from dagster import (
+    AssetExecutionContext,
+    AssetSpec,
+    BackfillPolicy,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+    multi_asset,
+)
+
+from semdedup_core import layout
+from semdedup_core.backends import get_backend
+from semdedup_core.config import DedupConfig, eps_text
+from semdedup_core.extraction import removed_mask, summarize
+from semdedup_core.kmeans import load_centroids, save_centroids
+from semdedup_core.pipeline import (
+    ClusterResult,
+    FitResult,
+    assign,
+    drop_stale_pruning_tables,
+    extract_cluster,
+    fit_centroids,
+    nonempty_clusters,
+    prune_cluster,
+)
+from semdedup_core.storage import Storage
+from semdedup_dagster.config import SemdedupConfig, to_engine
+from semdedup_dagster.partitions import CENTROIDS, register_centroids
+from semdedup_dagster.resources import LayoutStorage
+
+GROUP = "semdedup"
+KMEANS_CENTROIDS = "kmeans_centroids"
+EMBS_BY_NEAREST_CENTER = "embs_by_nearest_center"
+PRUNING_TABLES = "semdedup_pruning_tables"
+UNIQUE_IDS = "unique_ids"
+DEDUP_SUMMARY = "dedup_summary"
+
+# The eps grid of the removed-fraction curve (read from the pruning tables; no extra pairwise).
+EPS_CURVE = [1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2]
+
+
+# -- stage helpers (shared with jobs.py) ---------------------------------------------------------
+def fit_stage(instance, cfg: DedupConfig, storage: LayoutStorage) -> tuple[FitResult, dict]:
+    """Validate the input, fit, write the centroids, register the centroid partitions."""
+    t = time.perf_counter()
+    backend = get_backend(cfg.backend)
+    with storage.open_input(cfg) as source:
+        fit = fit_centroids(cfg, source, backend)
+    out = storage.output(cfg)
+    save_centroids(out, fit.centroids)
+    register_centroids(instance, cfg.n_clusters)
+    return fit, {
+        "path": MetadataValue.path(out.display(layout.CENTROIDS)),
+        "clips": fit.n_rows, "dimensions": fit.dim, "n_clusters": cfg.n_clusters,
+        "fit_sample_clips": fit.sample_rows, "kmeans_iterations": fit.iterations,
+        "backend": backend.name, "seconds": round(time.perf_counter() - t, 3),
+    }
+
+
+def assign_stage(cfg: DedupConfig, storage: LayoutStorage,
+                 only: set[int] | None = None) -> tuple[np.ndarray, Storage]:
+    out = storage.output(cfg)
+    centroids = load_centroids(out)
+    with storage.open_input(cfg) as source:
+        sizes = assign(cfg, source, centroids, out, get_backend(cfg.backend), only=only)
+    return sizes, out
+
+
+def shard_metadata(out: Storage, cluster: int, size: int) -> dict:
+    return {"path": MetadataValue.path(out.display(layout.shard_dir(cluster))), "rows": int(size)}
+
+
+def cluster_metadata(out: Storage, result: ClusterResult, seconds: float) -> dict:
+    return {"path": MetadataValue.path(out.display(layout.pruning_table(result.cluster))),
+            "rows": result.size, "max_cosine_sim_score": round(result.max_score, 6),
+            "seconds": round(seconds, 3)}
+
+
+def removed_metadata(cfg: DedupConfig, out: Storage, cluster: int, removed: dict) -> dict:
+    meta = {f"removed_{eps_text(e)}": int(n) for e, n in removed.items()}
+    meta["path"] = MetadataValue.path(out.display(layout.unique_ids_part(cfg.eps_to_extract[0],
+                                                                         cluster)))
+    return meta
+
+
+def summary_stage(cfg: DedupConfig, storage: LayoutStorage) -> dict:
+    """Write the summaries; returns the dedup_summary metadata (tables and curves)."""
+    out = storage.output(cfg)
+    clusters = nonempty_clusters(out)
+    drop_stale_pruning_tables(out, clusters)
+    rows = summarize(out, cfg.eps_to_extract, clusters)
+    scores, sizes = [], []
+    for c in clusters:
+        col = pq.read_table(out.open_input(layout.pruning_table(c)),
+                            columns=["cosine_sim_score"]).column(0).to_numpy()
+        scores.append(col)
+        sizes.append(len(col))
+    scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+    total = len(scores)
+    summary_md = "| eps | total | kept | removed |\n|---|---|---|---|\n" + "".join(
+        f"| {eps_text(e)} | {r['total']:,} | {r['kept']:,} | {r['removed']:,} |\n"
+        for e, r in rows.items())
+    curve = "| eps | removed | removed fraction |\n|---|---|---|\n" + "".join(
+        f"| {eps_text(e)} | {int(removed_mask(scores, e).sum()):,} | "
+        f"{removed_mask(scores, e).mean() if total else 0:.4f} |\n" for e in EPS_CURVE)
+    sizes_arr = np.array(sizes or [0])
+    meta = {
+        "total": total, "clusters": len(clusters),
+        "summary": MetadataValue.md(summary_md),
+        "removed_vs_eps": MetadataValue.md(curve),
+        "cluster_size_min": int(sizes_arr.min()), "cluster_size_median": float(np.median(sizes_arr)),
+        "cluster_size_max": int(sizes_arr.max()),
+        "path": MetadataValue.path(out.display(layout.EXTRACTION)),
+    }
+    meta.update({f"removed_{eps_text(e)}": r["removed"] for e, r in rows.items()})
+    try:
+        from semdedup_dagster.plots import summary_plots
+
+        meta.update(summary_plots(scores, sizes_arr, EPS_CURVE))
+    except ImportError:  # matplotlib is optional; the tables above carry the same numbers
+        pass
+    return meta
+
+
+def cluster_dedup_stage(cfg: DedupConfig, out: Storage, cluster: int, backend,
+                        prune: bool = True, extract: bool = True):
+    """Prune (and extract) one cluster. Returns (ClusterResult or None for an empty cluster,
+    removed per eps, seconds)."""
+    t = time.perf_counter()
+    if not out.list_files(layout.shard_dir(cluster)):
+        return None, {}, time.perf_counter() - t
+    if prune:
+        result = prune_cluster(cfg, out, cluster, backend, extract=extract)
+        return result, result.removed, time.perf_counter() - t
+    return None, extract_cluster(cfg, out, cluster), time.perf_counter() - t
+
+
+# -- the assets ----------------------------------------------------------------------------------
+@asset(name=KMEANS_CENTROIDS, group_name=GROUP, kinds={"numpy"},
+       description="K-means centroids (clustering_results/kmeans_centroids.npy); registers one "
+                   "`centroids` partition per centroid.")
+def kmeans_centroids(context: AssetExecutionContext, config: SemdedupConfig,
+                     layout_storage: LayoutStorage) -> MaterializeResult:
+    _, meta = fit_stage(context.instance, to_engine(config), layout_storage)
+    return MaterializeResult(metadata=meta)
+
+
+@asset(name=EMBS_BY_NEAREST_CENTER, group_name=GROUP, partitions_def=CENTROIDS,
+       deps=[KMEANS_CENTROIDS], backfill_policy=BackfillPolicy.single_run(), kinds={"parquet"},
+       description="Clips of each centroid, unit embeddings and distances "
+                   "(embs_by_nearest_center/nearest_cent=<k>). One streaming pass over the input "
+                   "writes every selected partition.")
+def embs_by_nearest_center(context: AssetExecutionContext, config: SemdedupConfig,
+                           layout_storage: LayoutStorage) -> MaterializeResult:
+    cfg = to_engine(config)
+    wanted = {int(k) for k in context.partition_keys}
+    sizes, out = assign_stage(cfg, layout_storage, only=wanted)
+    picked = sorted(k for k in wanted if k < len(sizes))
+    return MaterializeResult(metadata={
+        "rows": int(sum(sizes[k] for k in picked)), "partitions": len(picked),
+        "largest_cluster": int(max((sizes[k] for k in picked), default=0)),
+        "path": MetadataValue.path(out.display(layout.SHARDS))})
+
+
+@multi_asset(
+    name="cluster_dedup", group_name=GROUP, partitions_def=CENTROIDS, can_subset=True,
+    specs=[
+        AssetSpec(PRUNING_TABLES, deps=[EMBS_BY_NEAREST_CENTER], partitions_def=CENTROIDS,
+                  skippable=True, kinds={"parquet"},
+                  description="Per cluster, rank order with each clip's best earlier match "
+                              "(semdedup_pruning_tables/cluster_<k>.parquet)."),
+        AssetSpec(UNIQUE_IDS, deps=[PRUNING_TABLES], partitions_def=CENTROIDS, skippable=True,
+                  kinds={"parquet"},
+                  description="The clips to REMOVE per eps (unique_ids_<eps>.parquet/part.<k>)."),
+    ])
+def cluster_dedup(context: AssetExecutionContext, config: SemdedupConfig,
+                  layout_storage: LayoutStorage):
+    cfg = to_engine(config)
+    out = layout_storage.output(cfg)
+    backend = get_backend(cfg.backend)
+    selected = {k.to_user_string() for k in context.selected_asset_keys}
+    prune, extract = PRUNING_TABLES in selected, UNIQUE_IDS in selected
+    cluster = int(context.partition_key)
+    result, removed, secs = cluster_dedup_stage(cfg, out, cluster, backend, prune, extract)
+    if prune:
+        meta = cluster_metadata(out, result, secs) if result else {"rows": 0, "empty": True}
+        yield MaterializeResult(asset_key=PRUNING_TABLES, metadata=meta)
+    if extract:
+        yield MaterializeResult(asset_key=UNIQUE_IDS,
+                                metadata=removed_metadata(cfg, out, cluster, removed))
+
+
+@asset(name=DEDUP_SUMMARY, group_name=GROUP, deps=[UNIQUE_IDS], kinds={"csv"},
+       description="dedup_summary_<eps>.csv per eps, the removed-vs-eps curve and the "
+                   "cluster-size distribution.")
+def dedup_summary(config: SemdedupConfig, layout_storage: LayoutStorage) -> MaterializeResult:
+    return MaterializeResult(metadata=summary_stage(to_engine(config), layout_storage))
+
+
+ASSETS = [kmeans_centroids, embs_by_nearest_center, cluster_dedup, dedup_summary]

@@ -1,0 +1,115 @@
+"""Jobs.
+
+`semdedup`: the whole pipeline in one run, for the launchpad, sensors, schedules and
+`dagster job execute`. Centroids are fitted once, shards written in one streaming pass, then the
+clusters are fanned out in batches (`centroids_per_step`) to parallel steps; each step reports
+materialisations of the centroid partitions it produced, so the asset catalog shows them.
+
+`semdedup_centroid`: re-materialise chosen centroid partitions of the pruning tables and
+unique ids (e.g. one that failed), from the asset graph or the launchpad.
+"""
+
+from dagster import (
+    AssetMaterialization,
+    DynamicOut,
+    DynamicOutput,
+    In,
+    OpExecutionContext,
+    Out,
+    define_asset_job,
+    job,
+    op,
+)
+
+from semdedup_core.backends import get_backend
+from semdedup_core.config import make_config
+from semdedup_core.sample import DEMO_ARGS
+from semdedup_dagster.assets import (
+    DEDUP_SUMMARY,
+    EMBS_BY_NEAREST_CENTER,
+    KMEANS_CENTROIDS,
+    PRUNING_TABLES,
+    UNIQUE_IDS,
+    assign_stage,
+    cluster_dedup_stage,
+    cluster_metadata,
+    fit_stage,
+    removed_metadata,
+    shard_metadata,
+    summary_stage,
+)
+from semdedup_dagster.config import FIT_OP, SemdedupConfig, run_config_for, to_engine
+from semdedup_dagster.partitions import CENTROIDS
+from semdedup_dagster.resources import LayoutStorage
+
+# With no config, the launchpad and `dagster job execute -j semdedup` run the bundled sample
+# into ./semdedup-demo-output (relative to the run's working directory), like `semdedup demo`.
+
+
+@op(name=FIT_OP, out=Out(dict, description="The run's validated arguments and step size."))
+def fit_centroids_op(context: OpExecutionContext, config: SemdedupConfig,
+                     layout_storage: LayoutStorage) -> dict:
+    cfg = to_engine(config)
+    _, meta = fit_stage(context.instance, cfg, layout_storage)
+    context.log_event(AssetMaterialization(KMEANS_CENTROIDS, metadata=meta))
+    return {"args": cfg.model_dump(), "centroids_per_step": config.centroids_per_step}
+
+
+@op(ins={"run": In(dict)}, out=DynamicOut(dict))
+def assign_shards(context: OpExecutionContext, run: dict, layout_storage: LayoutStorage):
+    cfg = make_config(**run["args"])
+    sizes, out = assign_stage(cfg, layout_storage)
+    clusters = [int(k) for k in sizes.nonzero()[0]]
+    for k in clusters:
+        context.log_event(AssetMaterialization(EMBS_BY_NEAREST_CENTER, partition=str(k),
+                                               metadata=shard_metadata(out, k, sizes[k])))
+    step = run["centroids_per_step"]
+    for i in range(0, len(clusters), step):
+        batch = clusters[i:i + step]
+        yield DynamicOutput({"args": run["args"], "clusters": batch},
+                            mapping_key=f"clusters_{batch[0]}_{batch[-1]}")
+
+
+@op(ins={"work": In(dict)}, out=Out(dict))
+def dedup_clusters(context: OpExecutionContext, work: dict, layout_storage: LayoutStorage) -> dict:
+    cfg = make_config(**work["args"])
+    out = layout_storage.output(cfg)
+    backend = get_backend(cfg.backend)
+    removed_total: dict[str, int] = {}
+    for k in work["clusters"]:
+        result, removed, secs = cluster_dedup_stage(cfg, out, k, backend)
+        if result is None:
+            continue
+        context.log_event(AssetMaterialization(PRUNING_TABLES, partition=str(k),
+                                               metadata=cluster_metadata(out, result, secs)))
+        context.log_event(AssetMaterialization(UNIQUE_IDS, partition=str(k),
+                                               metadata=removed_metadata(cfg, out, k, removed)))
+        for eps, n in removed.items():
+            removed_total[repr(eps)] = removed_total.get(repr(eps), 0) + n
+    return {"clusters": work["clusters"], "removed": removed_total}
+
+
+@op(ins={"run": In(dict), "done": In(list)})
+def summarize_run(context: OpExecutionContext, run: dict, done: list,
+                  layout_storage: LayoutStorage) -> None:
+    cfg = make_config(**run["args"])
+    meta = summary_stage(cfg, layout_storage)
+    context.log_event(AssetMaterialization(DEDUP_SUMMARY, metadata=meta))
+    context.log.info("summary: " + ", ".join(f"eps {k}: removed {v}" for k, v in meta.items()
+                                             if k.startswith("removed_") and isinstance(v, int)))
+
+
+@job(name="semdedup", config=run_config_for(DEMO_ARGS),
+     description="Semantic dedup end to end: centroids, shards, per-centroid pruning (parallel "
+                 "steps), unique ids per eps, summaries.")
+def semdedup_job():
+    run = fit_centroids_op()
+    results = assign_shards(run).map(dedup_clusters)
+    summarize_run(run, results.collect())
+
+
+semdedup_centroid_job = define_asset_job(
+    name="semdedup_centroid", selection=[PRUNING_TABLES, UNIQUE_IDS], partitions_def=CENTROIDS,
+    description="Re-materialise the pruning table and unique ids of chosen centroid partitions.")
+
+JOBS = [semdedup_job, semdedup_centroid_job]

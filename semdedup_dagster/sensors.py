@@ -1,0 +1,113 @@
+"""The new-drop sensor: watches a local folder or an S3 prefix and starts one `semdedup` run
+per embedding drop (a `*_embd*_parquet/` folder or a `.zip`) once the drop has stopped changing.
+
+A drop's fingerprint is the hash of its files' names, sizes and modification times; the cursor
+keeps the fingerprint of every drop already started, and each RunRequest's run_key is
+`<drop>@<fingerprint>`, so a drop starts exactly one run, and a rewritten drop starts another.
+"""
+
+import hashlib
+import json
+import posixpath
+import re
+import time
+from typing import Optional
+
+from dagster import (
+    ConfigurableResource,
+    DefaultSensorStatus,
+    RunRequest,
+    SensorEvaluationContext,
+    SkipReason,
+    sensor,
+)
+
+from semdedup_core.storage import Storage
+from semdedup_dagster.config import run_config_for
+from semdedup_dagster.jobs import semdedup_job
+from semdedup_dagster.resources import LayoutStorage
+
+DROP_DIR = re.compile(r"^.+_embd(_[^/]+)?_parquet$")
+
+
+class DropWatch(ConfigurableResource):
+    """What the sensor watches and how it configures the runs it starts."""
+
+    watch_path: str = ""  # local folder or s3://bucket/prefix; empty: the sensor skips
+    output_root: str = ""  # empty: `<drop>_semdedup` beside each drop
+    n_clusters: int = 1000
+    eps_to_extract: list[float] = [0.01]
+    settle_seconds: int = 60  # a drop is complete when unchanged this long
+    extra_args_json: str = "{}"  # any other documented argument, as JSON
+
+    def args_for(self, watch: Storage, drop: str) -> dict:
+        stem = drop[:-len(".zip")] if drop.lower().endswith(".zip") else drop
+        if self.output_root:
+            output = posixpath.join(self.output_root.rstrip("/"), stem)
+        else:
+            output = watch.display(stem) + "_semdedup"
+        args = {"input_embeddings_path": watch.display(drop), "output_path": output,
+                "n_clusters": self.n_clusters, "eps_to_extract": list(self.eps_to_extract)}
+        args.update(json.loads(self.extra_args_json or "{}"))
+        return args
+
+
+def find_drops(watch: Storage, now: float, settle_seconds: float) -> dict[str, str]:
+    """{drop path relative to the watched folder: fingerprint} of every complete drop."""
+    groups: dict[str, list] = {}
+    for rel, size, mtime in watch.list_file_infos():
+        parts = rel.split("/")
+        if rel.lower().endswith(".zip"):
+            groups[rel] = [(rel, size, mtime)]
+            continue
+        for depth in range(len(parts) - 1, 0, -1):  # the deepest *_embd*_parquet folder
+            if DROP_DIR.match(parts[depth - 1]):
+                groups.setdefault("/".join(parts[:depth]), []).append((rel, size, mtime))
+                break
+    drops = {}
+    for drop, files in groups.items():
+        if not drop.lower().endswith(".zip") and not any(f[0].endswith(".parquet")
+                                                          for f in files):
+            continue
+        if now - max(f[2] for f in files) < settle_seconds:
+            continue  # still being written
+        digest = hashlib.sha256(json.dumps(sorted(files)).encode()).hexdigest()[:16]
+        drops[drop] = digest
+    return drops
+
+
+@sensor(job=semdedup_job, minimum_interval_seconds=30, default_status=DefaultSensorStatus.STOPPED,
+        description="One `semdedup` run per new or rewritten embedding drop under the watched "
+                    "folder or S3 prefix (drop_watch resource).")
+def embedding_drop_sensor(context: SensorEvaluationContext, drop_watch: DropWatch,
+                          layout_storage: LayoutStorage):
+    if not drop_watch.watch_path:
+        return SkipReason("no watch_path configured (set SEMDEDUP_WATCH_PATH)")
+    watch = layout_storage.location(drop_watch.watch_path)
+    started: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    drops = find_drops(watch, time.time(), drop_watch.settle_seconds)
+    requests = []
+    for drop, fingerprint in sorted(drops.items()):
+        if started.get(drop) == fingerprint:
+            continue
+        args = drop_watch.args_for(watch, drop)
+        requests.append(RunRequest(run_key=f"{drop}@{fingerprint}",
+                                   run_config=run_config_for(args),
+                                   tags={"semdedup/drop": args["input_embeddings_path"]}))
+        started[drop] = fingerprint
+    context.update_cursor(json.dumps(started, sort_keys=True))
+    return requests or SkipReason(f"no new drops under {watch.display()}")
+
+
+def drop_watch_from_env(environ) -> DropWatch:
+    def get(name: str, default: Optional[str] = None):
+        return environ.get(name) or default
+
+    return DropWatch(
+        watch_path=get("SEMDEDUP_WATCH_PATH", ""),
+        output_root=get("SEMDEDUP_OUTPUT_ROOT", ""),
+        n_clusters=int(get("SEMDEDUP_N_CLUSTERS", "1000")),
+        eps_to_extract=[float(e) for e in get("SEMDEDUP_EPS", "0.01").split(",")],
+        settle_seconds=int(get("SEMDEDUP_SETTLE_SECONDS", "60")),
+        extra_args_json=get("SEMDEDUP_EXTRA_ARGS", "{}"),
+    )
