@@ -39,7 +39,6 @@ from semdedup_dagster.assets import (
     summary_stage,
 )
 from semdedup_dagster.config import FIT_OP, SemdedupConfig, run_config_for, to_engine
-from semdedup_dagster.partitions import CENTROIDS
 from semdedup_dagster.resources import LayoutStorage
 
 # With no config, the launchpad and `dagster job execute -j semdedup` run the bundled sample
@@ -109,7 +108,7 @@ def semdedup_job():
 
 
 semdedup_centroid_job = define_asset_job(
-    name="semdedup_centroid", selection=[PRUNING_TABLES, UNIQUE_IDS], partitions_def=CENTROIDS,
+    name="semdedup_centroid", selection=[PRUNING_TABLES, UNIQUE_IDS],
     description="Re-materialise the pruning table and unique ids of chosen centroid partitions.")
 
 JOBS = [semdedup_job, semdedup_centroid_job]

@@ -1,0 +1,301 @@
+"""The Dagster layer on real Dagster: the whole Definitions, in-process materialisation on an
+ephemeral instance, `dagster job execute` in a subprocess against `semdedup run`, re-running one
+centroid partition, the drop sensor against a real S3 API server, and a live webserver."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import yaml
+from dagster import AssetKey, DagsterInstance, build_sensor_context, materialize
+
+from semdedup_core.config import DedupConfig, make_config
+from semdedup_core.pipeline import run_pipeline
+from semdedup_dagster.assets import (
+    cluster_dedup,
+    dedup_summary,
+    embs_by_nearest_center,
+    kmeans_centroids,
+)
+from semdedup_dagster.config import SemdedupConfig, job_spec_to_run_config, run_config_for
+from semdedup_dagster.definitions import defs
+from semdedup_dagster.jobs import semdedup_job
+from semdedup_dagster.resources import LayoutStorage
+from semdedup_dagster.sensors import DropWatch, embedding_drop_sensor
+from tests.conftest import free_port, upload_folder
+from tests.test_end_to_end import tree
+
+warnings.filterwarnings("ignore", category=Warning, module="dagster")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+
+
+def args_for(folder, out, **kw):
+    return {"input_embeddings_path": str(folder), "output_path": str(out), "n_clusters": 7,
+            "eps_to_extract": [0.01, 0.1], **kw}
+
+
+@pytest.fixture(scope="module")
+def reference(planted, tmp_path_factory):
+    """`semdedup run` (the engine alone) on the planted sample: what Dagster must reproduce."""
+    folder, _ = planted
+    out = tmp_path_factory.mktemp("ref") / "out"
+    run_pipeline(make_config(**args_for(folder, out)))
+    return tree(out)
+
+
+def test_whole_definitions_load():
+    defs.validate_loadable(defs)
+    assert {j.name for j in defs.resolve_all_job_defs()} >= {"semdedup", "semdedup_centroid"}
+    keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert keys == {"kmeans_centroids", "embs_by_nearest_center", "semdedup_pruning_tables",
+                    "unique_ids", "dedup_summary"}
+    assert defs.resolve_sensor_def("embedding_drop_sensor")
+    assert defs.resolve_schedule_def("semdedup_schedule")
+
+
+def test_run_config_mirrors_the_engine_config():
+    fields = SemdedupConfig.model_fields
+    for name, f in DedupConfig.model_fields.items():
+        assert name in fields
+        assert fields[name].annotation == f.annotation and fields[name].description
+        if not f.is_required():
+            assert fields[name].default == f.default
+    # The launchpad's schema: enum choices and defaults come through Dagster's config system.
+    schema = defs.resolve_job_def("semdedup").run_config_schema.config_type
+    op_fields = schema.fields["ops"].config_type.fields["fit_centroids"].config_type \
+        .fields["config"].config_type.fields
+    assert op_fields["which_to_keep"].default_value == "hard"
+    assert {v.config_value for v in op_fields["which_to_keep"].config_type.enum_values} == \
+        {"hard", "easy", "random"}
+    assert op_fields["max_iter"].default_value == 100
+    assert op_fields["n_clusters"].is_required
+
+
+def test_job_spec_converts_to_run_config(tmp_path):
+    spec = {"pipeline": "semantic-dedup", "args": {"input_embeddings_path": "s3://b/x",
+                                                   "output_path": "s3://b/y", "n_clusters": 9}}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    expected = {"ops": {"fit_centroids": {"config": spec["args"]}}}
+    assert job_spec_to_run_config(str(path)) == expected
+    out = subprocess.run([os.path.join(BIN, "semdedup-dagster-config"), str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    assert yaml.safe_load(out) == expected
+    bad = subprocess.run([os.path.join(BIN, "semdedup-dagster-config"), "/no/such.json"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "/no/such.json" in bad.stderr
+
+
+def test_job_in_process_equals_engine(planted, reference, tmp_path):
+    folder, _ = planted
+    instance = DagsterInstance.ephemeral()
+    result = defs.resolve_job_def("semdedup").execute_in_process(
+        run_config=run_config_for({**args_for(folder, tmp_path / "out"), "centroids_per_step": 2}),
+        instance=instance)
+    assert result.success
+    assert tree(tmp_path / "out") == reference
+    assert len(instance.get_dynamic_partitions("centroids")) == 7
+    mats = [e for e in result.all_events if e.event_type_value == "ASSET_MATERIALIZATION"]
+    keys = {(e.asset_key.to_user_string(), e.partition) for e in mats}
+    assert ("kmeans_centroids", None) in keys and ("dedup_summary", None) in keys
+    assert {p for k, p in keys if k == "unique_ids"} == \
+        {p for k, p in keys if k == "embs_by_nearest_center"}
+    summary = next(e for e in mats if e.asset_key.to_user_string() == "dedup_summary")
+    md = summary.step_materialization_data.materialization.metadata
+    assert md["total"].value == 3000 and "removed_vs_eps" in md
+
+
+def test_assets_materialise_one_by_one_and_one_partition_alone(planted, reference, tmp_path):
+    folder, _ = planted
+    out = tmp_path / "out"
+    instance = DagsterInstance.ephemeral()
+    resources = {"layout_storage": LayoutStorage()}
+    cfg = args_for(folder, out)
+
+    def config(*names):
+        return {"ops": {n: {"config": cfg} for n in names}}
+
+    assert materialize([kmeans_centroids], run_config=config("kmeans_centroids"),
+                       instance=instance, resources=resources).success
+    keys = instance.get_dynamic_partitions("centroids")
+    assert keys == [str(k) for k in range(7)]
+    # All shards in one run (a single-run backfill of the range, as the UI launches it).
+    assert materialize([embs_by_nearest_center], run_config=config("embs_by_nearest_center"),
+                       instance=instance, resources=resources,
+                       tags={"dagster/asset_partition_range_start": "0",
+                             "dagster/asset_partition_range_end": "6"}).success
+    for k in keys:
+        assert materialize([cluster_dedup], partition_key=k, run_config=config("cluster_dedup"),
+                           instance=instance, resources=resources).success
+    assert materialize([dedup_summary], run_config=config("dedup_summary"), instance=instance,
+                       resources=resources).success
+    assert tree(out) == reference
+
+    # A failed centroid: its pruning table and part vanish; re-materialising that one partition
+    # alone restores them byte for byte, and touches nothing else.
+    victim = "extraction/semdedup_pruning_tables/cluster_3.parquet"
+    (out / victim).unlink()
+    (out / "extraction/unique_ids_0.1.parquet/part.3.parquet").unlink()
+    assert materialize([cluster_dedup], partition_key="3", run_config=config("cluster_dedup"),
+                       instance=instance, resources=resources).success
+    assert tree(out) == reference
+    mat = instance.get_latest_materialization_event(AssetKey("semdedup_pruning_tables"))
+    assert mat.asset_materialization.partition == "3"
+
+
+def test_dagster_job_execute_equals_semdedup_run(planted, tmp_path):
+    folder, _ = planted
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump(run_config_for({**args_for(folder, tmp_path / "dg"),
+                                                       "centroids_per_step": 3})))
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    proc = subprocess.run([os.path.join(BIN, "dagster"), "job", "execute", "-m",
+                           "semdedup_dagster.definitions", "-j", "semdedup", "-c", str(run_yaml)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RUN_SUCCESS" in proc.stderr + proc.stdout
+    cli = subprocess.run([os.path.join(BIN, "semdedup"), "run", "--input-embeddings-path",
+                          str(folder), "--output-path", str(tmp_path / "cli"), "--n-clusters",
+                          "7", "--eps-to-extract", "0.01", "0.1"], capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    assert tree(tmp_path / "dg") == tree(tmp_path / "cli")
+    # The run used several parallel steps (3 clusters per step).
+    instance = DagsterInstance.from_config(str(home))
+    run = instance.get_runs()[0]
+    steps = {s.step_key for s in instance.get_run_step_stats(run.run_id)}
+    assert sum(1 for s in steps if s.startswith("dedup_clusters[")) == 3
+
+
+def test_drop_sensor_against_s3(planted, s3_client, s3_endpoint, aws_profile):
+    folder, _ = planted
+    s3_client.create_bucket(Bucket="drops")
+    upload_folder(s3_client, "drops", "incoming/2026-11-25/iv2_embd_parquet", folder)
+    s3_client.put_object(Bucket="drops", Key="incoming/notes.txt", Body=b"not a drop")
+    storage = LayoutStorage(aws_profile=aws_profile, aws_endpoint_url=s3_endpoint)
+    watch = DropWatch(watch_path="s3://drops/incoming", n_clusters=5, settle_seconds=0,
+                      output_root="s3://drops/dedup")
+    instance = DagsterInstance.ephemeral()
+
+    def tick(cursor, watch=watch):
+        ctx = build_sensor_context(instance=instance, cursor=cursor,
+                                   resources={"drop_watch": watch, "layout_storage": storage})
+        result = embedding_drop_sensor(ctx)
+        runs = result if isinstance(result, list) else []
+        return runs, ctx.cursor
+
+    # Still being written (changed within settle_seconds): nothing yet.
+    runs, _ = tick(None, DropWatch(watch_path="s3://drops/incoming", settle_seconds=3600))
+    assert runs == []
+    runs, cursor = tick(None)
+    assert len(runs) == 1
+    args = runs[0].run_config["ops"]["fit_centroids"]["config"]
+    assert args["input_embeddings_path"] == "s3://drops/incoming/2026-11-25/iv2_embd_parquet"
+    assert args["output_path"] == "s3://drops/dedup/2026-11-25/iv2_embd_parquet"
+    assert args["n_clusters"] == 5
+    assert runs[0].run_key.startswith("2026-11-25/iv2_embd_parquet@")
+    assert tick(cursor)[0] == []  # picked once
+    # A zip drop next to it is a new drop; the folder is not started again.
+    s3_client.put_object(Bucket="drops", Key="incoming/late.zip", Body=b"PK")
+    runs, cursor = tick(cursor)
+    assert [r.run_config["ops"]["fit_centroids"]["config"]["input_embeddings_path"]
+            for r in runs] == ["s3://drops/incoming/late.zip"]
+    # Rewriting a file of the folder drop picks it up again, with a new run key.
+    first_key = json.loads(cursor)["2026-11-25/iv2_embd_parquet"]
+    time.sleep(1.1)  # S3 LastModified has one-second resolution
+    name = sorted(os.listdir(folder))[0]
+    s3_client.upload_file(str(folder / name), "drops",
+                          f"incoming/2026-11-25/iv2_embd_parquet/{name}")
+    runs, cursor = tick(cursor)
+    assert len(runs) == 1 and runs[0].run_key.endswith("@" + json.loads(cursor)[
+        "2026-11-25/iv2_embd_parquet"])
+    assert first_key != json.loads(cursor)["2026-11-25/iv2_embd_parquet"]
+    # The run request is a valid run of the job: execute it in process against the S3 server.
+    result = semdedup_job.execute_in_process(run_config=runs[0].run_config, instance=instance,
+                                             resources={"layout_storage": storage})
+    assert result.success
+    keys = [o["Key"] for o in s3_client.list_objects_v2(
+        Bucket="drops", Prefix="dedup/2026-11-25/iv2_embd_parquet/extraction/")["Contents"]]
+    assert any(k.endswith("dedup_summary_0.01.csv") for k in keys)
+
+
+def _graphql(port, query, variables=None):
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql",
+                                 data=json.dumps({"query": query,
+                                                  "variables": variables or {}}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.mark.slow
+def test_webserver_launches_the_documented_config(planted, tmp_path):
+    """dagster-webserver and dagster-daemon as separate processes on a SQLite instance; a run
+    launched over GraphQL with the documented job spec's config succeeds."""
+    folder, _ = planted
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    port = free_port()
+    logs = open(tmp_path / "web.log", "wb")  # noqa: SIM115
+    web = subprocess.Popen([os.path.join(BIN, "dagster-webserver"), "-w",
+                            os.path.join(REPO, "workspace.yaml"), "-h", "127.0.0.1", "-p",
+                            str(port)], env=env, cwd=tmp_path, stdout=logs, stderr=logs)
+    daemon = subprocess.Popen([os.path.join(BIN, "dagster-daemon"), "run", "-w",
+                               os.path.join(REPO, "workspace.yaml")], env=env, cwd=tmp_path,
+                              stdout=logs, stderr=logs)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                r = _graphql(port, "{ repositoriesOrError { ... on RepositoryConnection "
+                                   "{ nodes { name location { name } jobs { name } } } } }")
+                nodes = r["data"]["repositoriesOrError"]["nodes"]
+                if nodes:
+                    break
+            except Exception:
+                pass
+            assert time.time() < deadline, (tmp_path / "web.log").read_text()[-3000:]
+            time.sleep(1)
+        assert "semdedup" in {j["name"] for j in nodes[0]["jobs"]}
+        spec = {"pipeline": "semantic-dedup",
+                "args": args_for(folder, tmp_path / "ui-out", which_to_keep="easy")}
+        launched = _graphql(port, """
+            mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {
+              __typename ... on LaunchRunSuccess { run { runId } }
+              ... on PythonError { message } ... on RunConfigValidationInvalid { errors { message } }
+            } }""", {"params": {"selector": {"repositoryLocationName": "semdedup",
+                                             "repositoryName": nodes[0]["name"],
+                                             "jobName": "semdedup"},
+                                "runConfigData": job_spec_to_run_config(spec)}})
+        payload = launched["data"]["launchRun"]
+        assert payload["__typename"] == "LaunchRunSuccess", payload
+        run_id = payload["run"]["runId"]
+        status = None
+        while time.time() < deadline + 240:
+            status = _graphql(port, "query($id: ID!) { runOrError(runId: $id) { ... on Run "
+                                    "{ status } } }", {"id": run_id})["data"]["runOrError"]["status"]
+            if status in ("SUCCESS", "FAILURE", "CANCELED"):
+                break
+            time.sleep(1)
+        assert status == "SUCCESS", (tmp_path / "web.log").read_text()[-3000:]
+        assert (tmp_path / "ui-out/extraction/dedup_summary_0.1.csv").exists()
+    finally:
+        for p in (web, daemon):
+            p.terminate()
+        for p in (web, daemon):
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(home, ignore_errors=True)
