@@ -28,12 +28,14 @@ def nearest_centroid(backend: Backend, X, C, chunk: int = ASSIGN_CHUNK):
     float32 (n,)). Ties go to the lowest centroid index."""
     xp = backend.xp
     c_sq = (C * C).sum(axis=1)
+    minus_2ct = xp.ascontiguousarray((-2 * C).T)
     n = X.shape[0]
     labels = xp.empty(n, dtype=xp.int64)
     dist = xp.empty(n, dtype=xp.float32)
+    buf = xp.empty((min(chunk, n), C.shape[0]), dtype=xp.float32)  # reused: no page faults
     for s in range(0, n, chunk):
-        d2 = X[s:s + chunk] @ C.T  # ||x - c||^2 = 1 + ||c||^2 - 2 x.c for unit x
-        d2 *= -2
+        d2 = buf[: min(chunk, n - s)]
+        xp.matmul(X[s:s + chunk], minus_2ct, out=d2)  # ||x-c||^2 - 1 = ||c||^2 - 2 x.c
         d2 += c_sq
         lab = d2.argmin(axis=1)
         labels[s:s + chunk] = lab
@@ -84,8 +86,7 @@ def lloyd(backend: Backend, sample: np.ndarray, n_clusters: int, max_iter: int, 
         labels, d2 = nearest_centroid(backend, X, C)
         inertia = float(d2.sum(dtype=xp.float64))
         sums = xp.zeros((n_clusters, d), dtype=xp.float32)
-        for s in range(0, m, ASSIGN_CHUNK):
-            backend.scatter_add_rows(sums, labels[s:s + ASSIGN_CHUNK], X[s:s + ASSIGN_CHUNK])
+        backend.scatter_add_rows(sums, labels, X)
         counts = xp.bincount(labels, minlength=n_clusters)
         C = sums / xp.maximum(counts, 1)[:, None].astype(xp.float32)
         empty = xp.flatnonzero(counts == 0)
