@@ -101,36 +101,47 @@ def lloyd(backend: Backend, sample: np.ndarray, n_clusters: int, max_iter: int, 
 
 # -- assignment and shards ----------------------------------------------------------------------
 class _Spill:
-    """Per-cluster append-only files on local disk: the clips of each cluster gathered from all
-    batches without holding them in memory. Rows keep input order."""
+    """One append-only local file per cluster: the clips of each cluster gathered from all
+    batches without holding them in memory; rows keep input order. A record is
+    [rows, id bytes] int64, id lengths int32[rows], the id bytes, float32[rows, dim]."""
 
     def __init__(self, scratch: str | None):
         self.dir = tempfile.mkdtemp(prefix="semdedup-spill-", dir=scratch)
 
-    def _path(self, k: int, kind: str) -> str:
-        return os.path.join(self.dir, f"{k}.{kind}")
+    def _path(self, k: int) -> str:
+        return os.path.join(self.dir, f"{k}.spill")
 
     def append(self, k: int, ids: pa.Array, emb: np.ndarray) -> None:
         ids = ids.cast(pa.string())
         offsets = np.frombuffer(ids.buffers()[1], dtype=np.int32, count=len(ids) + 1,
                                 offset=ids.offset * 4)
-        data = ids.buffers()[2]
-        with open(self._path(k, "emb"), "ab") as f:
-            f.write(np.ascontiguousarray(emb, dtype=np.float32).data)
-        with open(self._path(k, "len"), "ab") as f:
+        data = memoryview(ids.buffers()[2])[offsets[0]:offsets[-1]]
+        with open(self._path(k), "ab") as f:
+            f.write(np.array([len(ids), len(data)], dtype=np.int64).data)
             f.write(np.diff(offsets).astype(np.int32).data)
-        with open(self._path(k, "ids"), "ab") as f:
-            f.write(memoryview(data)[offsets[0]:offsets[-1]])
+            f.write(data)
+            f.write(np.ascontiguousarray(emb, dtype=np.float32).data)
 
     def read(self, k: int, dim: int) -> tuple[pa.Array, np.ndarray]:
-        lengths = np.fromfile(self._path(k, "len"), dtype=np.int32)
-        offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-        np.cumsum(lengths, out=offsets[1:])
-        with open(self._path(k, "ids"), "rb") as f:
-            data = f.read()
-        ids = pa.StringArray.from_buffers(len(lengths), pa.py_buffer(offsets), pa.py_buffer(data))
-        emb = np.fromfile(self._path(k, "emb"), dtype=np.float32).reshape(len(lengths), dim)
-        return ids, emb
+        with open(self._path(k), "rb") as f:
+            raw = f.read()
+        lengths, id_bytes, embs = [], [], []
+        pos = 0
+        while pos < len(raw):
+            rows, nbytes = np.frombuffer(raw, dtype=np.int64, count=2, offset=pos)
+            pos += 16
+            lengths.append(np.frombuffer(raw, dtype=np.int32, count=rows, offset=pos))
+            pos += 4 * rows
+            id_bytes.append(raw[pos:pos + nbytes])
+            pos += nbytes
+            embs.append(np.frombuffer(raw, dtype=np.float32, count=rows * dim, offset=pos))
+            pos += 4 * rows * dim
+        lens = np.concatenate(lengths)
+        offsets = np.zeros(len(lens) + 1, dtype=np.int32)
+        np.cumsum(lens, out=offsets[1:])
+        ids = pa.StringArray.from_buffers(len(lens), pa.py_buffer(offsets),
+                                          pa.py_buffer(b"".join(id_bytes)))
+        return ids, np.concatenate(embs).reshape(len(lens), dim)
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
