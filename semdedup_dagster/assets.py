@@ -33,6 +33,7 @@ from semdedup_core.pipeline import (
 from semdedup_core.storage import Storage
 from semdedup_dagster.config import SemdedupConfig, to_engine
 from semdedup_dagster.partitions import CENTROIDS, register_centroids
+from semdedup_dagster.plots import summary_plots
 from semdedup_dagster.resources import LayoutStorage
 
 GROUP = "semdedup"
@@ -120,12 +121,7 @@ def summary_stage(cfg: DedupConfig, storage: LayoutStorage) -> dict:
         "path": MetadataValue.path(out.display(layout.EXTRACTION)),
     }
     meta.update({f"removed_{eps_text(e)}": r["removed"] for e, r in rows.items()})
-    try:
-        from semdedup_dagster.plots import summary_plots
-
-        meta.update(summary_plots(scores, sizes_arr, EPS_CURVE))
-    except ImportError:  # matplotlib is optional; the tables above carry the same numbers
-        pass
+    meta.update(summary_plots(scores, sizes_arr, EPS_CURVE))
     return meta
 
 

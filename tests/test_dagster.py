@@ -110,6 +110,15 @@ def test_job_in_process_equals_engine(planted, reference, tmp_path):
     summary = next(e for e in mats if e.asset_key.to_user_string() == "dedup_summary")
     md = summary.step_materialization_data.materialization.metadata
     assert md["total"].value == 3000 and "removed_vs_eps" in md
+    for picture in ("cluster_size_histogram", "score_distribution", "removed_vs_eps_plot"):
+        assert md[picture].value.startswith("![") and "data:image/png;base64," in md[picture].value
+    import base64
+    png = base64.b64decode(md["removed_vs_eps_plot"].value.split("base64,")[1].rstrip(")"))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    curve = md["removed_vs_eps"].value  # eps 0.1 removes at least as much as eps 0.01
+    row = {line.split("|")[1].strip(): int(line.split("|")[2].replace(",", ""))
+           for line in curve.splitlines()[2:]}
+    assert row["0.1"] >= row["0.01"] == md["removed_0.01"].value
 
 
 def test_assets_materialise_one_by_one_and_one_partition_alone(planted, reference, tmp_path):
