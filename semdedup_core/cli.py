@@ -53,6 +53,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-path", default="semdedup-demo-output",
                       help="where to write (default: ./semdedup-demo-output)")
 
+    def add_s3_options(p: argparse.ArgumentParser) -> None:
+        for name in ("aws_profile", "aws_endpoint_url", "aws_region"):
+            p.add_argument(_flag(name), dest=name, help=DedupConfig.model_fields[name].description)
+
+    inspect = sub.add_parser("inspect", help="summaries, eps curve, largest clusters and the fate "
+                                             "of given clips, from a finished output")
+    inspect.add_argument("output_path", help="a semdedup output folder, local or s3://")
+    inspect.add_argument("--id", action="append", default=[], metavar="ID",
+                         help="report this clip: removed or not, and which clip it duplicates "
+                              "(repeatable)")
+    inspect.add_argument("--top", type=int, default=10, help="how many largest clusters to list")
+    add_s3_options(inspect)
+
+    sweep = sub.add_parser("sweep", help="write unique_ids and summaries for new eps from existing "
+                                         "pruning tables (no other recomputation)")
+    sweep.add_argument("output_path", help="a semdedup output folder, local or s3://")
+    sweep.add_argument("--eps", type=float, nargs="+", required=True, metavar="EPS",
+                       help="eps values in [1e-4, 1)")
+    add_s3_options(sweep)
+
     sample = sub.add_parser("make-sample", help="write synthetic clip embeddings with planted "
                                                 "duplicates (for trials and benchmarks)")
     sample.add_argument("folder", help="folder to write parquet files into")
@@ -100,6 +120,25 @@ def format_report(report) -> str:
     return "\n".join(lines)
 
 
+def _inspect_or_sweep(ns: argparse.Namespace) -> int:
+    from semdedup_core.extraction import sweep
+    from semdedup_core.inspection import format_inspection
+    from semdedup_core.storage import S3Options, Storage
+
+    out = Storage(ns.output_path, S3Options(ns.aws_profile, ns.aws_endpoint_url, ns.aws_region))
+    if ns.command == "inspect":
+        print(format_inspection(out, ns.id, ns.top))
+        return 0
+    # Validate the eps with the same rules as a run.
+    eps = make_config(input_embeddings_path="-", output_path="-", n_clusters=1,
+                      eps_to_extract=ns.eps).eps_to_extract
+    rows = sweep(out, eps)
+    print(f"{'eps':>8} {'total':>12} {'kept':>12} {'removed':>12}")
+    for e, r in rows.items():
+        print(f"{eps_text(e):>8} {r['total']:>12,} {r['kept']:>12,} {r['removed']:>12,}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
@@ -113,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {info.rows:,} clips x {info.dim} into {len(info.files)} files "
                   f"under {ns.folder}")
             return 0
+        if ns.command in ("inspect", "sweep"):
+            return _inspect_or_sweep(ns)
         from semdedup_core.pipeline import run_pipeline
 
         if ns.command == "demo":

@@ -2,10 +2,12 @@
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from semdedup_core import layout
 from semdedup_core.config import eps_text
-from semdedup_core.parquet import row_count, write_table
+from semdedup_core.errors import InputError
+from semdedup_core.parquet import read_table, row_count, write_table
 from semdedup_core.storage import Storage
 
 
@@ -37,6 +39,42 @@ def write_removed(out: Storage, pruning: pa.Table, cosine_dist: np.ndarray, clus
         write_table(out, layout.unique_ids_part(eps, cluster), table)
         counts[eps] = table.num_rows
     return counts
+
+
+def extract_from_tables(out: Storage, cluster: int, eps_list: list[float]) -> dict[float, int]:
+    """Write one cluster's `unique_ids_<eps>` parts from its pruning table and shard on storage
+    (no embeddings read, no ranking redone: the shard only supplies cosine_dist_to_cent)."""
+    pruning = read_table(out, layout.pruning_table(cluster))
+    shard = pa.concat_tables(
+        read_table(out, f, columns=["id", "cosine_dist_to_cent"])
+        for f in out.list_files(layout.shard_dir(cluster)))
+    ids = pruning.column("id").combine_chunks()
+    where = pc.index_in(ids, value_set=shard.column("id").combine_chunks())
+    if where.null_count:
+        raise InputError(f"{out.display(layout.pruning_table(cluster))} lists ids missing from the "
+                         f"shard of cluster {cluster}; re-materialise its pruning table")
+    cosine = shard.column("cosine_dist_to_cent").combine_chunks().take(where).to_numpy()
+    return write_removed(out, pruning, cosine, cluster, eps_list)
+
+
+def pruned_clusters(out: Storage) -> list[int]:
+    """The clusters that have a pruning table on storage, ascending."""
+    names = (rel.rsplit("/", 1)[-1] for rel in out.list_files(layout.PRUNING_TABLES))
+    return sorted(c for c in map(layout.cluster_of_pruning_table, names) if c is not None)
+
+
+def sweep(out: Storage, eps_list: list[float], progress=None) -> dict[float, dict]:
+    """New eps from existing pruning tables: writes `unique_ids_<eps>` and the summaries,
+    recomputing nothing else."""
+    clusters = pruned_clusters(out)
+    if not clusters:
+        raise InputError(f"{out.display(layout.PRUNING_TABLES)}: no pruning tables; run the "
+                         "pipeline first")
+    for c in clusters:
+        extract_from_tables(out, c, eps_list)
+        if progress is not None:
+            progress(1)
+    return summarize(out, eps_list, clusters)
 
 
 def summarize(out: Storage, eps_list: list[float], clusters: list[int]) -> dict[float, dict]:

@@ -23,7 +23,7 @@ from semdedup_core.backends import Backend, get_backend
 from semdedup_core.config import DedupConfig
 from semdedup_core.embeddings import EmbeddingSource, scan_input
 from semdedup_core.errors import InputError
-from semdedup_core.extraction import summarize, write_removed
+from semdedup_core.extraction import extract_from_tables, summarize, write_removed
 from semdedup_core.kmeans import assign_to_shards, read_shard, save_centroids
 from semdedup_core.pairwise import max_similarity_to_earlier, pairwise_flops
 from semdedup_core.parquet import read_table, write_table
@@ -183,12 +183,7 @@ def prune_cluster(cfg: DedupConfig, out: Storage, cluster: int, backend: Backend
 
 def extract_cluster(cfg: DedupConfig, out: Storage, cluster: int) -> dict[float, int]:
     """Write the `unique_ids_<eps>` parts of one cluster from its pruning table on storage."""
-    ranked = ranked_shard(cfg, out, cluster)
-    pruning = read_table(out, layout.pruning_table(cluster))
-    if not pruning.column("id").combine_chunks().equals(ranked.ids):
-        raise RuntimeError(f"{out.display(layout.pruning_table(cluster))} does not match the "
-                           "shard of its cluster; re-materialise the pruning table first")
-    return write_removed(out, pruning, ranked.cosine_dist, cluster, cfg.eps_to_extract)
+    return extract_from_tables(out, cluster, cfg.eps_to_extract)
 
 
 def drop_stale_pruning_tables(out: Storage, clusters: list[int]) -> None:

@@ -11,6 +11,7 @@ unique ids (e.g. one that failed), from the asset graph or the launchpad.
 
 from dagster import (
     AssetMaterialization,
+    Config,
     DynamicOut,
     DynamicOutput,
     In,
@@ -21,8 +22,11 @@ from dagster import (
     op,
 )
 
+from pydantic import Field as PydanticField
+
 from semdedup_core.backends import get_backend
-from semdedup_core.config import make_config
+from semdedup_core.config import DedupConfig, eps_text, make_config
+from semdedup_core.extraction import sweep
 from semdedup_core.sample import DEMO_ARGS
 from semdedup_dagster.assets import (
     DEDUP_SUMMARY,
@@ -107,8 +111,36 @@ def semdedup_job():
     summarize_run(run, results.collect())
 
 
+class SweepConfig(Config):
+    """New eps over an existing output: unique ids and summaries only."""
+
+    output_path: str = PydanticField(description="A finished semdedup output, local or s3://.")
+    eps_to_extract: list[float] = PydanticField(
+        description=DedupConfig.model_fields["eps_to_extract"].description)
+
+
+@op(name="sweep_eps")
+def sweep_eps_op(context: OpExecutionContext, config: SweepConfig,
+                 layout_storage: LayoutStorage) -> None:
+    eps = make_config(input_embeddings_path="-", output_path=config.output_path, n_clusters=1,
+                      eps_to_extract=config.eps_to_extract).eps_to_extract
+    out = layout_storage.location(config.output_path)
+    rows = sweep(out, eps)
+    context.log_event(AssetMaterialization(
+        UNIQUE_IDS, description=f"sweep of eps {', '.join(map(eps_text, eps))}",
+        metadata={f"removed_{eps_text(e)}": r["removed"] for e, r in rows.items()}))
+    context.log.info("; ".join(f"eps {eps_text(e)}: removed {r['removed']} of {r['total']}"
+                               for e, r in rows.items()))
+
+
+@job(name="semdedup_sweep", description="Write unique_ids_<eps> and summaries for new eps from an "
+                                         "output's pruning tables, recomputing nothing else.")
+def semdedup_sweep_job():
+    sweep_eps_op()
+
+
 semdedup_centroid_job = define_asset_job(
     name="semdedup_centroid", selection=[PRUNING_TABLES, UNIQUE_IDS],
     description="Re-materialise the pruning table and unique ids of chosen centroid partitions.")
 
-JOBS = [semdedup_job, semdedup_centroid_job]
+JOBS = [semdedup_job, semdedup_centroid_job, semdedup_sweep_job]

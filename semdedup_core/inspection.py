@@ -1,0 +1,106 @@
+"""Reading a finished output back: summaries, the removed-vs-eps curve (from the pruning
+tables, no recomputation), the largest clusters, and what happened to one clip."""
+
+import csv
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.compute as pc
+
+from semdedup_core import layout
+from semdedup_core.config import eps_text
+from semdedup_core.errors import InputError
+from semdedup_core.extraction import pruned_clusters, removed_mask
+from semdedup_core.parquet import read_table, row_count
+from semdedup_core.storage import Storage
+
+EPS_GRID = [1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2]
+
+
+def summaries(out: Storage) -> list[dict]:
+    """Rows of every `dedup_summary_<eps>.csv`, by eps."""
+    rows = []
+    for rel in out.list_files(layout.EXTRACTION, recursive=False):
+        name = rel.rsplit("/", 1)[-1]
+        if name.startswith("dedup_summary_") and name.endswith(".csv"):
+            for row in csv.DictReader(io.StringIO(out.read_bytes(rel).decode())):
+                rows.append({"eps": float(row["eps"]), **{k: int(row[k])
+                                                          for k in ("kept", "removed", "total")}})
+    return sorted(rows, key=lambda r: r["eps"])
+
+
+def _clusters(out: Storage) -> list[int]:
+    clusters = pruned_clusters(out)
+    if not clusters:
+        raise InputError(f"{out.display()}: no pruning tables under "
+                         f"{layout.PRUNING_TABLES}; is this a semdedup output?")
+    return clusters
+
+
+def eps_curve(out: Storage, eps_grid=EPS_GRID) -> list[tuple[float, int, int]]:
+    """(eps, removed, total) for each eps, from the stored scores."""
+    scores = np.concatenate([
+        read_table(out, layout.pruning_table(c), ["cosine_sim_score"]).column(0).to_numpy()
+        for c in _clusters(out)])
+    return [(e, int(removed_mask(scores, e).sum()), len(scores)) for e in eps_grid]
+
+
+def largest_clusters(out: Storage, top: int = 10) -> list[tuple[int, int]]:
+    sizes = [(c, row_count(out, layout.pruning_table(c))) for c in _clusters(out)]
+    return sorted(sizes, key=lambda cs: (-cs[1], cs[0]))[:top]
+
+
+@dataclass
+class ClipReport:
+    id: str
+    cluster: int
+    rank: int
+    cluster_size: int
+    max_id: str
+    score: float
+    removed: dict[float, bool]  # per eps with outputs
+
+
+def find_clip(out: Storage, clip_id: str) -> ClipReport | None:
+    """Where a clip landed, the clip it duplicates (if any) and whether each eps removes it."""
+    eps_list = [r["eps"] for r in summaries(out)]
+    for c in _clusters(out):
+        table = read_table(out, layout.pruning_table(c))
+        pos = pc.index(table.column("id"), clip_id).as_py()
+        if pos is not None and pos >= 0:
+            score = float(table.column("cosine_sim_score")[pos].as_py())
+            return ClipReport(clip_id, c, pos, table.num_rows, table.column("max_id")[pos].as_py(),
+                              score, {e: bool(removed_mask(np.array([score], np.float32), e)[0])
+                                      for e in eps_list})
+    return None
+
+
+def format_inspection(out: Storage, ids: list[str], top: int = 10) -> str:
+    lines = [f"output: {out.display()}", ""]
+    rows = summaries(out)
+    if rows:
+        lines.append(f"{'eps':>8} {'total':>12} {'kept':>12} {'removed':>12}")
+        lines += [f"{eps_text(r['eps']):>8} {r['total']:>12,} {r['kept']:>12,} "
+                  f"{r['removed']:>12,}" for r in rows]
+        lines.append("")
+    lines.append("removed fraction by eps (from the pruning tables):")
+    lines.append(f"{'eps':>8} {'removed':>12} {'fraction':>9}")
+    for e, removed, total in eps_curve(out):
+        lines.append(f"{eps_text(e):>8} {removed:>12,} {removed / max(total, 1):>9.4f}")
+    lines += ["", f"largest clusters (of {len(_clusters(out))}):"]
+    lines += [f"  cluster {c}: {n:,} clips" for c, n in largest_clusters(out, top)]
+    for clip_id in ids:
+        lines.append("")
+        rep = find_clip(out, clip_id)
+        if rep is None:
+            lines.append(f"id {clip_id}: not found in any pruning table")
+            continue
+        lines.append(f"id {rep.id}: cluster {rep.cluster}, rank {rep.rank} of {rep.cluster_size}")
+        if rep.rank == 0:
+            lines.append("  ranked first in its cluster: never a duplicate")
+        else:
+            lines.append(f"  closest earlier clip: {rep.max_id} (cosine similarity {rep.score:.6f})")
+        for e, gone in rep.removed.items():
+            lines.append(f"  eps {eps_text(e)}: {'REMOVED' if gone else 'kept'}")
+    return "\n".join(lines)

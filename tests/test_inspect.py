@@ -1,0 +1,112 @@
+"""`semdedup sweep` and `semdedup inspect` on finished outputs, local and on S3, and the
+`semdedup_sweep` Dagster job."""
+
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from dagster import DagsterInstance
+
+from semdedup_core.config import make_config
+from semdedup_core.errors import InputError
+from semdedup_core.extraction import sweep
+from semdedup_core.inspection import eps_curve, find_clip, largest_clusters
+from semdedup_core.pipeline import run_pipeline
+from semdedup_core.storage import S3Options, Storage
+from semdedup_dagster.jobs import semdedup_sweep_job
+from semdedup_dagster.resources import LayoutStorage
+from tests.conftest import upload_folder
+from tests.test_end_to_end import tree
+
+
+@pytest.fixture(scope="module")
+def finished(planted, tmp_path_factory):
+    folder, info = planted
+    base = tmp_path_factory.mktemp("inspect")
+    out = base / "out"
+    report = run_pipeline(make_config(input_embeddings_path=str(folder), output_path=str(out),
+                                      n_clusters=6, eps_to_extract=[0.01]))
+    return folder, info, out, report, base
+
+
+def test_sweep_equals_a_fresh_run_for_those_eps(finished, tmp_path):
+    folder, _, out, _, _ = finished
+    work = tmp_path / "swept"
+    subprocess.run(["cp", "-r", str(out), str(work)], check=True)
+    rows = sweep(Storage(str(work)), [0.05, 0.2])
+    fresh = tmp_path / "fresh"
+    run_pipeline(make_config(input_embeddings_path=str(folder), output_path=str(fresh),
+                             n_clusters=6, eps_to_extract=[0.05, 0.2]))
+    swept, want = tree(work), tree(fresh)
+    for rel, digest in want.items():
+        assert swept[rel] == digest, rel  # same bytes as if those eps had been asked up front
+    assert "extraction/dedup_summary_0.01.csv" in swept  # earlier eps left in place
+    assert rows[0.2]["removed"] >= rows[0.05]["removed"]
+
+
+def test_sweep_cli_and_bad_eps(finished, tmp_path):
+    _, _, out, _, _ = finished
+    work = tmp_path / "w"
+    subprocess.run(["cp", "-r", str(out), str(work)], check=True)
+    ok = subprocess.run([sys.executable, "-m", "semdedup_core.cli", "sweep", str(work), "--eps",
+                         "0.03"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "0.03" in ok.stdout, ok.stderr
+    assert (work / "extraction/unique_ids_0.03.parquet").is_dir()
+    bad = subprocess.run([sys.executable, "-m", "semdedup_core.cli", "sweep", str(work), "--eps",
+                          "1.5"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "outside [0.0001, 1)" in bad.stderr
+    with pytest.raises(InputError, match="no pruning tables"):
+        sweep(Storage(str(tmp_path / "empty")), [0.1])
+
+
+def test_inspect_finds_a_removed_clip_and_its_match(finished):
+    _, info, out, report, _ = finished
+    storage = Storage(str(out))
+    part = next((out / "extraction/unique_ids_0.01.parquet").glob("part.*.parquet"))
+    table = pq.read_table(part)
+    assert table.num_rows > 0
+    clip = table.column("id")[0].as_py()
+    rep = find_clip(storage, clip)
+    assert rep.removed[0.01] and rep.score >= 0.99 and rep.rank > 0
+    pruning = pq.read_table(out / f"extraction/semdedup_pruning_tables/cluster_{rep.cluster}"
+                                  ".parquet").to_pylist()
+    assert pruning[rep.rank] == {"id": clip, "max_id": rep.max_id,
+                                 "cosine_sim_score": pytest.approx(rep.score)}
+    assert find_clip(storage, "no-such-id") is None
+    curve = dict((e, r) for e, r, _ in eps_curve(storage))
+    assert curve[0.01] == report.summary[0.01]["removed"]
+    sizes = largest_clusters(storage, 3)
+    assert [n for _, n in sizes] == sorted(report.cluster_sizes, reverse=True)[:3]
+
+    text = subprocess.run([sys.executable, "-m", "semdedup_core.cli", "inspect", str(out), "--id",
+                           clip], capture_output=True, text=True, check=True).stdout
+    assert f"id {clip}: cluster {rep.cluster}" in text and "eps 0.01: REMOVED" in text
+    assert rep.max_id in text and "largest clusters" in text
+
+
+def test_inspect_on_s3(finished, s3_client, s3_endpoint, aws_profile):
+    _, _, out, report, _ = finished
+    s3_client.create_bucket(Bucket="results")
+    upload_folder(s3_client, "results", "runs/r1", out)
+    storage = Storage("s3://results/runs/r1", S3Options(aws_profile, s3_endpoint))
+    assert dict((e, r) for e, r, _ in eps_curve(storage))[0.01] == \
+        report.summary[0.01]["removed"]
+    text = subprocess.run([sys.executable, "-m", "semdedup_core.cli", "inspect",
+                           "s3://results/runs/r1", "--aws-profile", aws_profile,
+                           "--aws-endpoint-url", s3_endpoint], capture_output=True, text=True)
+    assert text.returncode == 0, text.stderr
+    assert "removed fraction by eps" in text.stdout
+
+
+def test_sweep_as_a_dagster_job(finished, tmp_path):
+    _, _, out, _, _ = finished
+    work = tmp_path / "d"
+    subprocess.run(["cp", "-r", str(out), str(work)], check=True)
+    result = semdedup_sweep_job.execute_in_process(
+        run_config={"ops": {"sweep_eps": {"config": {"output_path": str(work),
+                                                      "eps_to_extract": [0.07]}}}},
+        instance=DagsterInstance.ephemeral(), resources={"layout_storage": LayoutStorage()})
+    assert result.success
+    assert (work / "extraction/dedup_summary_0.07.csv").read_text().startswith(
+        "eps,kept,removed,total\n0.07,")
