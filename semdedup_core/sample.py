@@ -32,12 +32,15 @@ def _ids(rng: np.random.Generator, n: int) -> list[str]:
 
 def write_sample(folder: str, rows: int, dim: int = 512, n_topics: int = 64,
                  dup_fraction: float = 0.1, files: int = 4, seed: int = 0,
-                 dtype: str = "float32", keep_groups: bool = True) -> SampleInfo:
+                 dtype: str = "float32", keep_groups: bool = True,
+                 variant_fraction: float = 0.0) -> SampleInfo:
     """Write `rows` clips into `files` parquet files under `folder` (columns `id`, `embedding`).
 
     Clips scatter around `n_topics` topic directions (same-topic clips have cosine ~0.3); about
     `dup_fraction` of the rows are near-copies (cosine > 0.999) of another clip of the same
-    file, in groups of 2-4. `dtype` float16 writes `list<halffloat>` like Cosmos-Embed1 drops.
+    file, in groups of 2-4. About `variant_fraction` more are looser variants of other clips
+    (cosine spread over ~0.85-0.999: "same scene, another take"), so the removed count grows
+    with eps. `dtype` float16 writes `list<halffloat>` like Cosmos-Embed1 drops.
     """
     rng = np.random.default_rng(seed)
     topics = rng.standard_normal((n_topics, dim)).astype(np.float32)
@@ -65,6 +68,16 @@ def write_sample(folder: str, rows: int, dim: int = 512, n_topics: int = 64,
                 info.groups.append([ids[original]] + [ids[c] for c in copies])
             n_copies -= size
             pos += size + 1
+        # Variants pair up clips outside the groups: the second becomes a looser copy.
+        for _ in range(int(n * variant_fraction)):
+            if pos + 1 >= n:
+                break
+            source, variant = order[pos], order[pos + 1]
+            scale = 10 ** rng.uniform(-1.5, -0.2)  # relative noise norm ~0.03-0.6
+            noise = rng.standard_normal(dim).astype(np.float32)
+            noise *= scale * np.linalg.norm(emb[source]) / np.linalg.norm(noise)
+            emb[variant] = emb[source] + noise
+            pos += 2
         values = pa.array(emb.astype(dtype).reshape(-1))
         offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
         table = pa.table({"id": pa.array(ids), "embedding": pa.ListArray.from_arrays(offsets,
@@ -77,4 +90,4 @@ def write_sample(folder: str, rows: int, dim: int = 512, n_topics: int = 64,
 
 if __name__ == "__main__":
     write_sample(SAMPLE_DIR, rows=4000, dim=256, n_topics=16, files=2, seed=7, dtype="float16",
-                 keep_groups=False)
+                 keep_groups=False, variant_fraction=0.1)

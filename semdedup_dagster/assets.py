@@ -151,7 +151,7 @@ def kmeans_centroids(context: AssetExecutionContext, config: SemdedupConfig,
 @asset(name=EMBS_BY_NEAREST_CENTER, group_name=GROUP, partitions_def=CENTROIDS,
        deps=[KMEANS_CENTROIDS], backfill_policy=BackfillPolicy.single_run(), kinds={"parquet"},
        description="Clips of each centroid, unit embeddings and distances "
-                   "(embs_by_nearest_center/nearest_cent=<k>). One streaming pass over the input "
+                   "(embs_by_nearest_center/nearest_cent={k}). One streaming pass over the input "
                    "writes every selected partition.")
 def embs_by_nearest_center(context: AssetExecutionContext, config: SemdedupConfig,
                            layout_storage: LayoutStorage) -> MaterializeResult:
@@ -171,10 +171,10 @@ def embs_by_nearest_center(context: AssetExecutionContext, config: SemdedupConfi
         AssetSpec(PRUNING_TABLES, deps=[EMBS_BY_NEAREST_CENTER], partitions_def=CENTROIDS,
                   skippable=True, kinds={"parquet"},
                   description="Per cluster, rank order with each clip's best earlier match "
-                              "(semdedup_pruning_tables/cluster_<k>.parquet)."),
+                              "(semdedup_pruning_tables/cluster_{k}.parquet)."),
         AssetSpec(UNIQUE_IDS, deps=[PRUNING_TABLES], partitions_def=CENTROIDS, skippable=True,
                   kinds={"parquet"},
-                  description="The clips to REMOVE per eps (unique_ids_<eps>.parquet/part.<k>)."),
+                  description="The clips to REMOVE per eps (unique_ids_{eps}.parquet/part.{k})."),
     ])
 def cluster_dedup(context: AssetExecutionContext, config: SemdedupConfig,
                   layout_storage: LayoutStorage):
@@ -194,7 +194,7 @@ def cluster_dedup(context: AssetExecutionContext, config: SemdedupConfig,
 
 
 @asset(name=DEDUP_SUMMARY, group_name=GROUP, deps=[UNIQUE_IDS], kinds={"csv"},
-       description="dedup_summary_<eps>.csv per eps, the removed-vs-eps curve and the "
+       description="dedup_summary_{eps}.csv per eps, the removed-vs-eps curve and the "
                    "cluster-size distribution.")
 def dedup_summary(config: SemdedupConfig, layout_storage: LayoutStorage) -> MaterializeResult:
     return MaterializeResult(metadata=summary_stage(to_engine(config), layout_storage))

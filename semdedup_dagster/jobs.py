@@ -133,7 +133,7 @@ def sweep_eps_op(context: OpExecutionContext, config: SweepConfig,
                                for e, r in rows.items()))
 
 
-@job(name="semdedup_sweep", description="Write unique_ids_<eps> and summaries for new eps from an "
+@job(name="semdedup_sweep", description="Write unique_ids_{eps} and summaries for new eps from an "
                                          "output's pruning tables, recomputing nothing else.")
 def semdedup_sweep_job():
     sweep_eps_op()

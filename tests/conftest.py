@@ -74,3 +74,73 @@ def upload_folder(client, bucket: str, prefix: str, folder) -> None:
             path = os.path.join(root, name)
             key = f"{prefix}/{os.path.relpath(path, folder)}"
             client.upload_file(path, bucket, key)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+
+
+class DagsterWeb:
+    """dagster-webserver and dagster-daemon as separate processes on a fresh SQLite instance."""
+
+    def __init__(self, home, logs):
+        self.home, self.logs = home, logs
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "DAGSTER_HOME": str(home)}
+        workspace = os.path.join(REPO, "workspace.yaml")
+        log = open(logs, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = log
+        self.procs = [
+            subprocess.Popen([os.path.join(BIN, "dagster-webserver"), "-w", workspace, "-h",
+                              "127.0.0.1", "-p", str(self.port)], env=env, cwd=home,
+                             stdout=log, stderr=log),
+            subprocess.Popen([os.path.join(BIN, "dagster-daemon"), "run", "-w", workspace],
+                             env=env, cwd=home, stdout=log, stderr=log),
+        ]
+
+    def graphql(self, query, variables=None):
+        import json
+
+        req = urllib.request.Request(self.url + "/graphql",
+                                     data=json.dumps({"query": query,
+                                                      "variables": variables or {}}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def wait_ready(self, timeout=180):
+        deadline = time.time() + timeout
+        query = ("{ repositoriesOrError { ... on RepositoryConnection "
+                 "{ nodes { name location { name } jobs { name } } } } }")
+        while True:
+            try:
+                nodes = self.graphql(query)["data"]["repositoriesOrError"]["nodes"]
+                if nodes:
+                    return nodes
+            except Exception:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("webserver not ready:\n" + open(self.logs).read()[-3000:])
+            time.sleep(1)
+
+    def stop(self):
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def dagster_web(tmp_path_factory):
+    home = tmp_path_factory.mktemp("dagster_home")
+    web = DagsterWeb(home, home / "processes.log")
+    try:
+        web.nodes = web.wait_ready()
+        yield web
+    finally:
+        web.stop()

@@ -4,7 +4,6 @@ centroid partition, the drop sensor against a real S3 API server, and a live web
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -27,12 +26,11 @@ from semdedup_dagster.definitions import defs
 from semdedup_dagster.jobs import semdedup_job
 from semdedup_dagster.resources import LayoutStorage
 from semdedup_dagster.sensors import DropWatch, embedding_drop_sensor
-from tests.conftest import free_port, upload_folder
+from tests.conftest import upload_folder
 from tests.test_end_to_end import tree
 
 warnings.filterwarnings("ignore", category=Warning, module="dagster")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 
 
@@ -236,75 +234,32 @@ def test_drop_sensor_against_s3(planted, s3_client, s3_endpoint, aws_profile):
     assert any(k.endswith("dedup_summary_0.01.csv") for k in keys)
 
 
-def _graphql(port, query, variables=None):
-    import urllib.request
-
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql",
-                                 data=json.dumps({"query": query,
-                                                  "variables": variables or {}}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read())
-
-
 @pytest.mark.slow
-def test_webserver_launches_the_documented_config(planted, tmp_path):
+def test_webserver_launches_the_documented_config(planted, dagster_web, tmp_path):
     """dagster-webserver and dagster-daemon as separate processes on a SQLite instance; a run
     launched over GraphQL with the documented job spec's config succeeds."""
     folder, _ = planted
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {**os.environ, "DAGSTER_HOME": str(home)}
-    port = free_port()
-    logs = open(tmp_path / "web.log", "wb")  # noqa: SIM115
-    web = subprocess.Popen([os.path.join(BIN, "dagster-webserver"), "-w",
-                            os.path.join(REPO, "workspace.yaml"), "-h", "127.0.0.1", "-p",
-                            str(port)], env=env, cwd=tmp_path, stdout=logs, stderr=logs)
-    daemon = subprocess.Popen([os.path.join(BIN, "dagster-daemon"), "run", "-w",
-                               os.path.join(REPO, "workspace.yaml")], env=env, cwd=tmp_path,
-                              stdout=logs, stderr=logs)
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                r = _graphql(port, "{ repositoriesOrError { ... on RepositoryConnection "
-                                   "{ nodes { name location { name } jobs { name } } } } }")
-                nodes = r["data"]["repositoriesOrError"]["nodes"]
-                if nodes:
-                    break
-            except Exception:
-                pass
-            assert time.time() < deadline, (tmp_path / "web.log").read_text()[-3000:]
-            time.sleep(1)
-        assert "semdedup" in {j["name"] for j in nodes[0]["jobs"]}
-        spec = {"pipeline": "semantic-dedup",
-                "args": args_for(folder, tmp_path / "ui-out", which_to_keep="easy")}
-        launched = _graphql(port, """
-            mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {
-              __typename ... on LaunchRunSuccess { run { runId } }
-              ... on PythonError { message } ... on RunConfigValidationInvalid { errors { message } }
-            } }""", {"params": {"selector": {"repositoryLocationName": "semdedup",
-                                             "repositoryName": nodes[0]["name"],
-                                             "jobName": "semdedup"},
-                                "runConfigData": job_spec_to_run_config(spec)}})
-        payload = launched["data"]["launchRun"]
-        assert payload["__typename"] == "LaunchRunSuccess", payload
-        run_id = payload["run"]["runId"]
-        status = None
-        while time.time() < deadline + 240:
-            status = _graphql(port, "query($id: ID!) { runOrError(runId: $id) { ... on Run "
-                                    "{ status } } }", {"id": run_id})["data"]["runOrError"]["status"]
-            if status in ("SUCCESS", "FAILURE", "CANCELED"):
-                break
-            time.sleep(1)
-        assert status == "SUCCESS", (tmp_path / "web.log").read_text()[-3000:]
-        assert (tmp_path / "ui-out/extraction/dedup_summary_0.1.csv").exists()
-    finally:
-        for p in (web, daemon):
-            p.terminate()
-        for p in (web, daemon):
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(home, ignore_errors=True)
+    nodes = dagster_web.nodes
+    assert "semdedup" in {j["name"] for j in nodes[0]["jobs"]}
+    spec = {"pipeline": "semantic-dedup",
+            "args": args_for(folder, tmp_path / "ui-out", which_to_keep="easy")}
+    launched = dagster_web.graphql("""
+        mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {
+          __typename ... on LaunchRunSuccess { run { runId } }
+          ... on PythonError { message } ... on RunConfigValidationInvalid { errors { message } }
+        } }""", {"params": {"selector": {"repositoryLocationName": "semdedup",
+                                         "repositoryName": nodes[0]["name"],
+                                         "jobName": "semdedup"},
+                            "runConfigData": job_spec_to_run_config(spec)}})
+    payload = launched["data"]["launchRun"]
+    assert payload["__typename"] == "LaunchRunSuccess", payload
+    run_id = payload["run"]["runId"]
+    status, deadline = None, time.time() + 300
+    while time.time() < deadline:
+        status = dagster_web.graphql("query($id: ID!) { runOrError(runId: $id) { ... on Run "
+                                     "{ status } } }", {"id": run_id})["data"]["runOrError"]["status"]
+        if status in ("SUCCESS", "FAILURE", "CANCELED"):
+            break
+        time.sleep(1)
+    assert status == "SUCCESS", open(dagster_web.logs).read()[-3000:]
+    assert (tmp_path / "ui-out/extraction/dedup_summary_0.1.csv").exists()
