@@ -33,7 +33,7 @@ from semdedup_core.pipeline import (
 from semdedup_core.storage import Storage
 from semdedup_dagster.config import SemdedupConfig, to_engine
 from semdedup_dagster.partitions import CENTROIDS, register_centroids
-from semdedup_dagster.plots import summary_plots
+from semdedup_dagster.plots import score_histogram_svg, summary_plots
 from semdedup_dagster.resources import LayoutStorage
 
 GROUP = "semdedup"
@@ -79,9 +79,20 @@ def shard_metadata(out: Storage, cluster: int, size: int) -> dict:
 
 
 def cluster_metadata(out: Storage, result: ClusterResult, seconds: float) -> dict:
+    """Per-centroid metadata: sizes, the score histogram, the eps curve and example pairs."""
+    table = pq.read_table(out.open_input(layout.pruning_table(result.cluster)))
+    scores = table.column("cosine_sim_score").to_numpy()
+    top = np.argsort(-scores, kind="stable")[:5]
+    pairs = "| id | max_id | cosine_sim_score |\n|---|---|---|\n" + "".join(
+        f"| {table.column('id')[int(i)]} | {table.column('max_id')[int(i)]} | "
+        f"{scores[i]:.6f} |\n" for i in top if scores[i] > 0)
+    curve = "| eps | removed |\n|---|---|\n" + "".join(
+        f"| {eps_text(e)} | {int(removed_mask(scores, e).sum())} |\n" for e in EPS_CURVE)
     return {"path": MetadataValue.path(out.display(layout.pruning_table(result.cluster))),
             "rows": result.size, "max_cosine_sim_score": round(result.max_score, 6),
-            "seconds": round(seconds, 3)}
+            "score_histogram": score_histogram_svg(scores),
+            "removed_vs_eps": MetadataValue.md(curve),
+            "closest_pairs": MetadataValue.md(pairs), "seconds": round(seconds, 3)}
 
 
 def removed_metadata(cfg: DedupConfig, out: Storage, cluster: int, removed: dict) -> dict:
@@ -97,12 +108,17 @@ def summary_stage(cfg: DedupConfig, storage: LayoutStorage) -> dict:
     clusters = nonempty_clusters(out)
     drop_stale_pruning_tables(out, clusters)
     rows = summarize(out, cfg.eps_to_extract, clusters)
-    scores, sizes = [], []
+    scores, sizes, examples = [], [], []
     for c in clusters:
-        col = pq.read_table(out.open_input(layout.pruning_table(c)),
-                            columns=["cosine_sim_score"]).column(0).to_numpy()
+        table = pq.read_table(out.open_input(layout.pruning_table(c)))
+        col = table.column("cosine_sim_score").to_numpy()
         scores.append(col)
         sizes.append(len(col))
+        # Example pairs just inside the first eps: the ones a user checks when choosing eps.
+        inside = np.flatnonzero(removed_mask(col, cfg.eps_to_extract[0]))
+        for i in inside[np.argsort(col[inside], kind="stable")][:2]:
+            examples.append((float(col[i]), c, table.column("id")[int(i)].as_py(),
+                             table.column("max_id")[int(i)].as_py()))
     scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
     total = len(scores)
     summary_md = "| eps | total | kept | removed |\n|---|---|---|---|\n" + "".join(
@@ -121,6 +137,10 @@ def summary_stage(cfg: DedupConfig, storage: LayoutStorage) -> dict:
         "path": MetadataValue.path(out.display(layout.EXTRACTION)),
     }
     meta.update({f"removed_{eps_text(e)}": r["removed"] for e, r in rows.items()})
+    examples.sort()
+    meta[f"example_pairs_{eps_text(cfg.eps_to_extract[0])}"] = MetadataValue.md(
+        "| cluster | id | max_id | cosine_sim_score |\n|---|---|---|---|\n" + "".join(
+            f"| {c} | {i} | {m} | {sc:.6f} |\n" for sc, c, i, m in examples[:10]))
     meta.update(summary_plots(scores, sizes_arr, EPS_CURVE))
     return meta
 

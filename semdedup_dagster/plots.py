@@ -21,6 +21,26 @@ def _png_markdown(fig, alt: str) -> MetadataValue:
     return MetadataValue.md(f"![{alt}](data:image/png;base64,{data})")
 
 
+def score_histogram_svg(scores: np.ndarray, bins: int = 40) -> MetadataValue:
+    """A small inline SVG bar chart of scores in [0, 1] (log-scaled counts, with the eps 0.01
+    line). SVG rather than matplotlib here: it costs ~0.1 ms against ~60 ms, and a run makes one
+    per centroid."""
+    counts, _ = np.histogram(scores, bins=bins, range=(0, 1))
+    heights = np.log1p(counts) / max(np.log1p(counts).max(), 1e-9) * 80
+    width = 4 * bins
+    bars = "".join(f'<rect x="{4 * i}" y="{90 - h:.1f}" width="3" height="{h:.1f}" '
+                   f'fill="#55a868"/>' for i, h in enumerate(heights) if h > 0)
+    cut = 0.99 * width
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="104">'
+           f'<rect width="{width}" height="104" fill="white"/>{bars}'
+           f'<line x1="{cut:.1f}" y1="5" x2="{cut:.1f}" y2="90" stroke="#c44e52"/>'
+           f'<text x="0" y="102" font-size="10">0</text>'
+           f'<text x="{width - 8}" y="102" font-size="10">1</text></svg>')
+    data = base64.b64encode(svg.encode()).decode()
+    return MetadataValue.md(f"![cosine_sim_score histogram (log counts; red: 0.99)]"
+                            f"(data:image/svg+xml;base64,{data})")
+
+
 def summary_plots(scores: np.ndarray, sizes: np.ndarray, eps_grid: list[float]) -> dict:
     """Cluster-size histogram, cosine_sim_score distribution, removed fraction against eps."""
     out = {}

@@ -113,6 +113,12 @@ def test_job_in_process_equals_engine(planted, reference, tmp_path):
     import base64
     png = base64.b64decode(md["removed_vs_eps_plot"].value.split("base64,")[1].rstrip(")"))
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| cluster | id | max_id | cosine_sim_score |" in md["example_pairs_0.01"].value
+    per_centroid = next(e for e in mats if e.asset_key.to_user_string() ==
+                        "semdedup_pruning_tables").step_materialization_data.materialization.metadata
+    assert "data:image/svg+xml;base64," in per_centroid["score_histogram"].value
+    assert per_centroid["closest_pairs"].value.startswith("| id | max_id | cosine_sim_score |")
+    assert "| 0.01 |" in per_centroid["removed_vs_eps"].value
     curve = md["removed_vs_eps"].value  # eps 0.1 removes at least as much as eps 0.01
     row = {line.split("|")[1].strip(): int(line.split("|")[2].replace(",", ""))
            for line in curve.splitlines()[2:]}
