@@ -9,6 +9,9 @@ materialisations of the centroid partitions it produced, so the asset catalog sh
 unique ids (e.g. one that failed), from the asset graph or the launchpad.
 """
 
+import json
+import os
+
 from dagster import (
     AssetMaterialization,
     Config,
@@ -73,7 +76,26 @@ def assign_shards(context: OpExecutionContext, run: dict, layout_storage: Layout
                             mapping_key=f"clusters_{batch[0]}_{batch[-1]}")
 
 
-@op(ins={"work": In(dict)}, out=Out(dict))
+def step_k8s_tags() -> dict:
+    """Pod settings of the per-centroid steps on Kubernetes (GPU limits, tolerations, node
+    selector), as the `dagster-k8s/config` tag, from SEMDEDUP_STEP_K8S_CONFIG (JSON; set by
+    deploy/helm/values.yaml)."""
+    raw = os.environ.get("SEMDEDUP_STEP_K8S_CONFIG")
+    return {"dagster-k8s/config": json.loads(raw)} if raw else {}
+
+
+def job_executor():
+    """SEMDEDUP_EXECUTOR=k8s runs each step in its own pod (dagster-k8s); else Dagster's default
+    (processes locally, in-process for execute_in_process)."""
+    if os.environ.get("SEMDEDUP_EXECUTOR") == "k8s":
+        from dagster_k8s import k8s_job_executor
+
+        return k8s_job_executor
+    return None
+
+
+# pool "gpu": the deployment's limit on per-centroid steps running at once (deploy/dagster.yaml).
+@op(ins={"work": In(dict)}, out=Out(dict), pool="gpu", tags=step_k8s_tags())
 def dedup_clusters(context: OpExecutionContext, work: dict, layout_storage: LayoutStorage) -> dict:
     cfg = make_config(**work["args"])
     out = layout_storage.output(cfg)
@@ -102,7 +124,7 @@ def summarize_run(context: OpExecutionContext, run: dict, done: list,
                                              if k.startswith("removed_") and isinstance(v, int)))
 
 
-@job(name="semdedup", config=run_config_for(DEMO_ARGS),
+@job(name="semdedup", config=run_config_for(DEMO_ARGS), executor_def=job_executor(),
      description="Semantic dedup end to end: centroids, shards, per-centroid pruning (parallel "
                  "steps), unique ids per eps, summaries.")
 def semdedup_job():

@@ -8,6 +8,7 @@ keeps the fingerprint of every drop already started, and each RunRequest's run_k
 
 import hashlib
 import json
+import os
 import posixpath
 import re
 import time
@@ -76,7 +77,8 @@ def find_drops(watch: Storage, now: float, settle_seconds: float) -> dict[str, s
     return drops
 
 
-@sensor(job=semdedup_job, minimum_interval_seconds=30, default_status=DefaultSensorStatus.STOPPED,
+@sensor(job=semdedup_job, default_status=DefaultSensorStatus.STOPPED,
+        minimum_interval_seconds=int(os.environ.get("SEMDEDUP_SENSOR_INTERVAL_SECONDS", "30")),
         description="One `semdedup` run per new or rewritten embedding drop under the watched "
                     "folder or S3 prefix (drop_watch resource).")
 def embedding_drop_sensor(context: SensorEvaluationContext, drop_watch: DropWatch,
@@ -93,7 +95,8 @@ def embedding_drop_sensor(context: SensorEvaluationContext, drop_watch: DropWatc
         args = drop_watch.args_for(watch, drop)
         requests.append(RunRequest(run_key=f"{drop}@{fingerprint}",
                                    run_config=run_config_for(args),
-                                   tags={"semdedup/drop": args["input_embeddings_path"]}))
+                                   tags={"semdedup/drop": args["input_embeddings_path"],
+                                         "semdedup/backend": str(args.get("backend", "auto"))}))
         started[drop] = fingerprint
     context.update_cursor(json.dumps(started, sort_keys=True))
     return requests or SkipReason(f"no new drops under {watch.display()}")

@@ -3,6 +3,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -83,12 +84,12 @@ BIN = os.path.dirname(sys.executable)
 class DagsterWeb:
     """dagster-webserver and dagster-daemon as separate processes on a fresh SQLite instance."""
 
-    def __init__(self, home, logs):
+    def __init__(self, home, logs, workspace=None, env=None):
         self.home, self.logs = home, logs
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "DAGSTER_HOME": str(home)}
-        workspace = os.path.join(REPO, "workspace.yaml")
+        env = env or {**os.environ, "DAGSTER_HOME": str(home)}
+        workspace = workspace or os.path.join(REPO, "workspace.yaml")
         log = open(logs, "wb")  # noqa: SIM115 - closed in stop()
         self._log = log
         self.procs = [
@@ -106,8 +107,11 @@ class DagsterWeb:
                                      data=json.dumps({"query": query,
                                                       "variables": variables or {}}).encode(),
                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.loads(resp.read())
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:  # GraphQL validation errors come back as 400
+            raise AssertionError(f"GraphQL {exc.code}: {exc.read().decode()[:2000]}") from None
 
     def wait_ready(self, timeout=180):
         deadline = time.time() + timeout
