@@ -5,6 +5,8 @@
 input again for the assignment; memory is one batch, never the whole input.
 """
 
+import json
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -67,10 +69,12 @@ class EmbeddingSource:
                  batch_rows: int = 32768) -> "EmbeddingSource":
         """List `*.parquet` under the folder (recursively; hidden and `_`-prefixed names skipped)
         and check each file's schema from its footer."""
-        if not storage.exists():
-            raise InputError(f"{storage.display()}: no such folder")
-        rels = [r for r in storage.list_files()
-                if r.endswith(".parquet") and not any(p.startswith((".", "_")) for p in r.split("/"))]
+        rels = files_from_summary(storage)
+        if rels is None:
+            if not storage.exists():
+                raise InputError(f"{storage.display()}: no such folder")
+            rels = [r for r in storage.list_files() if r.endswith(".parquet")
+                    and not any(p.startswith((".", "_")) for p in r.split("/"))]
         if not rels:
             raise InputError(f"{storage.display()}: no parquet files found")
         src = cls(storage, [], id_column, embedding_column, batch_rows)
@@ -79,6 +83,9 @@ class EmbeddingSource:
                 with storage.open_input(rel) as f:
                     meta = pq.ParquetFile(f)
                     schema, rows = meta.schema_arrow, meta.metadata.num_rows
+            except FileNotFoundError:
+                raise InputError(f"{storage.display(rel)}: listed in summary.json but missing") \
+                    from None
             except (pa.ArrowInvalid, OSError) as exc:
                 raise InputError(f"{storage.display(rel)}: not a readable parquet file ({exc})") \
                     from None
@@ -151,6 +158,57 @@ class EmbeddingSource:
         if values.null_count:
             raise InputError(f"{where}: null values inside embeddings")
         return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, dim)
+
+
+SUMMARY_JSON = "summary.json"
+
+
+def _parquet_names(doc) -> list[str]:
+    """Every string ending in .parquet anywhere in a JSON document."""
+    if isinstance(doc, str):
+        return [doc] if doc.endswith(".parquet") else []
+    items = doc.values() if isinstance(doc, dict) else doc if isinstance(doc, list) else []
+    return [name for item in items for name in _parquet_names(item)]
+
+
+def files_from_summary(storage: Storage) -> list[str] | None:
+    """The input files named by a split pipeline's `summary.json`, in the input folder or beside
+    it (its parent), so a large prefix need not be listed. Its schema is not fixed, so any
+    string ending in `.parquet` that lies inside the input folder counts (relative to the
+    summary's folder, or a full path/URI). None when there is no summary or it names no file
+    of this folder: the folder is then listed."""
+    here = storage.display().rstrip("/")
+    candidates = [(storage, "")]
+    parent = storage.parent()
+    if parent is not None:
+        candidates.append((parent, posixpath.basename(storage.root.rstrip("/"))))
+    for where, prefix in candidates:
+        try:
+            raw = where.read_bytes(SUMMARY_JSON)
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            continue
+        try:
+            doc = json.loads(raw)
+        except ValueError as exc:
+            raise InputError(f"{where.display(SUMMARY_JSON)}: not valid JSON ({exc})") from None
+        rels = set()
+        for name in _parquet_names(doc):
+            for base in (here + "/", storage.root.rstrip("/") + "/"):
+                if name.startswith(base):
+                    name = name[len(base):]
+                    break
+            else:
+                name = posixpath.normpath(name)
+                if prefix:
+                    if not name.startswith(prefix + "/"):
+                        continue
+                    name = name[len(prefix) + 1:]
+            if name.startswith(("/", "../")) or "://" in name:
+                continue
+            rels.add(name)
+        if rels:
+            return sorted(rels)
+    return None
 
 
 @dataclass

@@ -120,6 +120,15 @@ class Storage:
         sub.root = self.path(rel)
         return sub
 
+    def parent(self) -> "Storage | None":
+        """The folder above (None at a bucket or filesystem root, or inside an extracted zip)."""
+        if self.uri.endswith("!") or "/" not in self.root.strip("/"):
+            return None
+        sub = Storage.__new__(Storage)
+        sub.uri, sub.fs, sub.local = posixpath.dirname(self.uri.rstrip("/")), self.fs, self.local
+        sub.root = posixpath.dirname(self.root.rstrip("/"))
+        return sub
+
     # -- reading -----------------------------------------------------------------------------
     def exists(self, rel: str = "") -> bool:
         return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound

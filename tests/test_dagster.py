@@ -26,7 +26,7 @@ from semdedup_dagster.definitions import defs
 from semdedup_dagster.jobs import semdedup_job
 from semdedup_dagster.resources import LayoutStorage
 from semdedup_dagster.sensors import DropWatch, embedding_drop_sensor
-from tests.conftest import upload_folder
+from tests.conftest import REPO, upload_folder
 from tests.test_end_to_end import tree
 
 warnings.filterwarnings("ignore", category=Warning, module="dagster")
@@ -56,6 +56,21 @@ def test_whole_definitions_load():
                     "unique_ids", "dedup_summary"}
     assert defs.resolve_sensor_def("embedding_drop_sensor")
     assert defs.resolve_schedule_def("semdedup_schedule")
+
+
+def test_command_line_validation_of_the_definitions():
+    """`dagster definitions validate` on workspace.yaml and `dg check defs` on the project."""
+    env = {**os.environ, "DAGSTER_HOME": ""}
+    env.pop("DAGSTER_HOME")
+    proc = subprocess.run([os.path.join(BIN, "dagster"), "definitions", "validate", "-w",
+                           os.path.join(REPO, "workspace.yaml")], capture_output=True, text=True,
+                          cwd=REPO, env=env)
+    assert proc.returncode == 0 and "All code locations passed validation" in proc.stderr + \
+        proc.stdout, proc.stderr[-2000:]
+    proc = subprocess.run([os.path.join(BIN, "dg"), "check", "defs"], capture_output=True,
+                          text=True, cwd=REPO, env=env)
+    assert proc.returncode == 0 and "All definitions loaded successfully" in proc.stdout + \
+        proc.stderr, (proc.stdout + proc.stderr)[-2000:]
 
 
 def test_run_config_mirrors_the_engine_config():

@@ -270,3 +270,42 @@ def test_not_a_zip(tmp_path):
     with pytest.raises(InputError, match="not a valid zip"):
         run_pipeline(make_config(input_embeddings_path=str(z), output_path=str(tmp_path / "o"),
                                  n_clusters=1))
+
+
+# -- summary.json ------------------------------------------------------------------------------
+def test_summary_json_beside_the_folder_names_the_files(tmp_path):
+    """The split pipeline's summary.json (one level up) lists the files: only those are read,
+    even if the folder holds others, and a listed file that is missing is a clear error."""
+    import json
+
+    ids, emb = good_rows(n=30)
+    write(str(tmp_path / "in" / "a.parquet"), ids, as_list(emb))
+    ids2, emb2 = good_rows(n=30, seed=1, prefix="x")
+    write(str(tmp_path / "in" / "sub" / "b.parquet"), ids2, as_list(emb2))
+    write(str(tmp_path / "in" / "stray.parquet"), ids2, as_list(emb2))  # dup ids if read
+    (tmp_path / "summary.json").write_text(json.dumps({
+        "num_clips": 60, "outputs": {"iv2": ["in/a.parquet", "in/sub/b.parquet"]},
+        "other": "videos/x.mp4"}))
+    report, _ = run(tmp_path, n_clusters=2)
+    assert report.n_rows == 60
+    (tmp_path / "summary.json").write_text(json.dumps({"files": ["in/a.parquet",
+                                                                 "in/gone.parquet"]}))
+    with pytest.raises(InputError, match="gone.parquet: listed in summary.json but missing"):
+        run_pipeline(make_config(input_embeddings_path=str(tmp_path / "in"),
+                                 output_path=str(tmp_path / "out2"), n_clusters=2))
+    assert not (tmp_path / "out2").exists()
+
+
+def test_summary_json_inside_the_folder_with_full_paths(tmp_path):
+    import json
+
+    ids, emb = good_rows(n=30)
+    f = write(str(tmp_path / "in" / "a.parquet"), ids, as_list(emb))
+    write(str(tmp_path / "in" / "ignored.parquet"), *good_rows(n=5, prefix="z")[:1],
+          as_list(good_rows(n=5)[1]))
+    (tmp_path / "in" / "summary.json").write_text(json.dumps({"embeddings": [f]}))
+    report, _ = run(tmp_path, n_clusters=2)
+    assert report.n_rows == 30
+    (tmp_path / "in" / "summary.json").write_text("{broken")
+    with pytest.raises(InputError, match="summary.json: not valid JSON"):
+        run(tmp_path, n_clusters=2)
