@@ -42,11 +42,15 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        """Time a phase (re-entering one adds to it); logged, for runs without a terminal."""
+        if name not in self.seconds:
+            log.info("%s: started", name)
         start = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            log.info("%s: %.2f s so far", name, self.seconds[name])
 
     def gflops(self, name: str) -> float | None:
         if name in self.flops and self.seconds.get(name):
@@ -232,7 +236,7 @@ def run_pipeline(cfg: DedupConfig, show_progress: bool = False,
     with open_source(cfg, s3) as source:
         fit = fit_centroids(cfg, source, backend, timer, show_progress)
         # Nothing is written before the whole input has been validated.
-        with timer.phase("assign"):
+        with timer.phase("kmeans_fit"):
             save_centroids(out, fit.centroids)
         sizes = assign(cfg, source, fit.centroids, out, backend, timer, show_progress)
     clusters = [int(c) for c in np.flatnonzero(sizes)]

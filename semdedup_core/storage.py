@@ -3,6 +3,7 @@ and safe extraction of `.zip` inputs. The only module that knows about S3 and zi
 
 import configparser
 import contextlib
+import io
 import os
 import posixpath
 import shutil
@@ -63,31 +64,55 @@ def _profile_region(profile: str | None) -> str | None:
     return parser.get(section, "region", fallback=None)
 
 
-def make_s3_filesystem(opts: S3Options) -> pafs.S3FileSystem:
-    """A pyarrow S3 filesystem with credentials resolved by boto3's chain (profiles included)."""
-    import boto3  # boto3 resolves the whole credential chain; pyarrow then does the I/O
+@dataclass(frozen=True)
+class S3Access:
+    """Resolved S3 settings: the credential chain walked once, by boto3."""
 
-    session = boto3.Session(profile_name=opts.profile)
-    kwargs: dict = {}
-    creds = None if opts.access_key_id else session.get_credentials()
-    if opts.access_key_id:
-        kwargs.update(access_key=opts.access_key_id, secret_key=opts.secret_access_key)
-        if opts.session_token:
-            kwargs["session_token"] = opts.session_token
-    elif creds is not None:
-        frozen = creds.get_frozen_credentials()
-        kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key)
-        if frozen.token:
-            kwargs["session_token"] = frozen.token
-    region = (opts.region or session.region_name or _profile_region(opts.profile)
-              or os.environ.get("AWS_REGION") or "us-east-1")
-    kwargs["region"] = region
-    endpoint = opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-        "AWS_ENDPOINT_URL")
-    if endpoint:
-        parsed = urlparse(endpoint if "://" in endpoint else "https://" + endpoint)
-        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
-    return pafs.S3FileSystem(**kwargs)
+    region: str
+    endpoint_url: str | None
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def resolve(cls, opts: S3Options) -> "S3Access":
+        import boto3
+
+        session = boto3.Session(profile_name=opts.profile)
+        key = secret = token = None
+        if opts.access_key_id:
+            key, secret, token = opts.access_key_id, opts.secret_access_key, opts.session_token
+        elif (creds := session.get_credentials()) is not None:
+            frozen = creds.get_frozen_credentials()
+            key, secret, token = frozen.access_key, frozen.secret_key, frozen.token
+        region = (opts.region or session.region_name or _profile_region(opts.profile)
+                  or os.environ.get("AWS_REGION") or "us-east-1")
+        endpoint = (opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+                    or os.environ.get("AWS_ENDPOINT_URL"))
+        return cls(region, endpoint, key, secret, token)
+
+    def filesystem(self) -> pafs.S3FileSystem:
+        """pyarrow's S3 filesystem: ranged reads of parquet, listings."""
+        kwargs: dict = {"region": self.region}
+        if self.access_key:
+            kwargs.update(access_key=self.access_key, secret_key=self.secret_key)
+            if self.session_token:
+                kwargs["session_token"] = self.session_token
+        if self.endpoint_url:
+            url = self.endpoint_url
+            parsed = urlparse(url if "://" in url else "https://" + url)
+            kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+        return pafs.S3FileSystem(**kwargs)
+
+    def client(self):
+        """A boto3 S3 client: uploads (a single PUT, or a multipart upload that is completed
+        only when every part is in and aborted otherwise)."""
+        import boto3
+
+        return boto3.client("s3", region_name=self.region, endpoint_url=self.endpoint_url,
+                            aws_access_key_id=self.access_key,
+                            aws_secret_access_key=self.secret_key,
+                            aws_session_token=self.session_token)
 
 
 class Storage:
@@ -95,11 +120,14 @@ class Storage:
 
     def __init__(self, uri: str, s3: S3Options | None = None):
         self.uri = uri.rstrip("/") if uri not in ("/", S3_SCHEME) else uri
+        self._client = None
         if is_s3(uri):
-            self.fs: pafs.FileSystem = make_s3_filesystem(s3 or S3Options())
+            self.s3: S3Access | None = S3Access.resolve(s3 or S3Options())
+            self.fs: pafs.FileSystem = self.s3.filesystem()
             self.root = self.uri[len(S3_SCHEME):]
             self.local = False
         else:
+            self.s3 = None
             self.fs = pafs.LocalFileSystem()
             self.root = str(Path(uri).expanduser().absolute())
             self.local = True
@@ -114,20 +142,22 @@ class Storage:
         """The user-facing address of `rel`, for messages."""
         return posixpath.join(self.uri, rel) if rel else self.uri
 
+    def _derived(self, uri: str, root: str) -> "Storage":
+        """Another folder of the same filesystem, sharing its connection settings."""
+        other = Storage.__new__(Storage)
+        other.__dict__.update(self.__dict__)
+        other.uri, other.root = uri, root
+        return other
+
     def child(self, rel: str) -> "Storage":
-        sub = Storage.__new__(Storage)
-        sub.uri, sub.fs, sub.local = self.display(rel), self.fs, self.local
-        sub.root = self.path(rel)
-        return sub
+        return self._derived(self.display(rel), self.path(rel))
 
     def parent(self) -> "Storage | None":
         """The folder above (None at a bucket or filesystem root, or inside an extracted zip)."""
         if self.uri.endswith("!") or "/" not in self.root.strip("/"):
             return None
-        sub = Storage.__new__(Storage)
-        sub.uri, sub.fs, sub.local = posixpath.dirname(self.uri.rstrip("/")), self.fs, self.local
-        sub.root = posixpath.dirname(self.root.rstrip("/"))
-        return sub
+        return self._derived(posixpath.dirname(self.uri.rstrip("/")),
+                             posixpath.dirname(self.root.rstrip("/")))
 
     # -- reading -----------------------------------------------------------------------------
     def exists(self, rel: str = "") -> bool:
@@ -169,8 +199,8 @@ class Storage:
     # -- writing -----------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write a whole file atomically: readers see the old file or the new one, never a part.
-        Locally: a temporary name in the same folder, then rename. On S3: one upload, which S3
-        only makes visible when complete."""
+        Locally: a temporary name in the same folder, then rename. On S3: a PUT, or a multipart
+        upload that S3 only makes visible once completed (and that is aborted on failure)."""
         target = self.path(rel)
         if self.local:
             os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -184,8 +214,10 @@ class Storage:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         else:
-            with self.fs.open_output_stream(target) as f:
-                f.write(data)
+            if self._client is None:
+                self._client = self.s3.client()
+            bucket, key = target.split("/", 1)
+            self._client.upload_fileobj(io.BytesIO(data), bucket, key)
 
     def delete_file(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):

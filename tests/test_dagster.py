@@ -284,3 +284,28 @@ def test_webserver_launches_the_documented_config(planted, dagster_web, tmp_path
         time.sleep(1)
     assert status == "SUCCESS", open(dagster_web.logs).read()[-3000:]
     assert (tmp_path / "ui-out/extraction/dedup_summary_0.1.csv").exists()
+
+
+def test_schedule_runs_the_configured_job_spec(tmp_path, monkeypatch):
+    from dagster import build_schedule_context
+
+    from semdedup_dagster.schedules import semdedup_schedule
+
+    monkeypatch.delenv("SEMDEDUP_SCHEDULE_JOB_SPEC", raising=False)
+    ctx = build_schedule_context(scheduled_execution_time=None)
+    assert "SEMDEDUP_SCHEDULE_JOB_SPEC" in semdedup_schedule(ctx).skip_message
+    spec = tmp_path / "nightly.json"
+    spec.write_text(json.dumps({"pipeline": "dedup", "args": {
+        "input_embeddings_path": "s3://b/daily/iv2_embd_parquet", "output_path": "s3://b/out",
+        "n_clusters": 50}}))
+    monkeypatch.setenv("SEMDEDUP_SCHEDULE_JOB_SPEC", str(spec))
+    import datetime
+
+    ctx = build_schedule_context(
+        scheduled_execution_time=datetime.datetime(2026, 11, 26, 2, tzinfo=datetime.timezone.utc))
+    request = semdedup_schedule(ctx)
+    assert request.run_config == {"ops": {"fit_centroids": {"config": {
+        "input_embeddings_path": "s3://b/daily/iv2_embd_parquet", "output_path": "s3://b/out",
+        "n_clusters": 50}}}}
+    assert request.run_key.startswith("2026-11-26T02:00")
+    assert defs.resolve_schedule_def("semdedup_schedule").default_status.value == "STOPPED"
