@@ -4,19 +4,25 @@ ranked before it, computed in square tiles so memory is O(tile^2), never O(n^2).
 Written once over the backend's array namespace: numpy on the CPU, CuPy on the GPU.
 """
 
+import numpy as np
+
 from semdedup_core.backends.base import Backend
 
 
 def max_similarity_to_earlier(backend: Backend, emb, tile: int):
-    """For unit rows `emb` (n, d) in rank order, return (score float32 (n,), match int64 (n,)):
-    score[j] = max over i<j of emb[i].emb[j], match[j] = the smallest i reaching it. Row 0 gets
-    score 0 and match 0 (itself). Scores are clipped to [0, 1].
+    """For unit rows `emb` (n, d) in rank order, return (score float32 (n,), match int64 (n,)),
+    on the backend's device: score[j] = max over i<j of emb[i].emb[j], match[j] = the smallest
+    i reaching it. Row 0 gets score 0 and match 0 (itself). Scores are clipped to [0, 1].
 
     Tiles are (rows j) x (columns i) products reduced along the row, i.e. along contiguous
     memory; column tiles are visited in increasing i and a later tile only wins when strictly
     greater, so ties go to the earliest clip.
+
+    `emb` may live on the device, or on the host when the cluster is larger than the device
+    holds: then only the tiles in use are copied over (slabs), so device memory is O(tile^2).
     """
     xp = backend.xp
+    on_host = isinstance(emb, np.ndarray) and xp is not np
     n = emb.shape[0]
     score = xp.full(n, -xp.inf, dtype=xp.float32)
     match = xp.arange(n, dtype=xp.int64)
@@ -24,12 +30,12 @@ def max_similarity_to_earlier(backend: Backend, emb, tile: int):
     upper = xp.triu(xp.ones((min(tile, n), min(tile, n)), dtype=bool))
     for j0 in range(0, n, tile):
         j1 = min(j0 + tile, n)
-        rows = emb[j0:j1]
+        rows = backend.asarray(emb[j0:j1])
         best = xp.full(j1 - j0, -xp.inf, dtype=xp.float32)
         best_i = xp.zeros(j1 - j0, dtype=xp.int64)
         for i0 in range(0, j1, tile):
             i1 = min(i0 + tile, j1)
-            sims = rows @ emb[i0:i1].T
+            sims = rows @ (rows if i0 == j0 else backend.asarray(emb[i0:i1])).T
             if i0 == j0:
                 sims[upper[: j1 - j0, : i1 - i0]] = -xp.inf
             top = sims.max(axis=1)
@@ -41,7 +47,9 @@ def max_similarity_to_earlier(backend: Backend, emb, tile: int):
         match[j0:j1] = xp.where(found, best_i, match[j0:j1])
         # The GEMM found the match; the score is then recomputed as one float64 dot product, so
         # its bits do not depend on tile shapes, BLAS threads or the device.
-        exact = (emb[match[j0:j1]].astype(xp.float64) * rows.astype(xp.float64)).sum(axis=1)
+        picked = match[j0:j1]
+        earlier = backend.asarray(emb[backend.to_numpy(picked)]) if on_host else emb[picked]
+        exact = (earlier.astype(xp.float64) * rows.astype(xp.float64)).sum(axis=1)
         score[j0:j1] = xp.where(found, exact, 0).astype(xp.float32)
     return xp.clip(score, 0, 1), match
 

@@ -26,7 +26,7 @@ from semdedup_core.errors import InputError
 from semdedup_core.extraction import extract_from_tables, summarize, write_removed
 from semdedup_core.kmeans import assign_to_shards, read_shard, save_centroids
 from semdedup_core.pairwise import max_similarity_to_earlier, pairwise_flops
-from semdedup_core.parquet import read_table, write_table
+from semdedup_core.parquet import write_table
 from semdedup_core.ranking import rank_order
 from semdedup_core.storage import S3Options, Storage, open_input_location
 
@@ -173,7 +173,9 @@ def prune_cluster(cfg: DedupConfig, out: Storage, cluster: int, backend: Backend
     `unique_ids_<eps>` part of every eps (what `extract_cluster` does alone)."""
     ranked = ranked_shard(cfg, out, cluster)
     tile = backend.pairwise_tile_size(cfg.pairwise_tile_size, ranked.emb.shape[1])
-    score, match = max_similarity_to_earlier(backend, backend.asarray(ranked.emb), tile)
+    # A cluster larger than a quarter of free device memory stays on the host; tiles move over.
+    emb = backend.asarray(ranked.emb) if backend.fits_on_device(ranked.emb.nbytes) else ranked.emb
+    score, match = max_similarity_to_earlier(backend, emb, tile)
     score, match = backend.to_numpy(score), backend.to_numpy(match)
     pruning = pa.table({"id": ranked.ids, "max_id": ranked.ids.take(pa.array(match)),
                         "cosine_sim_score": pa.array(score, type=pa.float32())})

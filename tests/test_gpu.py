@@ -58,6 +58,18 @@ def test_gpu_pruning_equals_cpu():
 
 @needs_gpu
 @pytest.mark.gpu
+def test_gpu_slabs_from_host_equal_the_device_resident_cluster():
+    """A cluster too large for the device stays on the host and moves over tile by tile."""
+    gpu = get_backend("gpu")
+    emb = normalize(np.random.default_rng(2).standard_normal((3000, 64)).astype(np.float32))
+    whole = max_similarity_to_earlier(gpu, gpu.asarray(emb), 512)
+    slabs = max_similarity_to_earlier(gpu, emb, 512)
+    assert (gpu.to_numpy(whole[1]) == gpu.to_numpy(slabs[1])).all()
+    assert (gpu.to_numpy(whole[0]) == gpu.to_numpy(slabs[0])).all()
+
+
+@needs_gpu
+@pytest.mark.gpu
 def test_gpu_kmeans_agrees_with_cpu_on_blobs():
     gpu = get_backend("gpu")
     rng = np.random.default_rng(0)

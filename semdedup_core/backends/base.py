@@ -30,6 +30,10 @@ class Backend:
 
         return lloyd(self, sample, n_clusters, max_iter, tol, seed)
 
+    def fits_on_device(self, nbytes: int) -> bool:
+        """Whether an array of nbytes should be moved to the device whole (else: in slabs)."""
+        return True
+
     def pairwise_tile_size(self, requested: int, dim: int) -> int:
         """The tile size to use; the GPU shrinks it to fit free device memory."""
         return requested

@@ -77,6 +77,10 @@ class GpuBackend(Backend):
         centroids = self.to_numpy(model.cluster_centers_).astype(np.float32)
         return centroids, int(getattr(model, "n_iter_", max_iter))
 
+    def fits_on_device(self, nbytes: int) -> bool:
+        free, _ = self.xp.cuda.runtime.memGetInfo()
+        return nbytes < free / 4
+
     def pairwise_tile_size(self, requested: int, dim: int) -> int:
         # Bigger tiles keep the GPU busy; a tile's products and mask take ~9 bytes per entry,
         # kept under a quarter of the free device memory.
