@@ -97,8 +97,8 @@ def cluster_metadata(out: Storage, result: ClusterResult, seconds: float) -> dic
 
 def removed_metadata(cfg: DedupConfig, out: Storage, cluster: int, removed: dict) -> dict:
     meta = {f"removed_{eps_text(e)}": int(n) for e, n in removed.items()}
-    meta["path"] = MetadataValue.path(out.display(layout.unique_ids_part(cfg.eps_to_extract[0],
-                                                                         cluster)))
+    meta.update({f"path_{eps_text(e)}": MetadataValue.path(out.display(
+        layout.unique_ids_part(e, cluster))) for e in cfg.eps_to_extract})
     return meta
 
 
@@ -134,7 +134,7 @@ def summary_stage(cfg: DedupConfig, storage: LayoutStorage) -> dict:
         "removed_vs_eps": MetadataValue.md(curve),
         "cluster_size_min": int(sizes_arr.min()), "cluster_size_median": float(np.median(sizes_arr)),
         "cluster_size_max": int(sizes_arr.max()),
-        "path": MetadataValue.path(out.display(layout.EXTRACTION)),
+        "path": MetadataValue.path(out.display(layout.summary_csv(cfg.eps_to_extract[0]))),
     }
     meta.update({f"removed_{eps_text(e)}": r["removed"] for e, r in rows.items()})
     examples.sort()
@@ -159,7 +159,10 @@ def cluster_dedup_stage(cfg: DedupConfig, out: Storage, cluster: int, backend,
 
 
 # -- the assets ----------------------------------------------------------------------------------
-@asset(name=KMEANS_CENTROIDS, group_name=GROUP, kinds={"numpy"},
+IO_MANAGER = "semdedup_layout"  # LayoutIOManager: downstream assets read the layout back
+
+
+@asset(name=KMEANS_CENTROIDS, group_name=GROUP, kinds={"numpy"}, io_manager_key=IO_MANAGER,
        description="K-means centroids (clustering_results/kmeans_centroids.npy); registers one "
                    "`centroids` partition per centroid.")
 def kmeans_centroids(context: AssetExecutionContext, config: SemdedupConfig,
@@ -169,6 +172,7 @@ def kmeans_centroids(context: AssetExecutionContext, config: SemdedupConfig,
 
 
 @asset(name=EMBS_BY_NEAREST_CENTER, group_name=GROUP, partitions_def=CENTROIDS,
+       io_manager_key=IO_MANAGER,
        deps=[KMEANS_CENTROIDS], backfill_policy=BackfillPolicy.single_run(), kinds={"parquet"},
        description="Clips of each centroid, unit embeddings and distances "
                    "(embs_by_nearest_center/nearest_cent={k}). One streaming pass over the input "
@@ -189,11 +193,11 @@ def embs_by_nearest_center(context: AssetExecutionContext, config: SemdedupConfi
     name="cluster_dedup", group_name=GROUP, partitions_def=CENTROIDS, can_subset=True,
     specs=[
         AssetSpec(PRUNING_TABLES, deps=[EMBS_BY_NEAREST_CENTER], partitions_def=CENTROIDS,
-                  skippable=True, kinds={"parquet"},
+                  skippable=True, kinds={"parquet"}, metadata={"dagster/io_manager_key": IO_MANAGER},
                   description="Per cluster, rank order with each clip's best earlier match "
                               "(semdedup_pruning_tables/cluster_{k}.parquet)."),
         AssetSpec(UNIQUE_IDS, deps=[PRUNING_TABLES], partitions_def=CENTROIDS, skippable=True,
-                  kinds={"parquet"},
+                  kinds={"parquet"}, metadata={"dagster/io_manager_key": IO_MANAGER},
                   description="The clips to REMOVE per eps (unique_ids_{eps}.parquet/part.{k})."),
     ])
 def cluster_dedup(context: AssetExecutionContext, config: SemdedupConfig,
@@ -214,6 +218,7 @@ def cluster_dedup(context: AssetExecutionContext, config: SemdedupConfig,
 
 
 @asset(name=DEDUP_SUMMARY, group_name=GROUP, deps=[UNIQUE_IDS], kinds={"csv"},
+       io_manager_key=IO_MANAGER,
        description="dedup_summary_{eps}.csv per eps, the removed-vs-eps curve and the "
                    "cluster-size distribution.")
 def dedup_summary(config: SemdedupConfig, layout_storage: LayoutStorage) -> MaterializeResult:

@@ -11,7 +11,8 @@ import warnings
 
 import pytest
 import yaml
-from dagster import AssetKey, DagsterInstance, build_sensor_context, materialize
+import pyarrow.parquet as pq
+from dagster import AssetKey, DagsterInstance, asset, build_sensor_context, materialize
 
 from semdedup_core.config import DedupConfig, make_config
 from semdedup_core.pipeline import run_pipeline
@@ -24,6 +25,8 @@ from semdedup_dagster.assets import (
 from semdedup_dagster.config import SemdedupConfig, job_spec_to_run_config, run_config_for
 from semdedup_dagster.definitions import defs
 from semdedup_dagster.jobs import semdedup_job
+from semdedup_dagster.io_manager import LayoutIOManager
+from semdedup_dagster.partitions import CENTROIDS
 from semdedup_dagster.resources import LayoutStorage
 from semdedup_dagster.sensors import DropWatch, embedding_drop_sensor
 from tests.conftest import REPO, upload_folder
@@ -144,7 +147,8 @@ def test_assets_materialise_one_by_one_and_one_partition_alone(planted, referenc
     folder, _ = planted
     out = tmp_path / "out"
     instance = DagsterInstance.ephemeral()
-    resources = {"layout_storage": LayoutStorage()}
+    resources = {"layout_storage": LayoutStorage(),
+                 "semdedup_layout": LayoutIOManager(layout_storage=LayoutStorage())}
     cfg = args_for(folder, out)
 
     def config(*names):
@@ -176,6 +180,30 @@ def test_assets_materialise_one_by_one_and_one_partition_alone(planted, referenc
     assert tree(out) == reference
     mat = instance.get_latest_materialization_event(AssetKey("semdedup_pruning_tables"))
     assert mat.asset_materialization.partition == "3"
+
+    # Downstream assets read the layout back through the layout IO manager.
+    seen = {}
+
+    @asset(partitions_def=CENTROIDS)
+    def removed_here(unique_ids, semdedup_pruning_tables, embs_by_nearest_center) -> None:
+        seen.update(unique_ids=unique_ids, pruning=semdedup_pruning_tables,
+                    shard=embs_by_nearest_center)
+
+    @asset
+    def dedup_report(kmeans_centroids, dedup_summary) -> None:
+        seen.update(centroids=kmeans_centroids, summary=dedup_summary)
+
+    upstream = [kmeans_centroids, embs_by_nearest_center, cluster_dedup, dedup_summary]
+    assert materialize([*upstream, removed_here], selection=[removed_here], partition_key="3",
+                       instance=instance, resources=resources).success
+    assert materialize([*upstream, dedup_report], selection=[dedup_report], instance=instance,
+                       resources=resources).success
+    part = pq.read_table(out / "extraction/unique_ids_0.1.parquet/part.3.parquet")
+    assert set(seen["unique_ids"]) == {"0.01", "0.1"} and seen["unique_ids"]["0.1"].equals(part)
+    assert seen["pruning"].column_names == ["id", "max_id", "cosine_sim_score"]
+    assert seen["shard"].num_rows == seen["pruning"].num_rows
+    assert seen["centroids"].shape == (7, 64)
+    assert seen["summary"]["0.01"]["total"] == 3000
 
 
 def test_dagster_job_execute_equals_semdedup_run(planted, tmp_path):
