@@ -149,9 +149,6 @@ class Storage:
         other.uri, other.root = uri, root
         return other
 
-    def child(self, rel: str) -> "Storage":
-        return self._derived(self.display(rel), self.path(rel))
-
     def parent(self) -> "Storage | None":
         """The folder above (None at a bucket or filesystem root, or inside an extracted zip)."""
         if self.uri.endswith("!") or "/" not in self.root.strip("/"):
@@ -162,9 +159,6 @@ class Storage:
     # -- reading -----------------------------------------------------------------------------
     def exists(self, rel: str = "") -> bool:
         return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
-
-    def is_dir(self, rel: str = "") -> bool:
-        return self.fs.get_file_info(self.path(rel)).type == pafs.FileType.Directory
 
     def list_files(self, rel: str = "", recursive: bool = True) -> list[str]:
         """Relative paths of the files under `rel`, sorted; [] when it does not exist."""
