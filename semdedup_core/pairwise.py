@@ -8,6 +8,11 @@ import numpy as np
 
 from semdedup_core.backends.base import Backend
 
+# Dot products of unit float32 vectors computed by different GEMM tiles or devices differ by up
+# to ~1e-6 (d <= 1024); eps is at least 1e-4, so a tolerance of 1e-5 changes no removal in
+# practice while making max_id independent of tiling and backend.
+TIE_TOL = 1e-5
+
 
 def max_similarity_to_earlier(backend: Backend, emb, tile: int):
     """For unit rows `emb` (n, d) in rank order, return (score float32 (n,), match int64 (n,)),
@@ -15,8 +20,10 @@ def max_similarity_to_earlier(backend: Backend, emb, tile: int):
     i reaching it. Row 0 gets score 0 and match 0 (itself). Scores are clipped to [0, 1].
 
     Tiles are (rows j) x (columns i) products reduced along the row, i.e. along contiguous
-    memory; column tiles are visited in increasing i and a later tile only wins when strictly
-    greater, so ties go to the earliest clip.
+    memory. Ties go to the earliest clip: float32 GEMMs round the same dot product differently
+    at different positions of a tile (and on different devices), so values within TIE_TOL of
+    the best count as ties. Within a tile the earliest such column wins; a later tile only
+    wins when greater by more than TIE_TOL. The score is then recomputed for the chosen clip.
 
     `emb` may live on the device, or on the host when the cluster is larger than the device
     holds: then only the tiles in use are copied over (slabs), so device memory is O(tile^2).
@@ -39,10 +46,10 @@ def max_similarity_to_earlier(backend: Backend, emb, tile: int):
             if i0 == j0:
                 sims[upper[: j1 - j0, : i1 - i0]] = -xp.inf
             top = sims.max(axis=1)
-            arg = sims.argmax(axis=1)
-            better = top > best
-            best = xp.where(better, top, best)
+            arg = (sims >= (top - TIE_TOL)[:, None]).argmax(axis=1)  # earliest near-max column
+            better = top > best + TIE_TOL
             best_i = xp.where(better, arg + i0, best_i)
+            best = xp.maximum(best, top)
         found = best > -xp.inf
         match[j0:j1] = xp.where(found, best_i, match[j0:j1])
         # The GEMM found the match; the score is then recomputed as one float64 dot product, so
