@@ -98,9 +98,7 @@ def config_from_args(ns: argparse.Namespace) -> DedupConfig:
 
 
 def format_report(report) -> str:
-    from semdedup_core.pipeline import RunReport
-
-    assert isinstance(report, RunReport)
+    """The closing table of `semdedup run` for a pipeline.RunReport."""
     lines = [f"output: {report.output_path}",
              f"clips: {report.n_rows:,}  dim: {report.dim}  clusters: {report.n_clusters} "
              f"({int((report.cluster_sizes > 0).sum())} non-empty, largest "

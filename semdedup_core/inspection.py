@@ -15,6 +15,7 @@ from semdedup_core.extraction import pruned_clusters, removed_mask
 from semdedup_core.parquet import read_table, row_count
 from semdedup_core.storage import Storage
 
+# The eps grid of removed-vs-eps curves (CLI and Dagster metadata): read from stored scores.
 EPS_GRID = [1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2]
 
 

@@ -192,16 +192,17 @@ def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storag
             emb = normalize(batch.emb)
             labels, _ = nearest_centroid(backend, backend.asarray(emb), C)
             labels = backend.to_numpy(labels)
+            # One gather per batch into cluster order; each cluster is then a zero-copy slice.
             order = np.argsort(labels, kind="stable")
             sorted_labels = labels[order]
+            ids_sorted, emb_sorted = batch.ids.take(pa.array(order)), emb[order]
             starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
             ends = np.r_[starts[1:], len(order)]
             for s, e in zip(starts, ends):
-                rows = order[s:e]
                 cluster = int(sorted_labels[s])
                 sizes[cluster] += e - s
                 if only is None or cluster in only:
-                    spill.append(cluster, batch.ids.take(pa.array(rows)), emb[rows])
+                    spill.append(cluster, ids_sorted.slice(s, e - s), emb_sorted[s:e])
             if progress is not None:
                 progress(len(emb))
         for cluster in np.flatnonzero(sizes):

@@ -23,7 +23,7 @@ from semdedup_core.backends import Backend, get_backend
 from semdedup_core.config import DedupConfig
 from semdedup_core.embeddings import EmbeddingSource, scan_input
 from semdedup_core.errors import InputError
-from semdedup_core.extraction import extract_from_tables, summarize, write_removed
+from semdedup_core.extraction import summarize, write_removed
 from semdedup_core.kmeans import assign_to_shards, read_shard, save_centroids
 from semdedup_core.pairwise import max_similarity_to_earlier, pairwise_flops
 from semdedup_core.parquet import write_table
@@ -140,6 +140,7 @@ class ClusterResult:
     removed: dict[float, int]
     flops: int
     max_score: float
+    pruning: pa.Table  # as written, so callers (Dagster metadata) need not read it back
 
 
 def list_column_to_numpy(col) -> np.ndarray:
@@ -170,7 +171,7 @@ def ranked_shard(cfg: DedupConfig, out: Storage, cluster: int) -> RankedShard:
 def prune_cluster(cfg: DedupConfig, out: Storage, cluster: int, backend: Backend,
                   extract: bool = True) -> ClusterResult:
     """Rank one cluster's shard and write its pruning table; with `extract`, also write the
-    `unique_ids_<eps>` part of every eps (what `extract_cluster` does alone)."""
+    `unique_ids_<eps>` part of every eps (what `extract_from_tables` does alone)."""
     ranked = ranked_shard(cfg, out, cluster)
     tile = backend.pairwise_tile_size(cfg.pairwise_tile_size, ranked.emb.shape[1])
     # A cluster larger than a quarter of free device memory stays on the host; tiles move over.
@@ -184,12 +185,7 @@ def prune_cluster(cfg: DedupConfig, out: Storage, cluster: int, backend: Backend
         if extract else {}
     n = len(ranked.ids)
     return ClusterResult(cluster, n, removed, pairwise_flops(n, tile, ranked.emb.shape[1]),
-                         float(score.max()) if n else 0.0)
-
-
-def extract_cluster(cfg: DedupConfig, out: Storage, cluster: int) -> dict[float, int]:
-    """Write the `unique_ids_<eps>` parts of one cluster from its pruning table on storage."""
-    return extract_from_tables(out, cluster, cfg.eps_to_extract)
+                         float(score.max()) if n else 0.0, pruning)
 
 
 def drop_stale_pruning_tables(out: Storage, clusters: list[int]) -> None:
@@ -202,16 +198,17 @@ def drop_stale_pruning_tables(out: Storage, clusters: list[int]) -> None:
 
 
 def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Backend,
-              timer: PhaseTimer | None = None, show_progress: bool = False) -> list[ClusterResult]:
+              timer: PhaseTimer | None = None, show_progress: bool = False) -> None:
+    """Prune and extract every cluster, one at a time (results are not kept: memory stays at
+    one cluster)."""
     timer = timer or PhaseTimer()
-    results = []
+    flops = 0
     with timer.phase("prune"), _bar(len(clusters), "pairwise", "cluster", show_progress) as bar:
         for c in clusters:
-            results.append(prune_cluster(cfg, out, c, backend))
+            flops += prune_cluster(cfg, out, c, backend).flops
             bar.update(1)
-    timer.flops["prune"] = float(sum(r.flops for r in results))
+    timer.flops["prune"] = float(flops)
     drop_stale_pruning_tables(out, clusters)
-    return results
 
 
 # -- all stages ----------------------------------------------------------------------------------

@@ -18,14 +18,14 @@ from dagster import (
 from semdedup_core import layout
 from semdedup_core.backends import get_backend
 from semdedup_core.config import DedupConfig, eps_text
-from semdedup_core.extraction import removed_mask, summarize
+from semdedup_core.extraction import extract_from_tables, removed_mask, summarize
+from semdedup_core.inspection import EPS_GRID
 from semdedup_core.kmeans import load_centroids, save_centroids
 from semdedup_core.pipeline import (
     ClusterResult,
     FitResult,
     assign,
     drop_stale_pruning_tables,
-    extract_cluster,
     fit_centroids,
     nonempty_clusters,
     prune_cluster,
@@ -43,8 +43,6 @@ PRUNING_TABLES = "semdedup_pruning_tables"
 UNIQUE_IDS = "unique_ids"
 DEDUP_SUMMARY = "dedup_summary"
 
-# The eps grid of the removed-fraction curve (read from the pruning tables; no extra pairwise).
-EPS_CURVE = [1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2]
 
 
 # -- stage helpers (shared with jobs.py) ---------------------------------------------------------
@@ -80,14 +78,14 @@ def shard_metadata(out: Storage, cluster: int, size: int) -> dict:
 
 def cluster_metadata(out: Storage, result: ClusterResult, seconds: float) -> dict:
     """Per-centroid metadata: sizes, the score histogram, the eps curve and example pairs."""
-    table = pq.read_table(out.open_input(layout.pruning_table(result.cluster)))
+    table = result.pruning
     scores = table.column("cosine_sim_score").to_numpy()
     top = np.argsort(-scores, kind="stable")[:5]
     pairs = "| id | max_id | cosine_sim_score |\n|---|---|---|\n" + "".join(
         f"| {table.column('id')[int(i)]} | {table.column('max_id')[int(i)]} | "
         f"{scores[i]:.6f} |\n" for i in top if scores[i] > 0)
     curve = "| eps | removed |\n|---|---|\n" + "".join(
-        f"| {eps_text(e)} | {int(removed_mask(scores, e).sum())} |\n" for e in EPS_CURVE)
+        f"| {eps_text(e)} | {int(removed_mask(scores, e).sum())} |\n" for e in EPS_GRID)
     return {"path": MetadataValue.path(out.display(layout.pruning_table(result.cluster))),
             "rows": result.size, "max_cosine_sim_score": round(result.max_score, 6),
             "score_histogram": score_histogram_svg(scores),
@@ -126,7 +124,7 @@ def summary_stage(cfg: DedupConfig, storage: LayoutStorage) -> dict:
         for e, r in rows.items())
     curve = "| eps | removed | removed fraction |\n|---|---|---|\n" + "".join(
         f"| {eps_text(e)} | {int(removed_mask(scores, e).sum()):,} | "
-        f"{removed_mask(scores, e).mean() if total else 0:.4f} |\n" for e in EPS_CURVE)
+        f"{removed_mask(scores, e).mean() if total else 0:.4f} |\n" for e in EPS_GRID)
     sizes_arr = np.array(sizes or [0])
     meta = {
         "total": total, "clusters": len(clusters),
@@ -141,7 +139,7 @@ def summary_stage(cfg: DedupConfig, storage: LayoutStorage) -> dict:
     meta[f"example_pairs_{eps_text(cfg.eps_to_extract[0])}"] = MetadataValue.md(
         "| cluster | id | max_id | cosine_sim_score |\n|---|---|---|---|\n" + "".join(
             f"| {c} | {i} | {m} | {sc:.6f} |\n" for sc, c, i, m in examples[:10]))
-    meta.update(summary_plots(scores, sizes_arr, EPS_CURVE))
+    meta.update(summary_plots(scores, sizes_arr, EPS_GRID))
     return meta
 
 
@@ -155,7 +153,7 @@ def cluster_dedup_stage(cfg: DedupConfig, out: Storage, cluster: int, backend,
     if prune:
         result = prune_cluster(cfg, out, cluster, backend, extract=extract)
         return result, result.removed, time.perf_counter() - t
-    return None, extract_cluster(cfg, out, cluster), time.perf_counter() - t
+    return None, extract_from_tables(out, cluster, cfg.eps_to_extract), time.perf_counter() - t
 
 
 # -- the assets ----------------------------------------------------------------------------------

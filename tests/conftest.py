@@ -113,6 +113,18 @@ class DagsterWeb:
         except urllib.error.HTTPError as exc:  # GraphQL validation errors come back as 400
             raise AssertionError(f"GraphQL {exc.code}: {exc.read().decode()[:2000]}") from None
 
+    def wait_for_run(self, run_id, timeout=300) -> dict:
+        """Poll until the run ends; returns {status, stepStats}."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            run = self.graphql("query($id: ID!) { runOrError(runId: $id) { ... on Run { status "
+                               "stepStats { stepKey status } } } }",
+                               {"id": run_id})["data"]["runOrError"]
+            if run["status"] in ("SUCCESS", "FAILURE", "CANCELED"):
+                return run
+            time.sleep(1)
+        raise AssertionError(f"run {run_id} did not finish:\n" + open(self.logs).read()[-3000:])
+
     def wait_ready(self, timeout=180):
         deadline = time.time() + timeout
         query = ("{ repositoriesOrError { ... on RepositoryConnection "

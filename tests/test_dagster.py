@@ -303,13 +303,7 @@ def test_webserver_launches_the_documented_config(planted, dagster_web, tmp_path
     payload = launched["data"]["launchRun"]
     assert payload["__typename"] == "LaunchRunSuccess", payload
     run_id = payload["run"]["runId"]
-    status, deadline = None, time.time() + 300
-    while time.time() < deadline:
-        status = dagster_web.graphql("query($id: ID!) { runOrError(runId: $id) { ... on Run "
-                                     "{ status } } }", {"id": run_id})["data"]["runOrError"]["status"]
-        if status in ("SUCCESS", "FAILURE", "CANCELED"):
-            break
-        time.sleep(1)
+    status = dagster_web.wait_for_run(run_id)["status"]
     assert status == "SUCCESS", open(dagster_web.logs).read()[-3000:]
     assert (tmp_path / "ui-out/extraction/dedup_summary_0.1.csv").exists()
 

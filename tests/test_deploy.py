@@ -193,17 +193,6 @@ def deployment(postgres, s3_endpoint, tmp_path_factory):
         log.close()
 
 
-def wait_for_run(web, run_id, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        run = web.graphql("query($id: ID!) { runOrError(runId: $id) { ... on Run { status "
-                          "stepStats { stepKey status } } } }", {"id": run_id})["data"]["runOrError"]
-        if run["status"] in ("SUCCESS", "FAILURE", "CANCELED"):
-            return run
-        time.sleep(1)
-    raise AssertionError(f"run {run_id} did not finish:\n" + open(web.logs).read()[-3000:])
-
-
 def selector(web):
     return {"repositoryLocationName": "semdedup", "repositoryName": web.nodes[0]["name"]}
 
@@ -224,7 +213,7 @@ def test_drop_is_picked_up_by_the_daemon_on_postgres(deployment, planted):
                            )["data"]["runsOrError"]["results"]
         time.sleep(2)
     assert len(runs) == 1, open(web.logs).read()[-3000:]
-    run = wait_for_run(web, runs[0]["runId"])
+    run = web.wait_for_run(runs[0]["runId"])
     assert run["status"] == "SUCCESS", open(web.logs).read()[-3000:]
     tags = {t["key"]: t["value"] for t in runs[0]["tags"]}
     assert tags["semdedup/drop"] == "s3://curation/incoming/day1/iv2_embd_parquet"
@@ -262,7 +251,7 @@ def test_failed_run_resumes_without_redoing_finished_centroids(deployment, plant
                            {"p": {"selector": {**selector(web), "jobName": "semdedup"},
                                   "runConfigData": {"ops": {"fit_centroids": {"config": args}}}}})
     run_id = launched["data"]["launchRun"]["run"]["runId"]
-    first = wait_for_run(web, run_id)
+    first = web.wait_for_run(run_id)
     assert first["status"] == "FAILURE"
     failed = [s["stepKey"] for s in first["stepStats"] if s["status"] == "FAILURE"]
     done = [s["stepKey"] for s in first["stepStats"]
@@ -281,7 +270,7 @@ def test_failed_run_resumes_without_redoing_finished_centroids(deployment, plant
         launchRunReexecution(reexecutionParams: $p) {
         __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }""",
                         {"p": {"parentRunId": run_id, "strategy": "FROM_FAILURE"}})
-    child = wait_for_run(web, again["data"]["launchRunReexecution"]["run"]["runId"])
+    child = web.wait_for_run(again["data"]["launchRunReexecution"]["run"]["runId"])
     assert child["status"] == "SUCCESS", open(web.logs).read()[-3000:]
     ran = {s["stepKey"] for s in child["stepStats"] if s["status"] == "SUCCESS"}
     assert ran == {failed[0], "summarize_run"}  # no refit, no reassignment, no finished centroid
