@@ -19,6 +19,7 @@ from semdedup_core.backends.base import Backend
 from semdedup_core.embeddings import EmbeddingSource, normalize
 from semdedup_core.parquet import content_sha, read_table, table_to_parquet_bytes
 from semdedup_core.storage import Storage
+from semdedup_core.threads import host_threads, ordered_map
 
 ASSIGN_CHUNK = 16384  # rows per distance GEMM: (chunk, k) float32 scratch
 
@@ -122,9 +123,12 @@ class _Spill:
             f.write(data)
             f.write(np.ascontiguousarray(emb, dtype=np.float32).data)
 
-    def read(self, k: int, dim: int) -> tuple[pa.Array, np.ndarray]:
+    def take(self, k: int, dim: int) -> tuple[pa.Array, np.ndarray]:
+        """Cluster k's clips, in input order; its file is deleted (scratch disk then peaks
+        at the input's size, not twice it, while shards are written)."""
         with open(self._path(k), "rb") as f:
             raw = f.read()
+        os.unlink(self._path(k))
         lengths, id_bytes, embs = [], [], []
         pos = 0
         while pos < len(raw):
@@ -205,11 +209,14 @@ def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storag
                     spill.append(cluster, ids_sorted.slice(s, e - s), emb_sorted[s:e])
             if progress is not None:
                 progress(len(emb))
-        for cluster in np.flatnonzero(sizes):
-            if only is not None and int(cluster) not in only:
-                continue
-            ids, emb = spill.read(int(cluster), dim)
-            write_shard(out, int(cluster), shard_table(ids, emb, centroids[cluster]))
+
+        def spill_to_shard(cluster: int) -> None:
+            ids, emb = spill.take(cluster, dim)
+            write_shard(out, cluster, shard_table(ids, emb, centroids[cluster]))
+
+        # Clusters are encoded and written on host threads; memory: ~2 clusters per thread.
+        todo = [int(c) for c in np.flatnonzero(sizes) if only is None or int(c) in only]
+        for _ in ordered_map(spill_to_shard, todo, host_threads(), ahead=2 * host_threads()):
             if shard_progress is not None:
                 shard_progress(1)
     finally:
@@ -222,11 +229,12 @@ def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storag
     return sizes
 
 
-def read_shard(out: Storage, cluster: int) -> pa.Table:
-    """The shard of one cluster (all files of its folder, in name order)."""
+def read_shard(out: Storage, cluster: int) -> pa.Table | None:
+    """The shard of one cluster (all files of its folder, in name order); None when the
+    cluster has none (it is empty)."""
     files = out.list_files(layout.shard_dir(cluster))
     if not files:
-        raise FileNotFoundError(f"{out.display(layout.shard_dir(cluster))}: no shard")
+        return None
     return pa.concat_tables(read_table(out, f) for f in files)
 
 

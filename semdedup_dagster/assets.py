@@ -148,11 +148,11 @@ def cluster_dedup_stage(cfg: DedupConfig, out: Storage, cluster: int, backend,
     """Prune (and extract) one cluster. Returns (ClusterResult or None for an empty cluster,
     removed per eps, seconds)."""
     t = time.perf_counter()
-    if not out.list_files(layout.shard_dir(cluster)):
-        return None, {}, time.perf_counter() - t
     if prune:
         result = prune_cluster(cfg, out, cluster, backend, extract=extract)
-        return result, result.removed, time.perf_counter() - t
+        return result, result.removed if result else {}, time.perf_counter() - t
+    if not out.list_files(layout.shard_dir(cluster)):
+        return None, {}, time.perf_counter() - t
     return None, extract_from_tables(out, cluster, cfg.eps_to_extract), time.perf_counter() - t
 
 

@@ -11,6 +11,7 @@ unique ids (e.g. one that failed), from the asset graph or the launchpad.
 
 import json
 import os
+import time
 
 from dagster import (
     AssetMaterialization,
@@ -24,12 +25,12 @@ from dagster import (
     job,
     op,
 )
-
 from pydantic import Field as PydanticField
 
 from semdedup_core.backends import get_backend
 from semdedup_core.config import DedupConfig, eps_text, make_config
 from semdedup_core.extraction import sweep
+from semdedup_core.pipeline import prune_clusters
 from semdedup_core.sample import DEMO_ARGS
 from semdedup_dagster.assets import (
     DEDUP_SUMMARY,
@@ -38,7 +39,6 @@ from semdedup_dagster.assets import (
     PRUNING_TABLES,
     UNIQUE_IDS,
     assign_stage,
-    cluster_dedup_stage,
     cluster_metadata,
     fit_stage,
     removed_metadata,
@@ -101,10 +101,14 @@ def dedup_clusters(context: OpExecutionContext, work: dict, layout_storage: Layo
     out = layout_storage.output(cfg)
     backend = get_backend(cfg.backend)
     removed_total: dict[str, int] = {}
-    for k in work["clusters"]:
-        result, removed, secs = cluster_dedup_stage(cfg, out, k, backend)
+    # Clusters are pipelined (the next ones read while one computes), so a cluster's seconds
+    # are the time since the previous one finished.
+    last = time.perf_counter()
+    for result in prune_clusters(cfg, out, work["clusters"], backend):
+        secs, last = time.perf_counter() - last, time.perf_counter()
         if result is None:
             continue
+        k, removed = result.cluster, result.removed
         context.log_event(AssetMaterialization(PRUNING_TABLES, partition=str(k),
                                                metadata=cluster_metadata(out, result, secs)))
         context.log_event(AssetMaterialization(UNIQUE_IDS, partition=str(k),

@@ -45,13 +45,14 @@ def brute_force(emb: np.ndarray):
 
 @settings(max_examples=150, deadline=None)
 @given(st.integers(1, 80), st.integers(1, 24), st.integers(1, 6), st.integers(1, 90),
-       st.integers(0, 2**32 - 1))
+       st.integers(0, 2**32 - 1), st.integers(1, 90))
 # Identical rows in different tiles got GEMM dot products 1 ulp apart, and the later copy won,
 # before ties were given a tolerance (TIE_TOL).
-@example(n=43, dim=5, pool=1, tile=7, seed=76425)
-def test_tiled_equals_brute_force(n, dim, pool, tile, seed):
+@example(n=43, dim=5, pool=1, tile=7, seed=76425, row_block=7)
+def test_tiled_equals_brute_force(n, dim, pool, tile, seed, row_block):
     """Rows drawn from a small pool of vectors (so exact duplicates and ties are common) mixed
-    with unique rows; any tile size gives the reference's scores and earliest matches."""
+    with unique rows; any tile and row block size (row blocks straddling column tiles
+    included) give the reference's scores and earliest matches."""
     rng = np.random.default_rng(seed)
     vectors = normalize(rng.standard_normal((pool, dim)).astype(np.float32))
     pick = rng.integers(0, pool + 3, n)  # >= pool: a fresh unique row
@@ -62,7 +63,7 @@ def test_tiled_equals_brute_force(n, dim, pool, tile, seed):
     for j in range(1, n):  # skip draws with two distinct rows within float noise of the max
         col = np.unique(np.round(sims[:j, j], 12))
         assume(len(col) < 2 or col[-1] - col[-2] > 1e-5 or col[-1] == col[-2])
-    score, match = max_similarity_to_earlier(CPU, emb, tile)
+    score, match = max_similarity_to_earlier(CPU, emb, tile, row_block)
     np.testing.assert_allclose(score, ref_score, atol=1e-5)
     # The earliest row identical to the reference's best row is the one to report.
     for j in range(1, n):

@@ -1,0 +1,89 @@
+"""The host-thread helpers: results in input order whatever the timing, work in flight capped,
+errors raised in input order, and no thread left behind when the consumer stops early."""
+
+import random
+import threading
+import time
+
+import pytest
+
+from semdedup_core.threads import chain_ahead, ordered_map
+
+
+def test_ordered_map_keeps_order_and_caps_work_in_flight():
+    lock = threading.Lock()
+    state = {"running": 0, "peak": 0}
+
+    def slow_square(x):
+        with lock:
+            state["running"] += 1
+            state["peak"] = max(state["peak"], state["running"])
+        time.sleep(random.random() / 200)  # finish out of order
+        with lock:
+            state["running"] -= 1
+        return x * x
+
+    submitted = []
+
+    def items():
+        for i in range(60):
+            submitted.append(i)
+            yield i
+
+    seen = []
+    for result in ordered_map(slow_square, items(), workers=4, ahead=4):
+        seen.append(result)
+        # never more than `ahead` items taken beyond what was consumed
+        assert len(submitted) - len(seen) <= 4
+    assert seen == [i * i for i in range(60)]
+    assert 1 < state["peak"] <= 4
+
+
+def test_ordered_map_raises_the_first_failure_in_order_and_stops():
+    def fail_on_3_and_7(x):
+        if x in (3, 7):
+            raise ValueError(f"item {x}")
+        return x
+
+    got = []
+    with pytest.raises(ValueError, match="item 3"):
+        for r in ordered_map(fail_on_3_and_7, range(100), workers=3):
+            got.append(r)
+    assert got == [0, 1, 2]
+
+
+def producer(n, delay, fail_at=None):
+    def run():
+        for i in range(n):
+            time.sleep(delay)
+            if i == fail_at:
+                raise RuntimeError(f"producer failed at {i}")
+            yield (n, delay, i)
+    return run
+
+
+def test_chain_ahead_yields_producers_in_order():
+    # the later producers are faster: their items must still come after the earlier ones'
+    producers = [producer(5, d) for d in (0.01, 0.002, 0.0, 0.005)]
+    expected = [item for p in producers for item in p()]
+    assert list(chain_ahead(producers, workers=3)) == expected
+
+
+def test_chain_ahead_raises_a_later_failure_only_after_earlier_items():
+    producers = [producer(4, 0.01), producer(3, 0.0, fail_at=1)]
+    got = []
+    with pytest.raises(RuntimeError, match="failed at 1"):
+        for item in chain_ahead(producers, workers=2):
+            got.append(item)
+    assert got == [(4, 0.01, i) for i in range(4)] + [(3, 0.0, 0)]
+
+
+def test_chain_ahead_stopped_early_leaves_no_thread_running():
+    before = threading.active_count()
+    gen = chain_ahead([producer(1000, 0.0) for _ in range(4)], workers=4)
+    assert next(gen) == (1000, 0.0, 0)
+    gen.close()  # producers are blocked on full queues: they must give up
+    deadline = time.time() + 5
+    while threading.active_count() > before and time.time() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before
