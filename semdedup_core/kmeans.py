@@ -26,7 +26,8 @@ ASSIGN_CHUNK = 16384  # rows per distance GEMM: (chunk, k) float32 scratch
 
 def nearest_centroid(backend: Backend, X, C, chunk: int = ASSIGN_CHUNK):
     """For unit rows X (n, d) and centroids C (k, d): (labels int64 (n,), squared distance
-    float32 (n,)). Ties go to the lowest centroid index."""
+    float32 (n,)). Ties go to the lowest centroid index. X may be on the host while the
+    backend is a device: chunks then move over one at a time."""
     xp = backend.xp
     c_sq = (C * C).sum(axis=1)
     minus_2ct = xp.ascontiguousarray((-2 * C).T)
@@ -36,7 +37,7 @@ def nearest_centroid(backend: Backend, X, C, chunk: int = ASSIGN_CHUNK):
     buf = xp.empty((min(chunk, n), C.shape[0]), dtype=xp.float32)  # reused: no page faults
     for s in range(0, n, chunk):
         d2 = buf[: min(chunk, n - s)]
-        xp.matmul(X[s:s + chunk], minus_2ct, out=d2)  # ||x-c||^2 - 1 = ||c||^2 - 2 x.c
+        xp.matmul(backend.asarray(X[s:s + chunk]), minus_2ct, out=d2)  # ||x-c||^2 - 1 = ||c||^2 - 2 x.c
         d2 += c_sq
         lab = d2.argmin(axis=1)
         labels[s:s + chunk] = lab
@@ -54,7 +55,7 @@ def kmeans_pp_init(backend: Backend, X, n_clusters: int, rng: np.random.Generato
     m = X.shape[0]
     n_cand = min(m, INIT_CANDIDATES_PER_CLUSTER * n_clusters)
     cand_rows = np.sort(rng.choice(m, size=n_cand, replace=False))
-    cand = X[backend.asarray(cand_rows)]
+    cand = backend.take_rows(X, cand_rows)
     chosen = [int(rng.integers(n_cand))]
     closest = xp.maximum(2 - 2 * (cand @ cand[chosen[0]]), 0)  # unit rows: ||a-b||^2
     for _ in range(1, n_clusters):
@@ -72,14 +73,16 @@ def kmeans_pp_init(backend: Backend, X, n_clusters: int, rng: np.random.Generato
 
 
 def lloyd(backend: Backend, sample: np.ndarray, n_clusters: int, max_iter: int, tol: float,
-          seed: int) -> tuple[np.ndarray, int]:
+          seed: int, sample_on_host: bool = False) -> tuple[np.ndarray, int]:
     """Seeded Lloyd iterations from a k-means++ init (`kmeans_pp_init`).
     Stops after `max_iter` iterations, or when inertia improves by less than `tol` (relative),
     as cuML does. An emptied cluster is re-seeded with the sample point farthest from its
-    centroid. Returns (centroids float32 (k, d) on the host, iterations run)."""
+    centroid. With `sample_on_host`, a device backend keeps the sample in host memory and
+    moves it over in chunks each iteration (same results, for samples the device cannot hold).
+    Returns (centroids float32 (k, d) on the host, iterations run)."""
     xp = backend.xp
     m, d = sample.shape
-    X = backend.asarray(sample)
+    X = sample if sample_on_host else backend.asarray(sample)
     C = kmeans_pp_init(backend, X, n_clusters, np.random.default_rng(seed))
     prev_inertia = np.inf
     it = 0
@@ -93,7 +96,7 @@ def lloyd(backend: Backend, sample: np.ndarray, n_clusters: int, max_iter: int, 
         empty = xp.flatnonzero(counts == 0)
         if len(empty):
             far = xp.argsort(-d2, kind="stable")[: len(empty)]
-            C[empty] = X[far]
+            C[empty] = backend.take_rows(X, far)
         if prev_inertia - inertia <= tol * inertia:
             break
         prev_inertia = inertia

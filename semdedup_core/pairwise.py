@@ -4,7 +4,6 @@ ranked before it, computed in square tiles so memory is O(tile^2), never O(n^2).
 Written once over the backend's array namespace: numpy on the CPU, CuPy on the GPU.
 """
 
-import numpy as np
 
 from semdedup_core.backends.base import Backend
 
@@ -33,7 +32,6 @@ def max_similarity_to_earlier(backend: Backend, emb, tile: int, row_block: int |
     holds: then only the tiles in use are copied over (slabs), so device memory stays bounded.
     """
     xp = backend.xp
-    on_host = isinstance(emb, np.ndarray) and xp is not np
     n = emb.shape[0]
     rb = row_block or row_block_size(tile)
     score = xp.full(n, -xp.inf, dtype=xp.float32)
@@ -60,7 +58,7 @@ def max_similarity_to_earlier(backend: Backend, emb, tile: int, row_block: int |
         # The GEMM found the match; the score is then recomputed as one float64 dot product, so
         # its bits do not depend on tile shapes, BLAS threads or the device.
         picked = match[j0:j1]
-        earlier = backend.asarray(emb[backend.to_numpy(picked)]) if on_host else emb[picked]
+        earlier = backend.take_rows(emb, picked)
         exact = (earlier.astype(xp.float64) * rows.astype(xp.float64)).sum(axis=1)
         score[j0:j1] = xp.where(found, exact, 0).astype(xp.float32)
     return xp.clip(score, 0, 1), match

@@ -1,11 +1,17 @@
 """The GPU backend: parity with the CPU where a CUDA GPU and CuPy are present (marked `gpu`,
-skipped elsewhere), and a clean fallback where they are not (runs everywhere)."""
+skipped elsewhere), a clean fallback where they are not, and the GPU backend's own code paths
+(one-hot scatter, slabs from the host, tile and fit sizing by device memory) run everywhere on
+a host stand-in for CuPy."""
+
+import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from semdedup_core import pipeline
 from semdedup_core.backends import CpuBackend, get_backend
-from semdedup_core.backends.gpu import unavailable_reason
+from semdedup_core.backends.gpu import GpuBackend, unavailable_reason
 from semdedup_core.config import make_config
 from semdedup_core.embeddings import normalize
 from semdedup_core.errors import ConfigError
@@ -100,3 +106,131 @@ def test_adjusted_rand_index_helper():
     a = np.array([0, 0, 1, 1, 2, 2])
     assert adjusted_rand_index(a, a[::-1] + 5) == pytest.approx(1.0)
     assert adjusted_rand_index(a, np.array([0, 1, 0, 1, 0, 1])) < 0.1
+
+
+# -- the GPU backend's code on a host stand-in for CuPy (runs in CI) ------------------------------
+def on_device(x):
+    if isinstance(x, tuple):
+        return tuple(on_device(v) for v in x)
+    return x.view(DeviceArray) if type(x) is np.ndarray else x
+
+
+def as_plain(x):
+    return x.view(np.ndarray) if isinstance(x, DeviceArray) else x
+
+
+class DeviceArray(np.ndarray):
+    """A numpy array standing for device memory. Like CuPy, arithmetic that mixes it with a
+    host array fails, so a missing host-to-device copy in the kernels shows up here."""
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        out = kwargs.get("out", ())
+        if any(type(x) is np.ndarray and x.ndim for x in (*inputs, *out)):
+            raise TypeError(f"{ufunc.__name__}: host array mixed with device arrays")
+        if out:
+            kwargs["out"] = tuple(as_plain(o) for o in out)
+        return on_device(getattr(ufunc, method)(*(as_plain(x) for x in inputs), **kwargs))
+
+
+class HostCuPy:
+    """The part of CuPy's API that GpuBackend uses, over numpy, for a device of a chosen size:
+    every array it makes is a DeviceArray."""
+
+    def __init__(self, free: int, total: int):
+        runtime = SimpleNamespace(memGetInfo=lambda: (free, total),
+                                  getDeviceProperties=lambda i: {"name": b"host stand-in"})
+        self.cuda = SimpleNamespace(runtime=runtime, Device=lambda: SimpleNamespace(id=0))
+
+    def __getattr__(self, name):
+        attr = getattr(np, name)
+        if callable(attr) and not isinstance(attr, type):
+            return lambda *a, **k: on_device(attr(*a, **k))
+        return attr
+
+    def asarray(self, a, dtype=None):
+        return np.asarray(a, dtype).view(DeviceArray)  # the host-to-device copy
+
+    def asnumpy(self, a):
+        return np.asarray(a).view(np.ndarray)
+
+
+class StandInGpu(GpuBackend):
+    """GpuBackend exactly as shipped, except that its array module is HostCuPy (no cuML)."""
+
+    def __init__(self, free: int = 64 << 30, total: int = 80 << 30):
+        self.xp = HostCuPy(free, total)
+        self._cuml = None
+
+    def is_host(self, a) -> bool:
+        return type(a) is np.ndarray
+
+
+def near_duplicates(n, dim, seed):
+    rng = np.random.default_rng(seed)
+    emb = normalize(rng.standard_normal((n, dim)).astype(np.float32))
+    emb[n // 2:] = normalize(emb[: n - n // 2] + 1e-3 * rng.standard_normal(
+        (n - n // 2, dim)).astype(np.float32))
+    return emb
+
+
+def test_gpu_backend_pairwise_resident_and_slabs_equal_cpu():
+    gpu = StandInGpu()
+    tile = gpu.pairwise_tile_size(512, 64)
+    assert tile == 8192  # a roomy device gets big tiles
+    emb = near_duplicates(3000, 64, 5)
+    s_cpu, m_cpu = max_similarity_to_earlier(CpuBackend(), emb, 512)
+    for on_device in (gpu.asarray(emb), emb):  # resident cluster, then slabs from the host
+        s, m = max_similarity_to_earlier(gpu, on_device, 1024)
+        np.testing.assert_array_equal(gpu.to_numpy(s), s_cpu)
+        np.testing.assert_array_equal(gpu.to_numpy(m), m_cpu)
+
+
+def test_gpu_backend_small_device_shrinks_tiles_and_keeps_clusters_on_the_host():
+    # tiles take a quarter of free memory at ~9 bytes per entry: sqrt(8 MiB / 4 / 9) = 482
+    assert StandInGpu(free=8 << 20).pairwise_tile_size(2048, 64) == 482
+    small = StandInGpu(free=1 << 20, total=2 << 20)
+    assert small.pairwise_tile_size(2048, 64) == 256  # the floor
+    emb = near_duplicates(1500, 64, 6)
+    assert not small.fits_on_device(emb.nbytes)  # 375 KiB > a quarter of 1 MiB: slabs
+    ranked = pipeline.RankedShard(0, None, emb, np.zeros(len(emb), np.float32))
+    cpu_cfg = make_config(input_embeddings_path="x", output_path="y", n_clusters=1)
+    on_small = pipeline.score_shard(cpu_cfg, small, ranked)
+    on_cpu = pipeline.score_shard(cpu_cfg, CpuBackend(), ranked)
+    np.testing.assert_array_equal(on_small.score, on_cpu.score)
+    np.testing.assert_array_equal(on_small.match, on_cpu.match)
+
+
+def blobs(k=20, per=300, dim=32, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = normalize(rng.standard_normal((k, dim)).astype(np.float32))
+    return normalize(np.repeat(centers, per, axis=0)
+                     + 0.05 * rng.standard_normal((k * per, dim)).astype(np.float32))
+
+
+def test_gpu_backend_fit_keeps_a_too_large_sample_on_the_host(caplog):
+    x = blobs()
+    roomy, small = StandInGpu(), StandInGpu(free=1 << 20, total=2 << 20)
+    c_dev, it_dev = roomy.fit_kmeans(x, 20, 100, 1e-4, 3)
+    with caplog.at_level(logging.INFO, logger="semdedup_core.backends.gpu"):
+        c_host, it_host = small.fit_kmeans(x, 20, 100, 1e-4, 3)
+    assert "sample in host memory" in caplog.text
+    # same kernels, same order of operations: the sample's location changes no bit
+    np.testing.assert_array_equal(c_host, c_dev)
+    assert it_host == it_dev
+    # and the one-hot GEMM scatter agrees with the CPU's sparse scatter
+    c_cpu, _ = lloyd(CpuBackend(), x, 20, 100, 1e-4, 3)
+    np.testing.assert_allclose(c_dev, c_cpu, atol=1e-5)
+    l_cpu, _ = nearest_centroid(CpuBackend(), x, c_cpu)
+    l_dev, _ = nearest_centroid(CpuBackend(), x, c_dev)
+    assert adjusted_rand_index(l_cpu, l_dev) == pytest.approx(1.0)
+
+
+def test_gpu_backend_end_to_end_removes_what_the_cpu_removes(planted, tmp_path, monkeypatch):
+    cfg = {"input_embeddings_path": str(planted[0]), "n_clusters": 8,
+           "eps_to_extract": [0.01, 0.1]}
+    cpu = run_pipeline(make_config(output_path=str(tmp_path / "cpu"), backend="cpu", **cfg))
+    monkeypatch.setattr(pipeline, "get_backend", lambda name: StandInGpu())
+    gpu = run_pipeline(make_config(output_path=str(tmp_path / "gpu"), backend="gpu", **cfg))
+    assert gpu.backend == "gpu"
+    assert gpu.summary == cpu.summary
+    assert (gpu.cluster_sizes == cpu.cluster_sizes).all()

@@ -18,6 +18,18 @@ class Backend:
     def to_numpy(self, a) -> np.ndarray:
         return np.asarray(a)
 
+    def is_host(self, a) -> bool:
+        """Whether `a` is a host array that the kernels must move over piece by piece (a
+        sample or cluster larger than the device holds). Never, when the device is the host."""
+        return False
+
+    def take_rows(self, X, rows):
+        """X[rows] as a backend array, for X on the device or on the host (`rows`: indices,
+        host or backend array)."""
+        if self.is_host(X):
+            return self.asarray(X[self.to_numpy(rows)])
+        return X[self.asarray(rows)]
+
     def scatter_add_rows(self, out, labels, rows) -> None:
         """`out[labels[i]] += rows[i]` for every i (K-means' centroid sums)."""
         raise NotImplementedError

@@ -2,12 +2,20 @@
 the K-means fit uses cuML when it is installed, seeded with the same initial centroids as the
 CPU fit. Importing this module imports nothing from CUDA; `unavailable_reason` probes."""
 
+import logging
+
 import numpy as np
 
 from semdedup_core.backends.base import Backend
 
 # Bytes of device scratch one (rows x k) one-hot block may take in scatter_add_rows.
 _ONEHOT_BYTES = 256 << 20
+# The K-means fit keeps its sample on the device when sample + distance workspace take at most
+# this share of the device's memory; otherwise the sample stays on the host.
+FIT_DEVICE_SHARE = 0.5
+CUML_BATCH_SAMPLES = 32768  # cuML's max_samples_per_batch: (batch x k) float32 distances
+
+log = logging.getLogger(__name__)
 
 
 def unavailable_reason() -> str | None:
@@ -52,6 +60,9 @@ class GpuBackend(Backend):
     def to_numpy(self, a) -> np.ndarray:
         return self.xp.asnumpy(a)
 
+    def is_host(self, a) -> bool:
+        return isinstance(a, np.ndarray)
+
     def scatter_add_rows(self, out, labels, rows) -> None:
         # A one-hot GEMM instead of atomic adds: atomics sum in a different order on every run,
         # and results must be deterministic.
@@ -61,21 +72,31 @@ class GpuBackend(Backend):
         cols = xp.arange(k, dtype=labels.dtype)
         for s in range(0, len(labels), step):
             onehot = (labels[s:s + step, None] == cols[None, :]).astype(xp.float32)
-            out += onehot.T @ rows[s:s + step]
+            out += onehot.T @ self.asarray(rows[s:s + step])  # rows may stay on the host
 
     def fit_kmeans(self, sample, n_clusters, max_iter, tol, seed):
-        if self._cuml is None:
-            return super().fit_kmeans(sample, n_clusters, max_iter, tol, seed)
-        # Same initial centroids as the shared Lloyd, so both backends start from one point.
-        from semdedup_core.kmeans import kmeans_pp_init
+        from semdedup_core.kmeans import ASSIGN_CHUNK, kmeans_pp_init, lloyd
 
+        # Sized against the device's total memory, not its free memory, so the path (and so
+        # the centroids) is the same on every run on this kind of device.
+        _, total = self.xp.cuda.runtime.memGetInfo()
+        workspace = 4 * n_clusters * (max(ASSIGN_CHUNK, CUML_BATCH_SAMPLES) + sample.shape[1])
+        if sample.nbytes + workspace > total * FIT_DEVICE_SHARE:
+            log.info("fit sample of %.1f GiB does not fit beside the workspace in %.0f%% of the "
+                     "device's %.1f GiB: Lloyd with the sample in host memory, streamed over "
+                     "in chunks", sample.nbytes / 2**30, 100 * FIT_DEVICE_SHARE, total / 2**30)
+            return lloyd(self, sample, n_clusters, max_iter, tol, seed, sample_on_host=True)
+        if self._cuml is None:
+            return lloyd(self, sample, n_clusters, max_iter, tol, seed)
+        # Same initial centroids as the shared Lloyd, so both backends start from one point.
         X = self.xp.asarray(sample)
         init = kmeans_pp_init(self, X, n_clusters, np.random.default_rng(seed))
         model = self._cuml(n_clusters=n_clusters, max_iter=max_iter, tol=tol, n_init=1,
-                           init=init, random_state=seed, output_type="cupy")
+                           init=init, random_state=seed, max_samples_per_batch=CUML_BATCH_SAMPLES,
+                           output_type="cupy")
         model.fit(X)
         centroids = self.to_numpy(model.cluster_centers_).astype(np.float32)
-        return centroids, int(getattr(model, "n_iter_", max_iter))
+        return centroids, int(model.n_iter_)
 
     def fits_on_device(self, nbytes: int) -> bool:
         free, _ = self.xp.cuda.runtime.memGetInfo()
