@@ -25,17 +25,20 @@ def main() -> None:
     p.add_argument("--rows-per-file", type=int, default=62500,
                    help="input file size (a drop's files have a fixed size; memory per batch "
                         "follows it, so keep it fixed when comparing input sizes)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="input embedding type (Cosmos-Embed1 drops are float16: half the disk)")
     p.add_argument("--workdir", default=os.path.join(os.path.dirname(__file__), "out"))
     p.add_argument("--backend", default="cpu")
     p.add_argument("extra", nargs="*", help="more `semdedup run` flags, after --")
     a = p.parse_args()
 
     files = max(1, round(a.rows / a.rows_per_file))
-    data = os.path.join(a.workdir, f"input_{a.rows}x{a.dim}_{files}files")
+    suffix = "" if a.dtype == "float32" else "_f16"
+    data = os.path.join(a.workdir, f"input_{a.rows}x{a.dim}_{files}files{suffix}")
     if not os.path.isdir(data):
         t = time.perf_counter()
         write_sample(data + ".tmp", a.rows, a.dim, n_topics=256, files=files, seed=1,
-                     keep_groups=False)
+                     dtype=a.dtype, keep_groups=False)
         os.rename(data + ".tmp", data)
         print(f"generated {a.rows:,} x {a.dim} in {time.perf_counter() - t:.1f}s", flush=True)
     out = os.path.join(a.workdir, f"output_{a.rows}x{a.dim}_k{a.clusters}")

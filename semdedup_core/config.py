@@ -64,6 +64,11 @@ class DedupConfig(BaseModel):
         description="Stop K-means early when inertia improves by less than this fraction.")
     read_batch_rows: int = Field(default=32768, ge=1,
                                  description="Rows decoded per input batch (bounds memory).")
+    spill_buffer_mb: float = Field(
+        default=128, gt=0,
+        description="Host memory (MiB) buffering assigned clips before they are appended to "
+                    "per-cluster scratch files; larger means fewer appends (worth raising at "
+                    "large n_clusters). Peak use is about twice this.")
     pairwise_tile_size: int = Field(
         default=2048, ge=16,
         description="Rows per tile of the pairwise similarity (memory ~ 4*tile^2 bytes).")

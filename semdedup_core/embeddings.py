@@ -113,12 +113,15 @@ class EmbeddingSource:
                              "list of float16/float32/float64")
 
     def iter_batches(self) -> Iterator[Batch]:
-        """Every row, file by file, in batches of at most `batch_rows`. Later files are decoded
-        ahead on host threads (one batch buffered per file), so decoding overlaps the caller's
-        work; memory is about 2 x host_threads() batches."""
+        """Every row, file by file. Later files are decoded ahead on host threads (one batch
+        buffered per file), so decoding overlaps the caller's work. Each of the T threads
+        decodes batch_rows / T rows at a time, so about 2 x batch_rows rows are in memory
+        whatever the thread count."""
         start = 0
-        producers = [functools.partial(self._decode_file, f) for f in self.files]
-        for where, ids, emb in chain_ahead(producers, host_threads()):
+        threads = host_threads()
+        rows = -(-self.batch_rows // threads)
+        producers = [functools.partial(self._decode_file, f, rows) for f in self.files]
+        for where, ids, emb in chain_ahead(producers, threads):
             if self.dim is None and len(emb):
                 self.dim = emb.shape[1]
             elif len(emb) and emb.shape[1] != self.dim:
@@ -128,13 +131,14 @@ class EmbeddingSource:
             yield Batch(where, start, ids, emb)
             start += len(emb)
 
-    def _decode_file(self, f: InputFile) -> Iterator[tuple[str, pa.Array, np.ndarray]]:
+    def _decode_file(self, f: InputFile, batch_rows: int
+                     ) -> Iterator[tuple[str, pa.Array, np.ndarray]]:
         where = self.storage.display(f.rel)
         with self.storage.open_input(f.rel) as handle:
             # A buffered stream decodes page by page instead of loading whole column chunks,
             # so memory follows batch_rows, not the writer's row-group size.
             reader = pq.ParquetFile(handle, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
-            for rb in reader.iter_batches(batch_size=self.batch_rows, use_threads=False,
+            for rb in reader.iter_batches(batch_size=batch_rows, use_threads=False,
                                           columns=[self.id_column, self.embedding_column]):
                 ids = rb.column(self.id_column)
                 yield where, ids, self._decode(where, ids, rb.column(self.embedding_column))

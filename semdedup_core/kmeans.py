@@ -105,18 +105,53 @@ def lloyd(backend: Backend, sample: np.ndarray, n_clusters: int, max_iter: int, 
 
 # -- assignment and shards ----------------------------------------------------------------------
 class _Spill:
-    """One append-only local file per cluster: the clips of each cluster gathered from all
-    batches without holding them in memory; rows keep input order. A record is
-    [rows, id bytes] int64, id lengths int32[rows], the id bytes, float32[rows, dim]."""
+    """The clips of each cluster, gathered from all batches without holding the input in
+    memory; rows keep input order. Labelled batches are buffered (`buffer_bytes` in all),
+    then sorted by cluster in one gather and appended as one record per cluster to that
+    cluster's local file: file appends are (input bytes / buffer) x clusters, not batches x
+    clusters, and the Python work per batch is constant. A record is [rows, id bytes] int64,
+    id lengths int32[rows], the id bytes, float32[rows, dim]."""
 
-    def __init__(self, scratch: str | None):
+    def __init__(self, scratch: str | None, dim: int, buffer_bytes: int):
         self.dir = tempfile.mkdtemp(prefix="semdedup-spill-", dir=scratch)
+        self.dim = dim
+        self.buffer_bytes = buffer_bytes
+        self._pending: list[tuple[np.ndarray, pa.Array, np.ndarray]] = []
+        self._pending_bytes = 0
+        self._tail: dict[int, tuple[pa.Array, np.ndarray]] = {}  # after finish(): in memory
 
     def _path(self, k: int) -> str:
         return os.path.join(self.dir, f"{k}.spill")
 
-    def append(self, k: int, ids: pa.Array, emb: np.ndarray) -> None:
-        ids = ids.cast(pa.string())
+    def add(self, labels: np.ndarray, ids: pa.Array, emb: np.ndarray) -> None:
+        """Buffer a batch of clips with their cluster labels."""
+        self._pending.append((labels, ids.cast(pa.string()), emb))
+        self._pending_bytes += emb.nbytes + ids.nbytes
+        if self._pending_bytes >= self.buffer_bytes:
+            for k, ids_k, emb_k in self._by_cluster():
+                self._append(k, ids_k, emb_k)
+
+    def finish(self) -> None:
+        """No more batches: what is still buffered stays in memory for `take`."""
+        self._tail = {k: (ids_k, emb_k) for k, ids_k, emb_k in self._by_cluster()}
+
+    def _by_cluster(self):
+        """The buffered clips as (cluster, ids, emb) runs, clusters ascending, input order
+        within each; empties the buffer."""
+        if not self._pending:
+            return
+        labels = np.concatenate([p[0] for p in self._pending])
+        ids = pa.concat_arrays([p[1] for p in self._pending])
+        emb = np.concatenate([p[2] for p in self._pending])
+        self._pending, self._pending_bytes = [], 0
+        order = np.argsort(labels, kind="stable")
+        labels, ids, emb = labels[order], ids.take(pa.array(order)), emb[order]
+        starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+        ends = np.r_[starts[1:], len(labels)]
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            yield int(labels[s]), ids.slice(s, e - s), emb[s:e]
+
+    def _append(self, k: int, ids: pa.Array, emb: np.ndarray) -> None:
         offsets = np.frombuffer(ids.buffers()[1], dtype=np.int32, count=len(ids) + 1,
                                 offset=ids.offset * 4)
         data = memoryview(ids.buffers()[2])[offsets[0]:offsets[-1]]
@@ -126,12 +161,26 @@ class _Spill:
             f.write(data)
             f.write(np.ascontiguousarray(emb, dtype=np.float32).data)
 
-    def take(self, k: int, dim: int) -> tuple[pa.Array, np.ndarray]:
-        """Cluster k's clips, in input order; its file is deleted (scratch disk then peaks
-        at the input's size, not twice it, while shards are written)."""
-        with open(self._path(k), "rb") as f:
-            raw = f.read()
-        os.unlink(self._path(k))
+    def take(self, k: int) -> tuple[pa.Array, np.ndarray]:
+        """Cluster k's clips, in input order (call after `finish`); its file is deleted as it
+        is read, so scratch disk peaks at the input's size, not twice it."""
+        ids_parts, emb_parts = [], []
+        if os.path.exists(self._path(k)):
+            with open(self._path(k), "rb") as f:
+                raw = f.read()
+            os.unlink(self._path(k))
+            ids, emb = self._decode(raw)
+            ids_parts.append(ids)
+            emb_parts.append(emb)
+        if k in self._tail:
+            ids, emb = self._tail.pop(k)
+            ids_parts.append(ids)
+            emb_parts.append(emb)
+        if len(ids_parts) == 1:
+            return ids_parts[0], emb_parts[0]
+        return pa.concat_arrays(ids_parts), np.concatenate(emb_parts)
+
+    def _decode(self, raw: bytes) -> tuple[pa.Array, np.ndarray]:
         lengths, id_bytes, embs = [], [], []
         pos = 0
         while pos < len(raw):
@@ -141,14 +190,14 @@ class _Spill:
             pos += 4 * rows
             id_bytes.append(raw[pos:pos + nbytes])
             pos += nbytes
-            embs.append(np.frombuffer(raw, dtype=np.float32, count=rows * dim, offset=pos))
-            pos += 4 * rows * dim
+            embs.append(np.frombuffer(raw, dtype=np.float32, count=rows * self.dim, offset=pos))
+            pos += 4 * rows * self.dim
         lens = np.concatenate(lengths)
         offsets = np.zeros(len(lens) + 1, dtype=np.int32)
         np.cumsum(lens, out=offsets[1:])
         ids = pa.StringArray.from_buffers(len(lens), pa.py_buffer(offsets),
                                           pa.py_buffer(b"".join(id_bytes)))
-        return ids, np.concatenate(embs).reshape(len(lens), dim)
+        return ids, np.concatenate(embs).reshape(len(lens), self.dim)
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -185,36 +234,34 @@ def write_shard(out: Storage, cluster: int, table: pa.Table) -> str:
 
 
 def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storage,
-                     backend: Backend, scratch: str | None = None, progress=None,
-                     shard_progress=None, only: set[int] | None = None) -> np.ndarray:
+                     backend: Backend, spill_buffer_bytes: int = 128 << 20,
+                     scratch: str | None = None, progress=None, shard_progress=None,
+                     only: set[int] | None = None) -> np.ndarray:
     """Assign every clip to its nearest centroid and write `embs_by_nearest_center` (all
-    clusters, or just those in `only`). Memory: one input batch plus the largest cluster.
+    clusters, or just those in `only`). Memory: a few input batches, the spill buffer and a
+    few clusters being written.
     Returns the sizes of all clusters (n_clusters,)."""
     k, dim = centroids.shape
     C = backend.asarray(centroids)
     sizes = np.zeros(k, dtype=np.int64)
-    spill = _Spill(scratch)
+    spill = _Spill(scratch, dim, spill_buffer_bytes)
     try:
         for batch in source.iter_batches():
             emb = normalize(batch.emb)
             labels, _ = nearest_centroid(backend, backend.asarray(emb), C)
             labels = backend.to_numpy(labels)
-            # One gather per batch into cluster order; each cluster is then a zero-copy slice.
-            order = np.argsort(labels, kind="stable")
-            sorted_labels = labels[order]
-            ids_sorted, emb_sorted = batch.ids.take(pa.array(order)), emb[order]
-            starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
-            ends = np.r_[starts[1:], len(order)]
-            for s, e in zip(starts, ends):
-                cluster = int(sorted_labels[s])
-                sizes[cluster] += e - s
-                if only is None or cluster in only:
-                    spill.append(cluster, ids_sorted.slice(s, e - s), emb_sorted[s:e])
+            sizes += np.bincount(labels, minlength=k)
+            ids = batch.ids
+            if only is not None:
+                keep = np.isin(labels, np.fromiter(only, dtype=np.int64))
+                labels, ids, emb = labels[keep], ids.filter(pa.array(keep)), emb[keep]
+            spill.add(labels, ids, emb)
             if progress is not None:
-                progress(len(emb))
+                progress(len(batch.ids))
+        spill.finish()
 
         def spill_to_shard(cluster: int) -> None:
-            ids, emb = spill.take(cluster, dim)
+            ids, emb = spill.take(cluster)
             write_shard(out, cluster, shard_table(ids, emb, centroids[cluster]))
 
         # Clusters are encoded and written on host threads; memory: ~2 clusters per thread.

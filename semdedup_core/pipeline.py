@@ -122,7 +122,9 @@ def assign(cfg: DedupConfig, source: EmbeddingSource, centroids: np.ndarray, out
     with timer.phase("assign"), \
             _bar(source.n_rows, "assign", "clip", show_progress) as bar, \
             _bar(k, "write shards", "cluster", show_progress) as bar2:
-        sizes = assign_to_shards(source, centroids, out, backend, progress=bar.update,
+        sizes = assign_to_shards(source, centroids, out, backend,
+                                 spill_buffer_bytes=int(cfg.spill_buffer_mb * 2**20),
+                                 progress=bar.update,
                                  shard_progress=bar2.update, only=only)
     timer.flops["assign"] = 2.0 * source.n_rows * k * dim
     return sizes

@@ -153,10 +153,12 @@ def test_rerun_is_byte_identical_and_cleans_stale_files(run_once, tmp_path):
     assert tree(out) == before
 
 
-def test_results_do_not_depend_on_batch_or_tile_size(run_once, tmp_path):
+def test_results_do_not_depend_on_batch_tile_or_spill_buffer_size(run_once, tmp_path):
     cfg, _, out, _ = run_once
+    # A spill buffer of ~40 clips: most clips go through the per-cluster scratch files, the
+    # rest stay buffered in memory, and each shard joins both in input order.
     other = cfg.model_copy(update={"output_path": str(tmp_path / "o2"), "read_batch_rows": 333,
-                                   "pairwise_tile_size": 16})
+                                   "pairwise_tile_size": 16, "spill_buffer_mb": 0.01})
     run_pipeline(other)
     a, b = tree(out), tree(tmp_path / "o2")
     assert a == b
