@@ -86,11 +86,22 @@ def test_non_finite_values(tmp_path, value):
     fails(tmp_path, "id 'c3' contains NaN or inf", f)
 
 
-def test_zero_vector(tmp_path):
+@pytest.mark.parametrize("scale", [0.0, 1e-15])
+def test_zero_or_vanishing_vector(tmp_path, scale):
     ids, emb = good_rows()
-    emb[4] = 0
+    emb[4] *= scale  # 1e-15: finite and nonzero, but no direction worth comparing
     f = write(str(tmp_path / "in" / "a.parquet"), ids, as_list(emb))
-    fails(tmp_path, "id 'c4' is all zeros", f)
+    fails(tmp_path, r"id 'c4' is all zeros \(or its norm is below 1e-12\)", f)
+
+
+def test_large_finite_values_are_not_mistaken_for_inf(tmp_path):
+    """Squares of 1e30 overflow float32; norms are summed in float64, so the row is valid."""
+    ids, emb = good_rows()
+    emb[5] *= 1e30
+    write(str(tmp_path / "in" / "a.parquet"), ids, as_list(emb))
+    cfg = make_config(input_embeddings_path=str(tmp_path / "in"),
+                      output_path=str(tmp_path / "out"), n_clusters=2)
+    assert run_pipeline(cfg).n_rows == len(ids)
 
 
 def test_duplicate_ids_across_files(tmp_path):
