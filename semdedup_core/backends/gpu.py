@@ -103,8 +103,9 @@ class GpuBackend(Backend):
         return nbytes < free / 4
 
     def pairwise_tile_size(self, requested: int, dim: int) -> int:
-        # Bigger tiles keep the GPU busy; a tile's products and mask take ~9 bytes per entry,
-        # kept under a quarter of the free device memory.
-        free, _ = self.xp.cuda.runtime.memGetInfo()
-        fits = int((free / 4 / 9) ** 0.5)
+        # Bigger tiles keep the GPU busy. A tile's products and masks take ~9 bytes per entry;
+        # tiles are kept under 1/16 of the device's total memory (not its free memory, so the
+        # tile, and with it any 1e-5 tie, is the same on every run on this kind of device).
+        _, total = self.xp.cuda.runtime.memGetInfo()
+        fits = int((total / 16 / 9) ** 0.5)
         return max(256, min(max(requested, 8192), fits))
