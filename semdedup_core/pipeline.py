@@ -228,7 +228,8 @@ def prune_clusters(cfg: DedupConfig, out: Storage, clusters: list[int], backend:
 def prune_cluster(cfg: DedupConfig, out: Storage, cluster: int, backend: Backend,
                   extract: bool = True) -> ClusterResult | None:
     """One cluster (what a Dagster partition does); None when it has no shard."""
-    return next(prune_clusters(cfg, out, [cluster], backend, extract))
+    with contextlib.closing(prune_clusters(cfg, out, [cluster], backend, extract)) as results:
+        return next(results)
 
 
 def drop_stale_pruning_tables(out: Storage, clusters: list[int]) -> None:
