@@ -2,7 +2,7 @@
 
 `scan_input` reads everything once before any output is written: it checks every rule of SPEC's
 "bad input" list and draws the K-means fit sample on the way. `iter_batches` then streams the
-input again for the assignment; memory is one batch, never the whole input.
+input again for the assignment; memory is a few batches, never the whole input.
 """
 
 import functools
