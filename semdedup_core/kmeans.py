@@ -95,7 +95,7 @@ def lloyd(backend: Backend, sample: np.ndarray, n_clusters: int, max_iter: int, 
         C = sums / xp.maximum(counts, 1)[:, None].astype(xp.float32)
         empty = xp.flatnonzero(counts == 0)
         if len(empty):
-            far = xp.argsort(-d2, kind="stable")[: len(empty)]
+            far = backend.argsort_stable(-d2)[: len(empty)]
             C[empty] = backend.take_rows(X, far)
         if prev_inertia - inertia <= tol * inertia:
             break

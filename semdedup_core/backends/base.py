@@ -30,6 +30,10 @@ class Backend:
             return self.asarray(X[self.to_numpy(rows)])
         return X[self.asarray(rows)]
 
+    def argsort_stable(self, a):
+        """Indices sorting `a`, ties in index order."""
+        return self.xp.argsort(a, kind="stable")
+
     def scatter_add_rows(self, out, labels, rows) -> None:
         """`out[labels[i]] += rows[i]` for every i (K-means' centroid sums)."""
         raise NotImplementedError

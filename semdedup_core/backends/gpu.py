@@ -63,6 +63,9 @@ class GpuBackend(Backend):
     def is_host(self, a) -> bool:
         return isinstance(a, np.ndarray)
 
+    def argsort_stable(self, a):
+        return self.xp.argsort(a)  # CuPy's sorts are always stable; not all versions take kind
+
     def scatter_add_rows(self, out, labels, rows) -> None:
         # A one-hot GEMM instead of atomic adds: atomics sum in a different order on every run,
         # and results must be deterministic.
