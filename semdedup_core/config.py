@@ -71,7 +71,8 @@ class DedupConfig(BaseModel):
                     "large n_clusters). Peak use is about twice this.")
     pairwise_tile_size: int = Field(
         default=2048, ge=16,
-        description="Rows per tile of the pairwise similarity (memory ~ 4*tile^2 bytes).")
+        description="Columns per tile of the pairwise similarity; rows per block are a "
+                    "quarter of it (memory ~ tile^2 bytes).")
     aws_profile: str | None = Field(default=None,
                                     description="AWS profile for s3:// paths (else the default chain).")
     aws_endpoint_url: str | None = Field(

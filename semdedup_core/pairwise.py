@@ -1,5 +1,5 @@
 """The hot loop: for each clip of a ranked cluster, its highest cosine similarity to any clip
-ranked before it, computed in square tiles so memory is O(tile^2), never O(n^2).
+ranked before it, computed in (row block x column tile) pieces so memory is O(tile^2), never O(n^2).
 
 Written once over the backend's array namespace: numpy on the CPU, CuPy on the GPU.
 """
