@@ -65,11 +65,13 @@ def _bar(total: int, desc: str, unit: str, show: bool):
 
 
 @contextlib.contextmanager
-def open_source(cfg: DedupConfig, s3: S3Options | None = None) -> Iterator[EmbeddingSource]:
-    """The input as an EmbeddingSource (a .zip is extracted for the duration). `s3`: the
-    deployment's S3 defaults, under the run's own aws_* settings."""
+def open_source(cfg: DedupConfig, s3: S3Options | None = None, share: str | None = None,
+                keep: bool = False) -> Iterator[EmbeddingSource]:
+    """The input as an EmbeddingSource (a .zip is extracted for the duration, or kept for a later
+    step of the same run: see `open_input_location`). `s3`: the deployment's S3 defaults, under
+    the run's own aws_* settings."""
     with open_input_location(cfg.input_embeddings_path, S3Options.from_config(cfg, s3),
-                             cfg.zip_max_bytes) as folder:
+                             cfg.zip_max_bytes, share=share, keep=keep) as folder:
         yield EmbeddingSource.discover(folder, cfg.id_column, cfg.embedding_column,
                                        cfg.read_batch_rows)
 

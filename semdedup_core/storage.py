@@ -3,6 +3,7 @@ and safe extraction of `.zip` inputs. The only module that knows about S3 and zi
 
 import configparser
 import contextlib
+import hashlib
 import io
 import os
 import posixpath
@@ -10,6 +11,7 @@ import shutil
 import stat
 import tempfile
 import threading
+import time
 import uuid
 import zipfile
 import zlib
@@ -283,39 +285,94 @@ def extract_zip_safely(zip_path: str, dest: str, max_bytes: int, display: str) -
                     from None
 
 
+SHARED_ZIP_DIR = "semdedup-zip-shared"
+SHARED_ZIP_MAX_AGE_S = 24 * 3600  # a kept extraction no later step came for (a killed run)
+_COMPLETE = "complete"  # marker written last, holding the input folder's path in the extraction
+
+
 @contextlib.contextmanager
 def open_input_location(uri: str, s3: S3Options, zip_max_bytes: int,
-                        scratch: str | None = None) -> Iterator[Storage]:
-    """The input folder as a Storage. A `.zip` (local or S3) is extracted to a temporary folder,
-    removed on exit; if the archive holds exactly one top-level folder, that folder is the input."""
+                        scratch: str | None = None, share: str | None = None,
+                        keep: bool = False) -> Iterator[Storage]:
+    """The input folder as a Storage. A `.zip` (local or S3) is extracted to a temporary folder;
+    if the archive holds exactly one top-level folder, that folder is the input.
+
+    The extraction is removed on exit, unless `share` names it for later steps of the same run
+    (e.g. the run id) and `keep` is set and the body succeeded: a later step opening the same zip
+    with the same `share` then reuses it, without fetching or extracting again, and removes it
+    itself unless it keeps it too. Kept extractions older than a day are swept."""
     if not is_zip_path(uri):
         yield Storage(uri, s3)
         return
-    workdir = tempfile.mkdtemp(prefix="semdedup-zip-", dir=scratch)
-    try:
-        if is_s3(uri):
-            parent, name = posixpath.split(uri)
-            source = Storage(parent, s3)
-            local_zip = os.path.join(workdir, "input.zip")
-            try:
-                with source.fs.open_input_stream(source.path(name)) as src, \
-                        open(local_zip, "wb") as out:
-                    while chunk := src.read(8 << 20):
-                        out.write(chunk)
-            except FileNotFoundError:
-                raise InputError(f"{uri}: no such zip") from None
+    if share is None:
+        workdir, folder = tempfile.mkdtemp(prefix="semdedup-zip-", dir=scratch), None
+    else:
+        root = os.path.join(scratch or tempfile.gettempdir(), SHARED_ZIP_DIR)
+        os.makedirs(root, exist_ok=True)
+        _sweep_stale_extractions(root)
+        workdir = os.path.join(root, hashlib.sha256(f"{share}\0{uri}".encode()).hexdigest()[:32])
+        folder = _completed_extraction(workdir)
+        if folder is None:
+            shutil.rmtree(workdir, ignore_errors=True)  # an interrupted extraction
+            os.makedirs(workdir)
         else:
-            local_zip = str(Path(uri).expanduser())
-            if not os.path.isfile(local_zip):
-                raise InputError(f"{uri}: no such zip")
-        folder = os.path.join(workdir, "extracted")
-        os.makedirs(folder)
-        extract_zip_safely(local_zip, folder, zip_max_bytes, uri)
-        entries = [e for e in os.listdir(folder) if e != MACOS_META]
-        if len(entries) == 1 and os.path.isdir(os.path.join(folder, entries[0])):
-            folder = os.path.join(folder, entries[0])
+            os.utime(workdir)  # in use: not stale
+    kept = False
+    try:
+        if folder is None:
+            folder = _fetch_and_extract(uri, s3, zip_max_bytes, workdir)
+            with open(os.path.join(workdir, _COMPLETE), "w") as f:
+                f.write(os.path.relpath(folder, workdir))
         storage = Storage(folder)
         storage.uri = uri + "!"  # messages name files inside the zip as `drop.zip!/a.parquet`
         yield storage
+        kept = share is not None and keep
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not kept:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _completed_extraction(workdir: str) -> str | None:
+    try:
+        with open(os.path.join(workdir, _COMPLETE)) as f:
+            return os.path.join(workdir, f.read())
+    except FileNotFoundError:
+        return None
+
+
+def _sweep_stale_extractions(root: str) -> None:
+    now = time.time()
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        with contextlib.suppress(FileNotFoundError):
+            if now - os.path.getmtime(path) > SHARED_ZIP_MAX_AGE_S:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _fetch_and_extract(uri: str, s3: S3Options, zip_max_bytes: int, workdir: str) -> str:
+    """Extract the zip at `uri` under `workdir` (an S3 zip is downloaded there first); returns
+    the input folder."""
+    if is_s3(uri):
+        parent, name = posixpath.split(uri)
+        source = Storage(parent, s3)
+        local_zip = os.path.join(workdir, "input.zip")
+        try:
+            with source.fs.open_input_stream(source.path(name)) as src, \
+                    open(local_zip, "wb") as out:
+                while chunk := src.read(8 << 20):
+                    out.write(chunk)
+        except FileNotFoundError:
+            raise InputError(f"{uri}: no such zip") from None
+    else:
+        local_zip = str(Path(uri).expanduser())
+        if not os.path.isfile(local_zip):
+            raise InputError(f"{uri}: no such zip")
+    folder = os.path.join(workdir, "extracted")
+    os.makedirs(folder)
+    extract_zip_safely(local_zip, folder, zip_max_bytes, uri)
+    if is_s3(uri):
+        os.unlink(local_zip)  # the extraction is all later steps need
+    entries = [e for e in os.listdir(folder) if e != MACOS_META]
+    if len(entries) == 1 and os.path.isdir(os.path.join(folder, entries[0])):
+        folder = os.path.join(folder, entries[0])
+    return folder

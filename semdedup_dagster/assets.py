@@ -46,11 +46,14 @@ DEDUP_SUMMARY = "dedup_summary"
 
 
 # -- stage helpers (shared with jobs.py) ---------------------------------------------------------
-def fit_stage(instance, cfg: DedupConfig, storage: LayoutStorage) -> tuple[FitResult, dict]:
-    """Validate the input, fit, write the centroids, register the centroid partitions."""
+def fit_stage(instance, cfg: DedupConfig, storage: LayoutStorage,
+              share_input_with_run: str | None = None) -> tuple[FitResult, dict]:
+    """Validate the input, fit, write the centroids, register the centroid partitions. With
+    `share_input_with_run` (a run id), a .zip input's extraction is kept for that run's
+    `assign_stage`."""
     t = time.perf_counter()
     backend = get_backend(cfg.backend)
-    with storage.open_input(cfg) as source:
+    with storage.open_input(cfg, share=share_input_with_run, keep=True) as source:
         fit = fit_centroids(cfg, source, backend)
     out = storage.output(cfg)
     save_centroids(out, fit.centroids)
@@ -63,11 +66,13 @@ def fit_stage(instance, cfg: DedupConfig, storage: LayoutStorage) -> tuple[FitRe
     }
 
 
-def assign_stage(cfg: DedupConfig, storage: LayoutStorage,
-                 only: set[int] | None = None) -> tuple[np.ndarray, Storage]:
+def assign_stage(cfg: DedupConfig, storage: LayoutStorage, only: set[int] | None = None,
+                 share_input_with_run: str | None = None) -> tuple[np.ndarray, Storage]:
+    """Write the shards (all, or those in `only`); reuses (then removes) the .zip extraction that
+    `fit_stage` kept for the same run."""
     out = storage.output(cfg)
     centroids = load_centroids(out)
-    with storage.open_input(cfg) as source:
+    with storage.open_input(cfg, share=share_input_with_run) as source:
         sizes = assign(cfg, source, centroids, out, get_backend(cfg.backend), only=only)
     return sizes, out
 

@@ -56,7 +56,8 @@ from semdedup_dagster.resources import LayoutStorage
 def fit_centroids_op(context: OpExecutionContext, config: SemdedupConfig,
                      layout_storage: LayoutStorage) -> dict:
     cfg = to_engine(config)
-    _, meta = fit_stage(context.instance, cfg, layout_storage)
+    # A .zip input is extracted once per run: assign_shards reuses this step's extraction.
+    _, meta = fit_stage(context.instance, cfg, layout_storage, share_input_with_run=context.run_id)
     context.log_event(AssetMaterialization(KMEANS_CENTROIDS, metadata=meta))
     return {"args": cfg.model_dump(), "centroids_per_step": config.centroids_per_step}
 
@@ -64,7 +65,7 @@ def fit_centroids_op(context: OpExecutionContext, config: SemdedupConfig,
 @op(ins={"run": In(dict)}, out=DynamicOut(dict))
 def assign_shards(context: OpExecutionContext, run: dict, layout_storage: LayoutStorage):
     cfg = make_config(**run["args"])
-    sizes, out = assign_stage(cfg, layout_storage)
+    sizes, out = assign_stage(cfg, layout_storage, share_input_with_run=context.run_id)
     clusters = [int(k) for k in sizes.nonzero()[0]]
     for k in clusters:
         context.log_event(AssetMaterialization(EMBS_BY_NEAREST_CENTER, partition=str(k),

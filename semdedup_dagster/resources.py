@@ -30,8 +30,8 @@ class LayoutStorage(ConfigurableResource):
     def output(self, cfg: DedupConfig) -> Storage:
         return output_storage(cfg, self.s3_options())
 
-    def open_input(self, cfg: DedupConfig):
-        return open_source(cfg, self.s3_options())
+    def open_input(self, cfg: DedupConfig, share: str | None = None, keep: bool = False):
+        return open_source(cfg, self.s3_options(), share, keep)
 
     def location(self, uri: str) -> Storage:
         return Storage(uri, self.s3_options())

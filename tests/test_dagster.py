@@ -143,6 +143,34 @@ def test_job_in_process_equals_engine(planted, reference, tmp_path):
     assert row["0.1"] >= row["0.01"] == md["removed_0.01"].value
 
 
+def test_job_extracts_a_zip_input_once_and_leaves_no_scratch(planted, reference, tmp_path,
+                                                             monkeypatch):
+    """The fit step keeps its extraction for the assign step of the same run, which removes it."""
+    import tempfile
+    import zipfile
+
+    from semdedup_core import storage
+
+    folder, _ = planted
+    drop = tmp_path / "drop.zip"
+    with zipfile.ZipFile(drop, "w") as z:
+        for f in sorted(folder.iterdir()):
+            z.write(f, f"iv2_embd_parquet/{f.name}")
+    extractions = []
+    real_extract = storage.extract_zip_safely
+    monkeypatch.setattr(storage, "extract_zip_safely",
+                        lambda *a: extractions.append(a[0]) or real_extract(*a))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    result = defs.resolve_job_def("semdedup").execute_in_process(
+        run_config=run_config_for(args_for(drop, tmp_path / "out")),
+        instance=DagsterInstance.ephemeral())
+    assert result.success
+    assert len(extractions) == 1
+    assert tree(tmp_path / "out") == reference  # same clips as the folder: same bytes
+    assert os.listdir(tmp_path / "scratch" / storage.SHARED_ZIP_DIR) == []
+
+
 def test_assets_materialise_one_by_one_and_one_partition_alone(planted, reference, tmp_path):
     folder, _ = planted
     out = tmp_path / "out"

@@ -13,6 +13,7 @@ from semdedup_core.cli import main as cli_main
 from semdedup_core.config import make_config
 from semdedup_core.errors import InputError
 from semdedup_core.pipeline import run_pipeline
+from semdedup_core.storage import SHARED_ZIP_DIR, S3Options, open_input_location
 
 
 def write(path, ids, embedding):
@@ -214,6 +215,46 @@ def test_zip_with_one_top_folder_and_default_output(tmp_path):
     report = run_pipeline(cfg)
     assert report.n_rows == 100
     assert (tmp_path / "drop_semdedup" / "extraction" / "dedup_summary_0.01.csv").exists()
+
+
+def test_zip_extraction_is_shared_by_the_steps_of_one_run(tmp_path):
+    """A run's fit step keeps its extraction for the assign step, which reuses it without the
+    zip and removes it; failed bodies and unkept extractions leave nothing; stale ones go."""
+    ids, emb = good_rows(n=50)
+    members = {"a.parquet": parquet_bytes(ids, emb)}
+    z = make_zip(tmp_path / "drop.zip", members, top="ce1_embd_parquet")
+    scratch = tmp_path / "scratch"
+    shared = scratch / SHARED_ZIP_DIR
+
+    def open_zip(**kw):
+        return open_input_location(str(z), S3Options(), 1 << 30, scratch=str(scratch), **kw)
+
+    with open_zip(share="run-1", keep=True) as first:
+        files, root = first.list_files(), first.root
+    assert files == ["a.parquet"]
+    os.unlink(z)  # the later step must not need the zip again
+    with open_zip(share="run-1") as second:
+        assert (second.root, second.list_files()) == (root, files)
+        assert second.display("a.parquet") == f"{z}!/a.parquet"
+    assert os.listdir(shared) == []
+    with pytest.raises(InputError, match="no such zip"):  # gone from the cache: fetched again
+        with open_zip(share="run-1"):
+            pass
+
+    make_zip(z, members, top="ce1_embd_parquet")
+    with pytest.raises(RuntimeError):
+        with open_zip(share="run-2", keep=True):
+            raise RuntimeError("the step failed")
+    with open_zip(share="run-3"):  # not kept
+        pass
+    assert os.listdir(shared) == []
+
+    stale = shared / "left-by-a-killed-run"
+    stale.mkdir()
+    os.utime(stale, (0, 0))
+    with open_zip(share="run-4"):
+        pass
+    assert not stale.exists()
 
 
 def test_zip_without_parquet(tmp_path):
