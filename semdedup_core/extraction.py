@@ -9,6 +9,7 @@ from semdedup_core.config import eps_text
 from semdedup_core.errors import InputError
 from semdedup_core.parquet import read_table, row_count, write_table
 from semdedup_core.storage import Storage
+from semdedup_core.threads import LATENCY_BOUND_THREADS, host_threads, ordered_map
 
 
 def removed_mask(score: np.ndarray, eps: float) -> np.ndarray:
@@ -70,8 +71,8 @@ def sweep(out: Storage, eps_list: list[float], progress=None) -> dict[float, dic
     if not clusters:
         raise InputError(f"{out.display(layout.PRUNING_TABLES)}: no pruning tables; run the "
                          "pipeline first")
-    for c in clusters:
-        extract_from_tables(out, c, eps_list)
+    for _ in ordered_map(lambda c: extract_from_tables(out, c, eps_list), clusters,
+                         host_threads()):
         if progress is not None:
             progress(1)
     return summarize(out, eps_list, clusters)
@@ -81,14 +82,18 @@ def summarize(out: Storage, eps_list: list[float], clusters: list[int]) -> dict[
     """Write `dedup_summary_<eps>.csv` from the parts and pruning tables on storage, and drop
     parts of clusters that are not in `clusters` (left by an earlier run). Returns the rows."""
     wanted = set(clusters)
-    total = sum(row_count(out, layout.pruning_table(c)) for c in clusters)
+
+    def rows_in(rels) -> int:  # parquet footers, read on I/O threads (S3 round trips)
+        return sum(ordered_map(lambda rel: row_count(out, rel), rels, LATENCY_BOUND_THREADS))
+
+    total = rows_in(layout.pruning_table(c) for c in clusters)
     rows = {}
     for eps in eps_list:
         for rel in out.list_files(layout.unique_ids_dir(eps)):
             c = layout.cluster_of_part(rel.rsplit("/", 1)[-1])
             if c is not None and c not in wanted:
                 out.delete_file(rel)
-        removed = sum(row_count(out, layout.unique_ids_part(eps, c)) for c in clusters)
+        removed = rows_in(layout.unique_ids_part(eps, c) for c in clusters)
         rows[eps] = {"eps": eps, "kept": total - removed, "removed": removed, "total": total}
         csv = f"eps,kept,removed,total\n{eps_text(eps)},{total - removed},{removed},{total}\n"
         out.write_bytes(layout.summary_csv(eps), csv.encode())

@@ -14,6 +14,7 @@ from semdedup_core.errors import InputError
 from semdedup_core.extraction import pruned_clusters, removed_mask
 from semdedup_core.parquet import read_table, row_count
 from semdedup_core.storage import Storage
+from semdedup_core.threads import LATENCY_BOUND_THREADS, ordered_map
 
 # The eps grid of removed-vs-eps curves (CLI and Dagster metadata): read from stored scores.
 EPS_GRID = [1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2]
@@ -39,16 +40,66 @@ def _clusters(out: Storage) -> list[int]:
     return clusters
 
 
+SCORE_BINS = 100  # histogram of cosine_sim_score over [0, 1]
+EXAMPLES_PER_CLUSTER = 2
+
+
+@dataclass
+class ScoreStats:
+    """Aggregates of all pruning tables, in memory that grows with clusters, not clips."""
+
+    sizes: dict[int, int]  # cluster -> clips
+    removed: dict[float, int]  # eps -> clips removed
+    histogram: np.ndarray  # int64 (SCORE_BINS,): clips per score bin over [0, 1]
+    # (score, cluster, id, max_id) of the clips just inside `examples_eps`, lowest scores first
+    examples: list[tuple[float, int, str, str]]
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
+
+
+def score_stats(out: Storage, clusters: list[int] | None = None, eps_grid=EPS_GRID,
+                examples_eps: float | None = None) -> ScoreStats:
+    """One pass over the pruning tables (read on I/O threads: on S3 each is a round trip):
+    sizes, removed counts per eps, a score histogram and, with `examples_eps`, the
+    EXAMPLES_PER_CLUSTER lowest-scoring removed clips of each cluster."""
+    clusters = _clusters(out) if clusters is None else clusters
+    columns = ["cosine_sim_score"] + (["id", "max_id"] if examples_eps is not None else [])
+
+    def one(c: int):
+        table = read_table(out, layout.pruning_table(c), columns)
+        scores = table.column("cosine_sim_score").to_numpy()
+        examples = []
+        if examples_eps is not None:
+            inside = np.flatnonzero(removed_mask(scores, examples_eps))
+            for i in inside[np.argsort(scores[inside], kind="stable")][:EXAMPLES_PER_CLUSTER]:
+                examples.append((float(scores[i]), c, table.column("id")[int(i)].as_py(),
+                                 table.column("max_id")[int(i)].as_py()))
+        return (c, len(scores), [int(removed_mask(scores, e).sum()) for e in eps_grid],
+                np.histogram(scores, bins=SCORE_BINS, range=(0, 1))[0], examples)
+
+    stats = ScoreStats({}, dict.fromkeys(eps_grid, 0), np.zeros(SCORE_BINS, np.int64), [])
+    for c, n, removed, hist, examples in ordered_map(one, clusters, LATENCY_BOUND_THREADS):
+        stats.sizes[c] = n
+        for e, r in zip(eps_grid, removed):
+            stats.removed[e] += r
+        stats.histogram += hist
+        stats.examples += examples
+    stats.examples.sort()
+    return stats
+
+
 def eps_curve(out: Storage, eps_grid=EPS_GRID) -> list[tuple[float, int, int]]:
     """(eps, removed, total) for each eps, from the stored scores."""
-    scores = np.concatenate([
-        read_table(out, layout.pruning_table(c), ["cosine_sim_score"]).column(0).to_numpy()
-        for c in _clusters(out)])
-    return [(e, int(removed_mask(scores, e).sum()), len(scores)) for e in eps_grid]
+    stats = score_stats(out, eps_grid=eps_grid)
+    return [(e, stats.removed[e], stats.total) for e in eps_grid]
 
 
 def largest_clusters(out: Storage, top: int = 10) -> list[tuple[int, int]]:
-    sizes = [(c, row_count(out, layout.pruning_table(c))) for c in _clusters(out)]
+    clusters = _clusters(out)
+    sizes = zip(clusters, ordered_map(lambda c: row_count(out, layout.pruning_table(c)),
+                                      clusters, LATENCY_BOUND_THREADS))
     return sorted(sizes, key=lambda cs: (-cs[1], cs[0]))[:top]
 
 

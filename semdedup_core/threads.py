@@ -15,6 +15,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 MAX_HOST_THREADS = 8  # beyond this, the per-cluster Python work is the limit, not decoding
+# For many small reads that mostly wait on storage round trips (S3: ~20 ms each), not on cores.
+LATENCY_BOUND_THREADS = 32
 
 
 def host_threads() -> int:

@@ -4,7 +4,6 @@ share with them. Every helper is a thin call into `semdedup_core.pipeline`."""
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 from dagster import (
     AssetExecutionContext,
     AssetSpec,
@@ -19,7 +18,7 @@ from semdedup_core import layout
 from semdedup_core.backends import get_backend
 from semdedup_core.config import DedupConfig, eps_text
 from semdedup_core.extraction import extract_from_tables, removed_mask, summarize
-from semdedup_core.inspection import EPS_GRID
+from semdedup_core.inspection import EPS_GRID, score_stats
 from semdedup_core.kmeans import load_centroids, save_centroids
 from semdedup_core.pipeline import (
     ClusterResult,
@@ -106,31 +105,22 @@ def removed_metadata(cfg: DedupConfig, out: Storage, cluster: int, removed: dict
 
 
 def summary_stage(cfg: DedupConfig, storage: LayoutStorage) -> dict:
-    """Write the summaries; returns the dedup_summary metadata (tables and curves)."""
+    """Write the summaries; returns the dedup_summary metadata (tables and curves). Memory
+    follows the number of clusters, not clips."""
     out = storage.output(cfg)
     clusters = nonempty_clusters(out)
     drop_stale_pruning_tables(out, clusters)
     rows = summarize(out, cfg.eps_to_extract, clusters)
-    scores, sizes, examples = [], [], []
-    for c in clusters:
-        table = pq.read_table(out.open_input(layout.pruning_table(c)))
-        col = table.column("cosine_sim_score").to_numpy()
-        scores.append(col)
-        sizes.append(len(col))
-        # Example pairs just inside the first eps: the ones a user checks when choosing eps.
-        inside = np.flatnonzero(removed_mask(col, cfg.eps_to_extract[0]))
-        for i in inside[np.argsort(col[inside], kind="stable")][:2]:
-            examples.append((float(col[i]), c, table.column("id")[int(i)].as_py(),
-                             table.column("max_id")[int(i)].as_py()))
-    scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
-    total = len(scores)
+    # Example pairs just inside the first eps: the ones a user checks when choosing eps.
+    stats = score_stats(out, clusters, EPS_GRID, examples_eps=cfg.eps_to_extract[0])
+    total = stats.total
     summary_md = "| eps | total | kept | removed |\n|---|---|---|---|\n" + "".join(
         f"| {eps_text(e)} | {r['total']:,} | {r['kept']:,} | {r['removed']:,} |\n"
         for e, r in rows.items())
     curve = "| eps | removed | removed fraction |\n|---|---|---|\n" + "".join(
-        f"| {eps_text(e)} | {int(removed_mask(scores, e).sum()):,} | "
-        f"{removed_mask(scores, e).mean() if total else 0:.4f} |\n" for e in EPS_GRID)
-    sizes_arr = np.array(sizes or [0])
+        f"| {eps_text(e)} | {stats.removed[e]:,} | {stats.removed[e] / max(total, 1):.4f} |\n"
+        for e in EPS_GRID)
+    sizes_arr = np.array(list(stats.sizes.values()) or [0])
     meta = {
         "total": total, "clusters": len(clusters),
         "summary": MetadataValue.md(summary_md),
@@ -140,11 +130,11 @@ def summary_stage(cfg: DedupConfig, storage: LayoutStorage) -> dict:
         "path": MetadataValue.path(out.display(layout.summary_csv(cfg.eps_to_extract[0]))),
     }
     meta.update({f"removed_{eps_text(e)}": r["removed"] for e, r in rows.items()})
-    examples.sort()
     meta[f"example_pairs_{eps_text(cfg.eps_to_extract[0])}"] = MetadataValue.md(
         "| cluster | id | max_id | cosine_sim_score |\n|---|---|---|---|\n" + "".join(
-            f"| {c} | {i} | {m} | {sc:.6f} |\n" for sc, c, i, m in examples[:10]))
-    meta.update(summary_plots(scores, sizes_arr, EPS_GRID))
+            f"| {c} | {i} | {m} | {sc:.6f} |\n" for sc, c, i, m in stats.examples[:10]))
+    meta.update(summary_plots(stats.histogram, sizes_arr, EPS_GRID,
+                              [stats.removed[e] / max(total, 1) for e in EPS_GRID]))
     return meta
 
 

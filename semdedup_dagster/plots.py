@@ -10,7 +10,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from dagster import MetadataValue  # noqa: E402
 
-from semdedup_core.extraction import removed_mask  # noqa: E402
 
 
 def _png_markdown(fig, alt: str) -> MetadataValue:
@@ -41,8 +40,10 @@ def score_histogram_svg(scores: np.ndarray, bins: int = 40) -> MetadataValue:
                             f"(data:image/svg+xml;base64,{data})")
 
 
-def summary_plots(scores: np.ndarray, sizes: np.ndarray, eps_grid: list[float]) -> dict:
-    """Cluster-size histogram, cosine_sim_score distribution, removed fraction against eps."""
+def summary_plots(score_histogram: np.ndarray, sizes: np.ndarray, eps_grid: list[float],
+                  removed_fractions: list[float]) -> dict:
+    """Cluster-size histogram, cosine_sim_score distribution (from its histogram over [0, 1]),
+    removed fraction against eps."""
     out = {}
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.hist(sizes, bins=min(50, max(5, len(sizes) // 4)), color="#4c72b0")
@@ -50,15 +51,14 @@ def summary_plots(scores: np.ndarray, sizes: np.ndarray, eps_grid: list[float]) 
     out["cluster_size_histogram"] = _png_markdown(fig, "cluster sizes")
 
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.hist(scores, bins=100, range=(0, 1), color="#55a868")
+    ax.stairs(score_histogram, np.linspace(0, 1, len(score_histogram) + 1), fill=True,
+              color="#55a868")
     ax.set(xlabel="cosine_sim_score (best earlier match)", ylabel="clips", yscale="log",
            title="Similarity to the best earlier-ranked clip")
     out["score_distribution"] = _png_markdown(fig, "score distribution")
 
-    total = max(len(scores), 1)
-    fractions = [removed_mask(scores, e).sum() / total for e in eps_grid]
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(eps_grid, fractions, marker="o", color="#c44e52")
+    ax.plot(eps_grid, removed_fractions, marker="o", color="#c44e52")
     ax.set(xscale="log", xlabel="eps", ylabel="removed fraction", title="Removed vs eps")
     ax.grid(True, alpha=0.3)
     out["removed_vs_eps_plot"] = _png_markdown(fig, "removed vs eps")

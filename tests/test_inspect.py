@@ -11,7 +11,7 @@ from dagster import DagsterInstance
 from semdedup_core.config import make_config
 from semdedup_core.errors import InputError
 from semdedup_core.extraction import sweep
-from semdedup_core.inspection import eps_curve, find_clip, largest_clusters
+from semdedup_core.inspection import eps_curve, find_clip, largest_clusters, score_stats
 from semdedup_core.pipeline import run_pipeline
 from semdedup_core.storage import S3Options, Storage
 from semdedup_dagster.jobs import semdedup_sweep_job
@@ -78,6 +78,14 @@ def test_inspect_finds_a_removed_clip_and_its_match(finished):
     assert curve[0.01] == report.summary[0.01]["removed"]
     sizes = largest_clusters(storage, 3)
     assert [n for _, n in sizes] == sorted(report.cluster_sizes, reverse=True)[:3]
+    stats = score_stats(storage, examples_eps=0.01)
+    assert stats.total == report.n_rows == stats.histogram.sum()
+    assert stats.removed[0.01] == report.summary[0.01]["removed"]
+    # examples: removed clips only, lowest scores first, at most 2 per cluster
+    assert stats.examples and stats.examples == sorted(stats.examples)
+    assert all(s >= 0.99 and i != m for s, _, i, m in stats.examples)
+    per_cluster = [c for _, c, _, _ in stats.examples]
+    assert max(per_cluster.count(c) for c in per_cluster) <= 2
 
     text = subprocess.run([sys.executable, "-m", "semdedup_core.cli", "inspect", str(out), "--id",
                            clip], capture_output=True, text=True, check=True).stdout
