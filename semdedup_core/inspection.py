@@ -117,9 +117,13 @@ class ClipReport:
 def find_clip(out: Storage, clip_id: str) -> ClipReport | None:
     """Where a clip landed, the clip it duplicates (if any) and whether each eps removes it."""
     eps_list = [r["eps"] for r in summaries(out)]
-    for c in _clusters(out):
+
+    def look(c: int):
         table = read_table(out, layout.pruning_table(c))
-        pos = pc.index(table.column("id"), clip_id).as_py()
+        return c, table, pc.index(table.column("id"), clip_id).as_py()
+
+    # Tables are searched on I/O threads, in cluster order; the first hit stops the search.
+    for c, table, pos in ordered_map(look, _clusters(out), LATENCY_BOUND_THREADS):
         if pos is not None and pos >= 0:
             score = float(table.column("cosine_sim_score")[pos].as_py())
             return ClipReport(clip_id, c, pos, table.num_rows, table.column("max_id")[pos].as_py(),
