@@ -59,14 +59,16 @@ def kmeans_pp_init(backend: Backend, X, n_clusters: int, rng: np.random.Generato
     chosen = [int(rng.integers(n_cand))]
     closest = xp.maximum(2 - 2 * (cand @ cand[chosen[0]]), 0)  # unit rows: ||a-b||^2
     for _ in range(1, n_clusters):
-        weights = backend.to_numpy(closest).astype(np.float64)
-        total = weights.sum()
+        # The D^2 draw stays on the backend's device: two scalars come back per centre, not
+        # the candidates' distances (k round trips of 16k floats each at large k on a GPU).
+        cumulative = xp.cumsum(closest.astype(xp.float64))
+        total = float(cumulative[-1])
         if total <= 0:  # every candidate coincides with a centre: take unused ones in order
             used = set(chosen)
             pick = next(i for i in range(n_cand) if i not in used)
         else:
-            pick = int(np.searchsorted(np.cumsum(weights), rng.random() * total, side="right"))
-            pick = min(pick, n_cand - 1)
+            target = backend.asarray(np.array([rng.random() * total]))
+            pick = min(int(xp.searchsorted(cumulative, target, side="right")[0]), n_cand - 1)
         chosen.append(pick)
         closest = xp.minimum(closest, xp.maximum(2 - 2 * (cand @ cand[pick]), 0))
     return cand[backend.asarray(np.array(chosen))].copy()
