@@ -50,6 +50,7 @@ class Batch:
     start_row: int  # global row number of the first row
     ids: pa.Array
     emb: np.ndarray
+    norms: np.ndarray  # float64 (rows,): `row_norms(emb)`, computed on the read thread
 
 
 @dataclass
@@ -128,21 +129,21 @@ class EmbeddingSource:
         threads = host_threads()
         rows = -(-self.batch_rows // threads)
         producers = [functools.partial(self._decode_file, f, rows) for f in self.files]
-        for where, ids, emb in chain_ahead(producers, threads):
+        for where, ids, emb, norms in chain_ahead(producers, threads):
             if self.dim is None and len(emb):
                 self.dim = emb.shape[1]
             elif len(emb) and emb.shape[1] != self.dim:
                 raise InputError(f"{where}: embeddings have {emb.shape[1]} dimensions, but "
                                  f"earlier files have {self.dim}; all files must share one "
                                  "dimension")
-            yield Batch(where, start, ids, emb)
+            yield Batch(where, start, ids, emb, norms)
             start += len(emb)
 
     def _decode_file(self, f: InputFile, batch_rows: int
-                     ) -> Iterator[tuple[str, pa.Array, np.ndarray]]:
-        """(file, ids, embeddings) per batch, decoded on the read thread. Normalising stays
-        with the consumer: a float32 copy per batch made on read threads cost ~0.2 GiB more
-        peak RSS at 1M x 512 (glibc keeps freed blocks in per-thread heaps) and no time."""
+                     ) -> Iterator[tuple[str, pa.Array, np.ndarray, np.ndarray]]:
+        """(file, ids, embeddings, row norms) per batch, decoded on the read thread. Normalising
+        stays with the consumer: a float32 copy per batch made on read threads cost ~0.2 GiB
+        more peak RSS at 1M x 512 (glibc keeps freed blocks in per-thread heaps) and no time."""
         where = self.storage.display(f.rel)
         with self.storage.open_input(f.rel) as handle:
             # A buffered stream decodes page by page instead of loading whole column chunks,
@@ -151,10 +152,11 @@ class EmbeddingSource:
             for rb in reader.iter_batches(batch_size=batch_rows, use_threads=False,
                                           columns=[self.id_column, self.embedding_column]):
                 ids = rb.column(self.id_column)
-                yield where, ids, self._decode(where, ids, rb.column(self.embedding_column))
+                emb = self._decode(where, ids, rb.column(self.embedding_column))
+                yield where, ids, emb, row_norms(emb)
                 # Hand freed pages back now: mimalloc otherwise keeps ~2 batches mapped
                 # (measured: 0.36 GiB RSS streaming 1M x 512, against 0.57 GiB).
-                del rb, ids
+                del rb, ids, emb
                 pa.default_memory_pool().release_unused()
 
     def _decode(self, where: str, ids: pa.Array, col: pa.Array) -> np.ndarray:
@@ -259,8 +261,7 @@ def scan_input(source: EmbeddingSource, sample_size: int, seed: int,
     # is confirmed against the real strings in a second, rare pass.
     fingerprints = np.empty(n, dtype=np.int64)
     for batch in source.iter_batches():
-        emb, rows = batch.emb, len(batch.emb)
-        norms = row_norms(emb)
+        emb, rows, norms = batch.emb, len(batch.emb), batch.norms
         bad_rows = ~np.isfinite(norms)
         if bad_rows.any():
             bad = int(np.flatnonzero(bad_rows)[0])

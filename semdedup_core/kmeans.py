@@ -249,7 +249,7 @@ def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storag
     spill = _Spill(scratch, dim, spill_buffer_bytes)
     try:
         for batch in source.iter_batches():
-            emb = normalize(batch.emb)
+            emb = normalize(batch.emb, batch.norms)
             labels, _ = nearest_centroid(backend, backend.asarray(emb), C)
             labels = backend.to_numpy(labels)
             sizes += np.bincount(labels, minlength=k)
