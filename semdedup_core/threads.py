@@ -14,7 +14,9 @@ from typing import TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
-MAX_HOST_THREADS = 8  # beyond this, the per-cluster Python work is the limit, not decoding
+# A cap, not a measured optimum (only 2 cores were at hand): the GIL-held parts of decoding and
+# writing set a limit, and a CPU-limited container may still report all of its node's cores.
+MAX_HOST_THREADS = 8
 # For many small reads that mostly wait on storage round trips (S3: ~20 ms each), not on cores.
 LATENCY_BOUND_THREADS = 32
 
