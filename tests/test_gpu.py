@@ -187,10 +187,11 @@ def test_gpu_backend_pairwise_resident_and_slabs_equal_cpu():
 
 def test_gpu_backend_small_device_shrinks_tiles_and_keeps_clusters_on_the_host():
     # tiles take 1/16 of total memory at ~9 bytes per entry: sqrt(32 MiB / 16 / 9) = 482
-    assert StandInGpu(free=1 << 20, total=32 << 20).pairwise_tile_size(2048, 64) == 482
+    assert StandInGpu(free=32 << 20, total=32 << 20).pairwise_tile_size(2048, 64) == 482
     small = StandInGpu(free=1 << 20, total=2 << 20)
     assert small.pairwise_tile_size(2048, 64) == 256  # the floor
-    assert StandInGpu(free=1 << 20).pairwise_tile_size(2048, 64) == 8192  # free memory: no say
+    assert StandInGpu(free=4 << 30).pairwise_tile_size(2048, 64) == 8192  # free: no say...
+    assert StandInGpu(free=256 << 20).pairwise_tile_size(2048, 64) == 2730  # ...unless low
     emb = near_duplicates(1500, 64, 6)
     assert not small.fits_on_device(emb.nbytes)  # 375 KiB > a quarter of 1 MiB: slabs
     ranked = pipeline.RankedShard(0, None, emb, np.zeros(len(emb), np.float32))

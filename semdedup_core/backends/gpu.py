@@ -107,8 +107,15 @@ class GpuBackend(Backend):
 
     def pairwise_tile_size(self, requested: int, dim: int) -> int:
         # Bigger tiles keep the GPU busy. A tile's products and masks take ~9 bytes per entry;
-        # tiles are kept under 1/16 of the device's total memory (not its free memory, so the
-        # tile, and with it any 1e-5 tie, is the same on every run on this kind of device).
-        _, total = self.xp.cuda.runtime.memGetInfo()
-        fits = int((total / 16 / 9) ** 0.5)
-        return max(256, min(max(requested, 8192), fits))
+        # tiles are kept under 1/16 of the device's total memory, which gives the same tile (and
+        # so the same resolution of any 1e-5 tie) on every run on this kind of device. Only when
+        # free memory cannot hold that (other processes on the device) does it shrink further.
+        free, total = self.xp.cuda.runtime.memGetInfo()
+        tile = max(256, min(max(requested, 8192), int((total / 16 / 9) ** 0.5)))
+        fits_free = max(256, int((free / 4 / 9) ** 0.5))
+        if fits_free < tile:
+            log.warning("pairwise tile %d -> %d: free device memory is low (%.1f GiB); ties "
+                        "within 1e-5 may resolve differently from a run with more free memory",
+                        tile, fits_free, free / 2**30)
+            return fits_free
+        return tile
