@@ -12,7 +12,7 @@ from semdedup_core import layout
 from semdedup_core.config import eps_text
 from semdedup_core.errors import InputError
 from semdedup_core.extraction import pruned_clusters, removed_mask
-from semdedup_core.parquet import read_table, row_count
+from semdedup_core.parquet import read_table
 from semdedup_core.storage import Storage
 from semdedup_core.threads import LATENCY_BOUND_THREADS, ordered_map
 
@@ -90,19 +90,6 @@ def score_stats(out: Storage, clusters: list[int] | None = None, eps_grid=EPS_GR
     return stats
 
 
-def eps_curve(out: Storage, eps_grid=EPS_GRID) -> list[tuple[float, int, int]]:
-    """(eps, removed, total) for each eps, from the stored scores."""
-    stats = score_stats(out, eps_grid=eps_grid)
-    return [(e, stats.removed[e], stats.total) for e in eps_grid]
-
-
-def largest_clusters(out: Storage, top: int = 10) -> list[tuple[int, int]]:
-    clusters = _clusters(out)
-    sizes = zip(clusters, ordered_map(lambda c: row_count(out, layout.pruning_table(c)),
-                                      clusters, LATENCY_BOUND_THREADS))
-    return sorted(sizes, key=lambda cs: (-cs[1], cs[0]))[:top]
-
-
 @dataclass
 class ClipReport:
     id: str
@@ -140,12 +127,14 @@ def format_inspection(out: Storage, ids: list[str], top: int = 10) -> str:
         lines += [f"{eps_text(r['eps']):>8} {r['total']:>12,} {r['kept']:>12,} "
                   f"{r['removed']:>12,}" for r in rows]
         lines.append("")
+    stats = score_stats(out)  # one pass for the curve and the cluster sizes
     lines.append("removed fraction by eps (from the pruning tables):")
     lines.append(f"{'eps':>8} {'removed':>12} {'fraction':>9}")
-    for e, removed, total in eps_curve(out):
-        lines.append(f"{eps_text(e):>8} {removed:>12,} {removed / max(total, 1):>9.4f}")
-    lines += ["", f"largest clusters (of {len(_clusters(out))}):"]
-    lines += [f"  cluster {c}: {n:,} clips" for c, n in largest_clusters(out, top)]
+    for e, removed in stats.removed.items():
+        lines.append(f"{eps_text(e):>8} {removed:>12,} {removed / max(stats.total, 1):>9.4f}")
+    lines += ["", f"largest clusters (of {len(stats.sizes)}):"]
+    largest = sorted(stats.sizes.items(), key=lambda cs: (-cs[1], cs[0]))[:top]
+    lines += [f"  cluster {c}: {n:,} clips" for c, n in largest]
     for clip_id in ids:
         lines.append("")
         rep = find_clip(out, clip_id)

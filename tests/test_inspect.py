@@ -11,7 +11,7 @@ from dagster import DagsterInstance
 from semdedup_core.config import make_config
 from semdedup_core.errors import InputError
 from semdedup_core.extraction import sweep
-from semdedup_core.inspection import eps_curve, find_clip, largest_clusters, score_stats
+from semdedup_core.inspection import find_clip, score_stats
 from semdedup_core.pipeline import run_pipeline
 from semdedup_core.storage import S3Options, Storage
 from semdedup_dagster.jobs import semdedup_sweep_job
@@ -74,11 +74,8 @@ def test_inspect_finds_a_removed_clip_and_its_match(finished):
     assert pruning[rep.rank] == {"id": clip, "max_id": rep.max_id,
                                  "cosine_sim_score": pytest.approx(rep.score)}
     assert find_clip(storage, "no-such-id") is None
-    curve = dict((e, r) for e, r, _ in eps_curve(storage))
-    assert curve[0.01] == report.summary[0.01]["removed"]
-    sizes = largest_clusters(storage, 3)
-    assert [n for _, n in sizes] == sorted(report.cluster_sizes, reverse=True)[:3]
     stats = score_stats(storage, examples_eps=0.01)
+    assert sorted(stats.sizes.values()) == sorted(int(n) for n in report.cluster_sizes if n)
     assert stats.total == report.n_rows == stats.histogram.sum()
     assert stats.removed[0.01] == report.summary[0.01]["removed"]
     # examples: removed clips only, lowest scores first, at most 2 per cluster
@@ -98,7 +95,7 @@ def test_inspect_on_s3(finished, s3_client, s3_endpoint, aws_profile):
     s3_client.create_bucket(Bucket="results")
     upload_folder(s3_client, "results", "runs/r1", out)
     storage = Storage("s3://results/runs/r1", S3Options(aws_profile, s3_endpoint))
-    assert dict((e, r) for e, r, _ in eps_curve(storage))[0.01] == \
+    assert score_stats(storage).removed[0.01] == \
         report.summary[0.01]["removed"]
     text = subprocess.run([sys.executable, "-m", "semdedup_core.cli", "inspect",
                            "s3://results/runs/r1", "--aws-profile", aws_profile,
