@@ -174,9 +174,10 @@ class Storage:
                 out.append(posixpath.relpath(info.path, self.root))
         return sorted(out)
 
-    def list_file_infos(self, rel: str = "") -> list[tuple[str, int, float]]:
+    def list_file_infos(self, rel: str = "", recursive: bool = True
+                        ) -> list[tuple[str, int, float]]:
         """(relative path, size, modification time in seconds) of every file under `rel`."""
-        selector = pafs.FileSelector(self.path(rel), recursive=True, allow_not_found=True)
+        selector = pafs.FileSelector(self.path(rel), recursive=recursive, allow_not_found=True)
         return sorted((posixpath.relpath(i.path, self.root), i.size or 0,
                        i.mtime.timestamp() if i.mtime else 0.0)
                       for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File)

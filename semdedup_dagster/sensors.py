@@ -41,6 +41,16 @@ class DropWatch(ConfigurableResource):
     settle_seconds: int = 60  # a drop is complete when unchanged this long
     extra_args_json: str = "{}"  # any other documented argument, as JSON
 
+    def output_root_inside(self, watch: Storage) -> str | None:
+        """`output_root` relative to the watched folder, when it lies inside it."""
+        root = self.output_root.rstrip("/")
+        if root and "://" not in root:
+            root = os.path.abspath(root)
+        base = watch.display().rstrip("/")
+        if root.startswith(base + "/"):
+            return root[len(base) + 1:]
+        return None
+
     def args_for(self, watch: Storage, drop: str) -> dict:
         stem = drop[:-len(".zip")] if drop.lower().endswith(".zip") else drop
         if self.output_root:
@@ -53,10 +63,36 @@ class DropWatch(ConfigurableResource):
         return args
 
 
-def find_drops(watch: Storage, now: float, settle_seconds: float) -> dict[str, str]:
+OUTPUT_SUFFIX = "_semdedup"  # DropWatch's default output folder: `<drop>_semdedup` beside it
+
+
+def candidate_files(watch: Storage, skip: str | None = None) -> list[tuple[str, int, float]]:
+    """(path, size, mtime) of the files that can belong to a drop. The walk lists each drop
+    folder whole but does not descend into output folders (`*_semdedup`, or `skip`: an output
+    root inside the watched folder): each run adds thousands of files there, and listing them
+    every tick would grow without end (and output folders named after drops would look like
+    drops)."""
+    files, pending = [], [""]
+    while pending:
+        rel = pending.pop()
+        files += [f for f in watch.list_file_infos(rel, recursive=False)
+                  if f[0].lower().endswith(".zip")]
+        for name in watch.list_dirs(rel):
+            sub = posixpath.join(rel, name) if rel else name
+            if name.endswith(OUTPUT_SUFFIX) or sub == skip:
+                continue
+            if DROP_DIR.match(name):
+                files += watch.list_file_infos(sub)
+            else:
+                pending.append(sub)
+    return sorted(files)
+
+
+def find_drops(watch: Storage, now: float, settle_seconds: float,
+               skip: str | None = None) -> dict[str, str]:
     """{drop path relative to the watched folder: fingerprint} of every complete drop."""
     groups: dict[str, list] = {}
-    for rel, size, mtime in watch.list_file_infos():
+    for rel, size, mtime in candidate_files(watch, skip):
         parts = rel.split("/")
         if rel.lower().endswith(".zip"):
             groups[rel] = [(rel, size, mtime)]
@@ -87,7 +123,8 @@ def embedding_drop_sensor(context: SensorEvaluationContext, drop_watch: DropWatc
         return SkipReason("no watch_path configured (set SEMDEDUP_WATCH_PATH)")
     watch = layout_storage.location(drop_watch.watch_path)
     started: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
-    drops = find_drops(watch, time.time(), drop_watch.settle_seconds)
+    drops = find_drops(watch, time.time(), drop_watch.settle_seconds,
+                       skip=drop_watch.output_root_inside(watch))
     requests = []
     for drop, fingerprint in sorted(drops.items()):
         if started.get(drop) == fingerprint:

@@ -16,6 +16,7 @@ from dagster import AssetKey, DagsterInstance, asset, build_sensor_context, mate
 
 from semdedup_core.config import DedupConfig, make_config
 from semdedup_core.pipeline import run_pipeline
+from semdedup_core.storage import Storage
 from semdedup_dagster.assets import (
     cluster_dedup,
     dedup_summary,
@@ -28,7 +29,7 @@ from semdedup_dagster.jobs import semdedup_job
 from semdedup_dagster.io_manager import LayoutIOManager
 from semdedup_dagster.partitions import CENTROIDS
 from semdedup_dagster.resources import LayoutStorage
-from semdedup_dagster.sensors import DropWatch, embedding_drop_sensor
+from semdedup_dagster.sensors import DropWatch, candidate_files, embedding_drop_sensor, find_drops
 from tests.conftest import REPO, upload_folder
 from tests.test_end_to_end import tree
 
@@ -257,6 +258,30 @@ def test_dagster_job_execute_equals_semdedup_run(planted, tmp_path):
     run = instance.get_runs()[0]
     steps = {s.step_key for s in instance.get_run_step_stats(run.run_id)}
     assert sum(1 for s in steps if s.startswith("dedup_clusters[")) == 3
+
+
+def test_drop_sensor_does_not_walk_output_folders(planted, tmp_path):
+    """Outputs beside a drop (`*_semdedup`) or under an output root inside the watched folder
+    hold parquet in drop-like folders; the sensor must neither list them nor take them for
+    drops."""
+    import shutil
+
+    folder, _ = planted
+    watch_dir = tmp_path / "incoming"
+    shutil.copytree(folder, watch_dir / "day1" / "ce1_embd_parquet")
+    shutil.copytree(folder, watch_dir / "day1" / "ce1_embd_parquet_semdedup" / "x_embd_parquet")
+    shutil.copytree(folder, watch_dir / "dedup" / "day1" / "ce1_embd_parquet")
+    watch = Storage(str(watch_dir))
+    drop_watch = DropWatch(watch_path=str(watch_dir), output_root=str(watch_dir / "dedup"))
+    skip = drop_watch.output_root_inside(watch)
+    assert skip == "dedup"
+    assert list(find_drops(watch, time.time(), 0, skip=skip)) == ["day1/ce1_embd_parquet"]
+    listed = {f[0].split("/")[0] + "/" + f[0].split("/")[1] for f in candidate_files(watch, skip)}
+    assert listed == {"day1/ce1_embd_parquet"}
+    # Without knowing the output root, its copy of the drop's name would be taken for a drop.
+    assert "dedup/day1/ce1_embd_parquet" in find_drops(watch, time.time(), 0)
+    assert DropWatch(watch_path=str(watch_dir), output_root="s3://elsewhere/dedup") \
+        .output_root_inside(watch) is None
 
 
 def test_drop_sensor_against_s3(planted, s3_client, s3_endpoint, aws_profile):
