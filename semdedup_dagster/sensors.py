@@ -29,6 +29,7 @@ from semdedup_dagster.jobs import semdedup_job
 from semdedup_dagster.resources import LayoutStorage
 
 DROP_DIR = re.compile(r"^.+_embd(_[^/]+)?_parquet$")
+OUTPUT_SUFFIX = "_semdedup"  # a drop's outputs default to `<drop>_semdedup` beside it
 
 
 class DropWatch(ConfigurableResource):
@@ -56,14 +57,11 @@ class DropWatch(ConfigurableResource):
         if self.output_root:
             output = posixpath.join(self.output_root.rstrip("/"), stem)
         else:
-            output = watch.display(stem) + "_semdedup"
+            output = watch.display(stem) + OUTPUT_SUFFIX
         args = {"input_embeddings_path": watch.display(drop), "output_path": output,
                 "n_clusters": self.n_clusters, "eps_to_extract": list(self.eps_to_extract)}
         args.update(json.loads(self.extra_args_json or "{}"))
         return args
-
-
-OUTPUT_SUFFIX = "_semdedup"  # DropWatch's default output folder: `<drop>_semdedup` beside it
 
 
 def candidate_files(watch: Storage, skip: str | None = None) -> list[tuple[str, int, float]]:
