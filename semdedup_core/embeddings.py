@@ -160,7 +160,8 @@ class EmbeddingSource:
                 pa.default_memory_pool().release_unused()
 
     def _decode(self, where: str, ids: pa.Array, col: pa.Array) -> np.ndarray:
-        """The embedding column as float32 (rows, dim); checks nulls, ragged and mixed dims."""
+        """The embedding column as float32 (rows, dim); checks nulls, empty and ragged lists
+        (dimensions across files are checked in `iter_batches`, in file order)."""
         n = len(col)
         if ids.null_count:
             raise InputError(f"{where}: {ids.null_count} null value(s) in column {self.id_column!r}")
@@ -273,7 +274,7 @@ def scan_input(source: EmbeddingSource, sample_size: int, seed: int,
                              f"zeros (or its norm is below {NORM_FLOOR:g}); it has no direction "
                              "to compare")
         lo, hi = batch.start_row, batch.start_row + rows
-        fingerprints[lo:hi] = _fingerprints(batch.ids)
+        fingerprints[lo:hi] = _fingerprints(batch.ids.to_pylist())
         a, b = np.searchsorted(picks, [lo, hi])
         if b > a:
             if sample is None:
@@ -286,9 +287,9 @@ def scan_input(source: EmbeddingSource, sample_size: int, seed: int,
     return ScanResult(n, source.dim, sample)
 
 
-def _fingerprints(ids: pa.Array) -> np.ndarray:
+def _fingerprints(ids: list[str]) -> np.ndarray:
     # Python's str hash is stable within one process, which is all the check needs.
-    return np.fromiter((hash(s) for s in ids.to_pylist()), dtype=np.int64, count=len(ids))
+    return np.fromiter((hash(s) for s in ids), dtype=np.int64, count=len(ids))
 
 
 def _check_unique_ids(source: EmbeddingSource, fingerprints: np.ndarray) -> None:
@@ -299,7 +300,8 @@ def _check_unique_ids(source: EmbeddingSource, fingerprints: np.ndarray) -> None
     suspects = set(clashes.tolist())
     seen: dict[str, str] = {}
     for batch in source.iter_batches():
-        for s, fp in zip(batch.ids.to_pylist(), _fingerprints(batch.ids)):
+        ids = batch.ids.to_pylist()
+        for s, fp in zip(ids, _fingerprints(ids)):
             if fp in suspects:
                 if s in seen:
                     where = batch.file if seen[s] == batch.file else f"{seen[s]} and {batch.file}"

@@ -71,29 +71,39 @@ def sweep(out: Storage, eps_list: list[float], progress=None) -> dict[float, dic
     if not clusters:
         raise InputError(f"{out.display(layout.PRUNING_TABLES)}: no pruning tables; run the "
                          "pipeline first")
-    for _ in ordered_map(lambda c: extract_from_tables(out, c, eps_list), clusters,
-                         host_threads()):
+    removed = dict.fromkeys(eps_list, 0)
+    for counts in ordered_map(lambda c: extract_from_tables(out, c, eps_list), clusters,
+                              host_threads()):
+        for eps, n in counts.items():
+            removed[eps] += n
         if progress is not None:
             progress(1)
-    return summarize(out, eps_list, clusters)
+    return summarize(out, eps_list, clusters, removed_by_eps=removed)
 
 
-def summarize(out: Storage, eps_list: list[float], clusters: list[int]) -> dict[float, dict]:
+def summarize(out: Storage, eps_list: list[float], clusters: list[int], total: int | None = None,
+              removed_by_eps: dict[float, int] | None = None) -> dict[float, dict]:
     """Write `dedup_summary_<eps>.csv` from the parts and pruning tables on storage, and drop
-    parts of clusters that are not in `clusters` (left by an earlier run). Returns the rows."""
+    parts of clusters that are not in `clusters` (left by an earlier run). Returns the rows.
+    `total` (clips) and `removed_by_eps`, when the caller already knows them (it has just
+    written the tables and parts), spare reading a footer per cluster and eps."""
     wanted = set(clusters)
 
     def rows_in(rels) -> int:  # parquet footers, read on I/O threads (S3 round trips)
         return sum(ordered_map(lambda rel: row_count(out, rel), rels, LATENCY_BOUND_THREADS))
 
-    total = rows_in(layout.pruning_table(c) for c in clusters)
+    if total is None:
+        total = rows_in(layout.pruning_table(c) for c in clusters)
     rows = {}
     for eps in eps_list:
         for rel in out.list_files(layout.unique_ids_dir(eps)):
             c = layout.cluster_of_part(rel.rsplit("/", 1)[-1])
             if c is not None and c not in wanted:
                 out.delete_file(rel)
-        removed = rows_in(layout.unique_ids_part(eps, c) for c in clusters)
+        if removed_by_eps is not None:
+            removed = removed_by_eps[eps]
+        else:
+            removed = rows_in(layout.unique_ids_part(eps, c) for c in clusters)
         rows[eps] = {"eps": eps, "kept": total - removed, "removed": removed, "total": total}
         csv = f"eps,kept,removed,total\n{eps_text(eps)},{total - removed},{removed},{total}\n"
         out.write_bytes(layout.summary_csv(eps), csv.encode())

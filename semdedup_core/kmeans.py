@@ -247,6 +247,10 @@ def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storag
     C = backend.asarray(centroids)
     sizes = np.zeros(k, dtype=np.int64)
     spill = _Spill(scratch, dim, spill_buffer_bytes)
+    wanted = None
+    if only is not None:
+        wanted = np.zeros(k, dtype=bool)
+        wanted[[c for c in only if 0 <= c < k]] = True
     try:
         for batch in source.iter_batches():
             emb = normalize(batch.emb, batch.norms)
@@ -254,8 +258,8 @@ def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storag
             labels = backend.to_numpy(labels)
             sizes += np.bincount(labels, minlength=k)
             ids = batch.ids
-            if only is not None:
-                keep = np.isin(labels, np.fromiter(only, dtype=np.int64))
+            if wanted is not None:
+                keep = wanted[labels]
                 labels, ids, emb = labels[keep], ids.filter(pa.array(keep)), emb[keep]
             spill.add(labels, ids, emb)
             if progress is not None:
@@ -267,7 +271,7 @@ def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storag
             write_shard(out, cluster, shard_table(ids, emb, centroids[cluster]))
 
         # Clusters are encoded and written on host threads; memory: ~2 clusters per thread.
-        todo = [int(c) for c in np.flatnonzero(sizes) if only is None or int(c) in only]
+        todo = [int(c) for c in np.flatnonzero(sizes if wanted is None else sizes * wanted)]
         for _ in ordered_map(spill_to_shard, todo, host_threads(), ahead=2 * host_threads()):
             if shard_progress is not None:
                 shard_progress(1)

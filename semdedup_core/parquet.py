@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 from semdedup_core.storage import Storage
 
 
-def table_to_parquet_bytes(table: pa.Table) -> bytes:
+def table_to_parquet_bytes(table: pa.Table) -> pa.Buffer:
+    """The parquet file as an Arrow buffer (bytes-like: hashed and written without a copy)."""
     sink = pa.BufferOutputStream()
     vectors = {f.name for f in table.schema if pa.types.is_list(f.type)
                or pa.types.is_large_list(f.type) or pa.types.is_fixed_size_list(f.type)}
@@ -20,10 +21,10 @@ def table_to_parquet_bytes(table: pa.Table) -> bytes:
                    compression={n: "none" if n in vectors else "snappy"
                                 for n in table.column_names},
                    write_statistics=[n for n in table.column_names if n not in vectors])
-    return sink.getvalue().to_pybytes()
+    return sink.getvalue()
 
 
-def content_sha(data: bytes) -> str:
+def content_sha(data) -> str:
     """The `<sha>` of shard names: the first 16 hex digits of the file's SHA-256."""
     return hashlib.sha256(data).hexdigest()[:16]
 

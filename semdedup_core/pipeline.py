@@ -244,16 +244,22 @@ def drop_stale_pruning_tables(out: Storage, clusters: list[int]) -> None:
 
 
 def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Backend,
-              timer: PhaseTimer | None = None, show_progress: bool = False) -> None:
-    """Prune and extract every cluster (results are not kept: memory stays at a few clusters)."""
+              timer: PhaseTimer | None = None, show_progress: bool = False) -> dict[float, int]:
+    """Prune and extract every cluster (results are not kept: memory stays at a few clusters).
+    Returns the clips removed per eps."""
     timer = timer or PhaseTimer()
     flops = 0
+    removed = dict.fromkeys(cfg.eps_to_extract, 0)
     with timer.phase("prune"), _bar(len(clusters), "pairwise", "cluster", show_progress) as bar:
         for result in prune_clusters(cfg, out, clusters, backend):
-            flops += result.flops if result else 0
+            if result is not None:
+                flops += result.flops
+                for eps, n in result.removed.items():
+                    removed[eps] += n
             bar.update(1)
     timer.flops["prune"] = float(flops)
     drop_stale_pruning_tables(out, clusters)
+    return removed
 
 
 # -- all stages ----------------------------------------------------------------------------------
@@ -284,9 +290,9 @@ def run_pipeline(cfg: DedupConfig, show_progress: bool = False,
             save_centroids(out, fit.centroids)
         sizes = assign(cfg, source, fit.centroids, out, backend, timer, show_progress)
     clusters = [int(c) for c in np.flatnonzero(sizes)]
-    prune_all(cfg, out, clusters, backend, timer, show_progress)
+    removed = prune_all(cfg, out, clusters, backend, timer, show_progress)
     with timer.phase("summary"):
-        summary = summarize(out, cfg.eps_to_extract, clusters)
+        summary = summarize(out, cfg.eps_to_extract, clusters, int(sizes.sum()), removed)
     return RunReport(out.display(), backend.name, fit.n_rows, fit.dim, cfg.n_clusters,
                      fit.iterations, fit.sample_rows, sizes, summary, timer)
 

@@ -166,26 +166,30 @@ class Storage:
 
     def list_files(self, rel: str = "", recursive: bool = True) -> list[str]:
         """Relative paths of the files under `rel`, sorted; [] when it does not exist."""
-        base = self.path(rel)
-        selector = pafs.FileSelector(base, recursive=recursive, allow_not_found=True)
-        out = []
-        for info in self.fs.get_file_info(selector):
-            if info.type == pafs.FileType.File:
-                out.append(posixpath.relpath(info.path, self.root))
-        return sorted(out)
+        return [path for path, _, _ in self.list_file_infos(rel, recursive)]
 
     def list_file_infos(self, rel: str = "", recursive: bool = True
                         ) -> list[tuple[str, int, float]]:
         """(relative path, size, modification time in seconds) of every file under `rel`."""
-        selector = pafs.FileSelector(self.path(rel), recursive=recursive, allow_not_found=True)
-        return sorted((posixpath.relpath(i.path, self.root), i.size or 0,
-                       i.mtime.timestamp() if i.mtime else 0.0)
-                      for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File)
+        return self.list_level(rel, recursive)[0]
 
     def list_dirs(self, rel: str = "") -> list[str]:
-        selector = pafs.FileSelector(self.path(rel), recursive=False, allow_not_found=True)
-        return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(selector)
-                      if i.type == pafs.FileType.Directory)
+        """Names of the folders directly under `rel`, sorted."""
+        return self.list_level(rel)[1]
+
+    def list_level(self, rel: str = "", recursive: bool = False
+                   ) -> tuple[list[tuple[str, int, float]], list[str]]:
+        """One listing (one request chain on S3): (path, size, mtime) of the files under `rel`
+        and the names of the folders directly under it, both sorted."""
+        selector = pafs.FileSelector(self.path(rel), recursive=recursive, allow_not_found=True)
+        files, dirs, base = [], [], posixpath.normpath(self.path(rel))
+        for i in self.fs.get_file_info(selector):
+            if i.type == pafs.FileType.File:
+                files.append((posixpath.relpath(i.path, self.root), i.size or 0,
+                              i.mtime.timestamp() if i.mtime else 0.0))
+            elif i.type == pafs.FileType.Directory and posixpath.dirname(i.path) == base:
+                dirs.append(posixpath.basename(i.path))
+        return sorted(files), sorted(dirs)
 
     def open_input(self, rel: str):
         """A random-access pyarrow file (parquet reads only the ranges they need)."""
@@ -196,8 +200,9 @@ class Storage:
             return f.read()
 
     # -- writing -----------------------------------------------------------------------------
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write a whole file atomically: readers see the old file or the new one, never a part.
+    def write_bytes(self, rel: str, data) -> None:
+        """Write `data` (bytes-like) as a whole file, atomically: readers see the old file or
+        the new one, never a part.
         Locally: a temporary name in the same folder, then rename. On S3: a PUT, or a multipart
         upload that S3 only makes visible once completed (and that is aborted on failure)."""
         target = self.path(rel)

@@ -110,10 +110,10 @@ def summary_stage(cfg: DedupConfig, storage: LayoutStorage) -> dict:
     out = storage.output(cfg)
     clusters = nonempty_clusters(out)
     drop_stale_pruning_tables(out, clusters)
-    rows = summarize(out, cfg.eps_to_extract, clusters)
     # Example pairs just inside the first eps: the ones a user checks when choosing eps.
     stats = score_stats(out, clusters, EPS_GRID, examples_eps=cfg.eps_to_extract[0])
     total = stats.total
+    rows = summarize(out, cfg.eps_to_extract, clusters, total)  # removed: from the parts
     summary_md = "| eps | total | kept | removed |\n|---|---|---|---|\n" + "".join(
         f"| {eps_text(e)} | {r['total']:,} | {r['kept']:,} | {r['removed']:,} |\n"
         for e, r in rows.items())

@@ -73,9 +73,9 @@ def candidate_files(watch: Storage, skip: str | None = None) -> list[tuple[str, 
     files, pending = [], [""]
     while pending:
         rel = pending.pop()
-        files += [f for f in watch.list_file_infos(rel, recursive=False)
-                  if f[0].lower().endswith(".zip")]
-        for name in watch.list_dirs(rel):
+        level_files, level_dirs = watch.list_level(rel)
+        files += [f for f in level_files if f[0].lower().endswith(".zip")]
+        for name in level_dirs:
             sub = posixpath.join(rel, name) if rel else name
             if name.endswith(OUTPUT_SUFFIX) or sub == skip:
                 continue
