@@ -21,12 +21,12 @@ def removed_table(pruning: pa.Table, cosine_dist: np.ndarray, cluster: int,
                   eps: float) -> pa.Table:
     """`id, cosine_dist_to_cent, cluster` of the removed clips, in rank order.
     `cosine_dist` is aligned with the pruning table's rows."""
-    keep_rows = np.flatnonzero(removed_mask(pruning.column("cosine_sim_score").to_numpy(), eps))
+    keep_rows = np.flatnonzero(removed_mask(pruning.column(layout.SCORE).to_numpy(), eps))
     rows = pa.array(keep_rows, type=pa.int64())
     return pa.table({
-        "id": pruning.column("id").take(rows),
-        "cosine_dist_to_cent": pa.array(np.asarray(cosine_dist, np.float32)[keep_rows]),
-        "cluster": pa.array(np.full(len(keep_rows), cluster, dtype=np.int64)),
+        layout.ID: pruning.column(layout.ID).take(rows),
+        layout.COSINE_DIST: pa.array(np.asarray(cosine_dist, np.float32)[keep_rows]),
+        layout.CLUSTER: pa.array(np.full(len(keep_rows), cluster, dtype=np.int64)),
     })
 
 
@@ -47,14 +47,14 @@ def extract_from_tables(out: Storage, cluster: int, eps_list: list[float]) -> di
     (no embeddings read, no ranking redone: the shard only supplies cosine_dist_to_cent)."""
     pruning = read_table(out, layout.pruning_table(cluster))
     shard = pa.concat_tables(
-        read_table(out, f, columns=["id", "cosine_dist_to_cent"])
+        read_table(out, f, columns=[layout.ID, layout.COSINE_DIST])
         for f in out.list_files(layout.shard_dir(cluster)))
-    ids = pruning.column("id").combine_chunks()
-    where = pc.index_in(ids, value_set=shard.column("id").combine_chunks())
+    ids = pruning.column(layout.ID).combine_chunks()
+    where = pc.index_in(ids, value_set=shard.column(layout.ID).combine_chunks())
     if where.null_count:
         raise InputError(f"{out.display(layout.pruning_table(cluster))} lists ids missing from the "
                          f"shard of cluster {cluster}; re-materialise its pruning table")
-    cosine = shard.column("cosine_dist_to_cent").combine_chunks().take(where).to_numpy()
+    cosine = shard.column(layout.COSINE_DIST).combine_chunks().take(where).to_numpy()
     return write_removed(out, pruning, cosine, cluster, eps_list)
 
 
@@ -105,6 +105,6 @@ def summarize(out: Storage, eps_list: list[float], clusters: list[int], total: i
         else:
             removed = rows_in(layout.unique_ids_part(eps, c) for c in clusters)
         rows[eps] = {"eps": eps, "kept": total - removed, "removed": removed, "total": total}
-        csv = f"eps,kept,removed,total\n{eps_text(eps)},{total - removed},{removed},{total}\n"
+        csv = f"{','.join(layout.SUMMARY_COLUMNS)}\n{eps_text(eps)},{total - removed},{removed},{total}\n"
         out.write_bytes(layout.summary_csv(eps), csv.encode())
     return rows

@@ -28,7 +28,7 @@ def summaries(out: Storage) -> list[dict]:
         if name.startswith("dedup_summary_") and name.endswith(".csv"):
             for row in csv.DictReader(io.StringIO(out.read_bytes(rel).decode())):
                 rows.append({"eps": float(row["eps"]), **{k: int(row[k])
-                                                          for k in ("kept", "removed", "total")}})
+                                                          for k in layout.SUMMARY_COLUMNS[1:]}})
     return sorted(rows, key=lambda r: r["eps"])
 
 
@@ -65,17 +65,17 @@ def score_stats(out: Storage, clusters: list[int] | None = None, eps_grid=EPS_GR
     sizes, removed counts per eps, a score histogram and, with `examples_eps`, the
     EXAMPLES_PER_CLUSTER lowest-scoring removed clips of each cluster."""
     clusters = _clusters(out) if clusters is None else clusters
-    columns = ["cosine_sim_score"] + (["id", "max_id"] if examples_eps is not None else [])
+    columns = [layout.SCORE] + ([layout.ID, layout.MAX_ID] if examples_eps is not None else [])
 
     def one(c: int):
         table = read_table(out, layout.pruning_table(c), columns)
-        scores = table.column("cosine_sim_score").to_numpy()
+        scores = table.column(layout.SCORE).to_numpy()
         examples = []
         if examples_eps is not None:
             inside = np.flatnonzero(removed_mask(scores, examples_eps))
             for i in inside[np.argsort(scores[inside], kind="stable")][:EXAMPLES_PER_CLUSTER]:
-                examples.append((float(scores[i]), c, table.column("id")[int(i)].as_py(),
-                                 table.column("max_id")[int(i)].as_py()))
+                examples.append((float(scores[i]), c, table.column(layout.ID)[int(i)].as_py(),
+                                 table.column(layout.MAX_ID)[int(i)].as_py()))
         return (c, len(scores), [int(removed_mask(scores, e).sum()) for e in eps_grid],
                 np.histogram(scores, bins=SCORE_BINS, range=(0, 1))[0], examples)
 
@@ -107,13 +107,13 @@ def find_clip(out: Storage, clip_id: str) -> ClipReport | None:
 
     def look(c: int):
         table = read_table(out, layout.pruning_table(c))
-        return c, table, pc.index(table.column("id"), clip_id).as_py()
+        return c, table, pc.index(table.column(layout.ID), clip_id).as_py()
 
     # Tables are searched on I/O threads, in cluster order; the first hit stops the search.
     for c, table, pos in ordered_map(look, _clusters(out), LATENCY_BOUND_THREADS):
         if pos is not None and pos >= 0:
-            score = float(table.column("cosine_sim_score")[pos].as_py())
-            return ClipReport(clip_id, c, pos, table.num_rows, table.column("max_id")[pos].as_py(),
+            score = float(table.column(layout.SCORE)[pos].as_py())
+            return ClipReport(clip_id, c, pos, table.num_rows, table.column(layout.MAX_ID)[pos].as_py(),
                               score, {e: bool(removed_mask(np.array([score], np.float32), e)[0])
                                       for e in eps_list})
     return None

@@ -1,4 +1,5 @@
-"""Every artifact path of the output layout (SPEC.md), relative to `output_path`, in one place."""
+"""Every artifact path of the output layout (SPEC.md), relative to `output_path`, and the column
+names of its tables, in one place."""
 
 import re
 
@@ -9,6 +10,17 @@ CENTROIDS = f"{CLUSTERING}/kmeans_centroids.npy"
 SHARDS = f"{CLUSTERING}/embs_by_nearest_center"
 EXTRACTION = "extraction"
 PRUNING_TABLES = f"{EXTRACTION}/semdedup_pruning_tables"
+
+# Columns. Shards: ID, EMBEDDING, L2_DIST, COSINE_DIST. Pruning tables: ID, MAX_ID, SCORE.
+# unique_ids parts: ID, COSINE_DIST, CLUSTER. Summaries: SUMMARY_COLUMNS.
+ID = "id"
+EMBEDDING = "embedding"
+L2_DIST = "l2_dist_to_cent"
+COSINE_DIST = "cosine_dist_to_cent"
+MAX_ID = "max_id"
+SCORE = "cosine_sim_score"
+CLUSTER = "cluster"
+SUMMARY_COLUMNS = ("eps", "kept", "removed", "total")
 
 
 def shard_dir(cluster: int) -> str:

@@ -25,7 +25,7 @@ from semdedup_core.config import DedupConfig
 from semdedup_core.embeddings import EmbeddingSource, scan_input
 from semdedup_core.errors import InputError
 from semdedup_core.extraction import summarize, write_removed
-from semdedup_core.kmeans import assign_to_shards, read_shard, save_centroids
+from semdedup_core.shards import assign_to_shards, read_shard, save_centroids
 from semdedup_core.pairwise import max_similarity_to_earlier, pairwise_flops
 from semdedup_core.parquet import write_table
 from semdedup_core.ranking import rank_order
@@ -170,11 +170,11 @@ def ranked_shard(cfg: DedupConfig, out: Storage, cluster: int) -> RankedShard | 
     shard = read_shard(out, cluster)
     if shard is None:
         return None
-    ids = shard.column("id").combine_chunks()
-    cos = shard.column("cosine_dist_to_cent").to_numpy()
-    order = rank_order(ids, shard.column("l2_dist_to_cent").to_numpy(), cos, cfg.sim_metric,
+    ids = shard.column(layout.ID).combine_chunks()
+    cos = shard.column(layout.COSINE_DIST).to_numpy()
+    order = rank_order(ids, shard.column(layout.L2_DIST).to_numpy(), cos, cfg.sim_metric,
                        cfg.which_to_keep, cfg.random_state, cluster)
-    emb = list_column_to_numpy(shard.column("embedding"))[order]
+    emb = list_column_to_numpy(shard.column(layout.EMBEDDING))[order]
     return RankedShard(cluster, ids.take(pa.array(order)), emb, cos[order])
 
 
@@ -201,8 +201,8 @@ def write_cluster_outputs(cfg: DedupConfig, out: Storage, scored: ScoredShard,
                           extract: bool) -> ClusterResult:
     """Write the pruning table and, with `extract`, every eps's `unique_ids` part."""
     ranked = scored.ranked
-    pruning = pa.table({"id": ranked.ids, "max_id": ranked.ids.take(pa.array(scored.match)),
-                        "cosine_sim_score": pa.array(scored.score, type=pa.float32())})
+    pruning = pa.table({layout.ID: ranked.ids, layout.MAX_ID: ranked.ids.take(pa.array(scored.match)),
+                        layout.SCORE: pa.array(scored.score, type=pa.float32())})
     write_table(out, layout.pruning_table(ranked.cluster), pruning)
     removed = write_removed(out, pruning, ranked.cosine_dist, ranked.cluster,
                             cfg.eps_to_extract) if extract else {}

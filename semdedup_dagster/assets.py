@@ -19,7 +19,7 @@ from semdedup_core.backends import get_backend
 from semdedup_core.config import DedupConfig, eps_text
 from semdedup_core.extraction import extract_from_tables, removed_mask, summarize
 from semdedup_core.inspection import EPS_GRID, score_stats
-from semdedup_core.kmeans import load_centroids, save_centroids
+from semdedup_core.shards import load_centroids, save_centroids
 from semdedup_core.pipeline import (
     ClusterResult,
     FitResult,
@@ -83,10 +83,10 @@ def shard_metadata(out: Storage, cluster: int, size: int) -> dict:
 def cluster_metadata(out: Storage, result: ClusterResult, seconds: float) -> dict:
     """Per-centroid metadata: sizes, the score histogram, the eps curve and example pairs."""
     table = result.pruning
-    scores = table.column("cosine_sim_score").to_numpy()
+    scores = table.column(layout.SCORE).to_numpy()
     top = np.argsort(-scores, kind="stable")[:5]
     pairs = "| id | max_id | cosine_sim_score |\n|---|---|---|\n" + "".join(
-        f"| {table.column('id')[int(i)]} | {table.column('max_id')[int(i)]} | "
+        f"| {table.column(layout.ID)[int(i)]} | {table.column(layout.MAX_ID)[int(i)]} | "
         f"{scores[i]:.6f} |\n" for i in top if scores[i] > 0)
     curve = "| eps | removed |\n|---|---|\n" + "".join(
         f"| {eps_text(e)} | {int(removed_mask(scores, e).sum())} |\n" for e in EPS_GRID)
