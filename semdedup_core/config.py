@@ -47,11 +47,20 @@ class DedupConfig(BaseModel):
         default="hard",
         description="hard: keep the clip farthest from the centroid; easy: the nearest; "
                     "random: a seeded random one.")
-    random_state: int = Field(default=42, description="Seed for K-means and the random ranking.")
+    random_state: int = Field(
+        default=42, ge=0, lt=2**32,
+        description="Seed for K-means and the random ranking, in [0, 2**32) (a 32-bit seed, "
+                    "as cuML and numpy's generators take).")
 
     # Engine settings (documented in the README; not in SPEC's table).
     backend: Literal["auto", "cpu", "gpu"] = Field(
-        default="auto", description="Compute backend: auto picks the GPU when RAPIDS/CuPy is usable.")
+        default="auto", description="Compute backend: auto picks the GPU when CuPy runs a kernel "
+                                    "and a matmul on a CUDA device, else the CPU.")
+    gpu_kmeans: Literal["lloyd", "cuml"] = Field(
+        default="lloyd",
+        description="K-means fit on the GPU backend: lloyd (the project's, same rule as the CPU, "
+                    "identical centroids on every run) or cuml (cuML's KMeans when installed: "
+                    "faster at large n_clusters, not reproducible run to run). The CPU ignores it.")
     id_column: str = Field(default="id", description="Input column holding the clip id.")
     embedding_column: str = Field(default="embedding",
                                   description="Input column holding the embedding.")
@@ -60,8 +69,9 @@ class DedupConfig(BaseModel):
         description="K-means fits on at most this many clips per cluster (a seeded uniform "
                     "sample); all clips are then assigned.")
     kmeans_tol: float = Field(
-        default=1e-4, ge=0,
-        description="Stop K-means early when inertia improves by less than this fraction.")
+        default=1e-4, gt=0,
+        description="Stop K-means early when inertia improves by less than this fraction; > 0 "
+                    "(cuML refuses 0; 1e-12 stops only once inertia stops improving).")
     read_batch_rows: int = Field(default=32768, ge=1,
                                  description="Rows decoded per input batch (bounds memory).")
     spill_buffer_mb: float = Field(

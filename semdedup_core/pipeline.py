@@ -109,7 +109,7 @@ def fit_centroids(cfg: DedupConfig, source: EmbeddingSource, backend: Backend,
         log.info("fitting K-means: %d clusters on %d of %d clips (dim %d)", cfg.n_clusters,
                  len(scan.sample), n, scan.dim)
         centroids, iters = backend.fit_kmeans(scan.sample, cfg.n_clusters, cfg.max_iter,
-                                              cfg.kmeans_tol, cfg.random_state)
+                                              cfg.kmeans_tol, cfg.random_state, cfg.gpu_kmeans)
     timer.flops["kmeans_fit"] = 2.0 * iters * len(scan.sample) * cfg.n_clusters * scan.dim
     return FitResult(centroids, n, scan.dim, len(scan.sample), iters)
 

@@ -1,34 +1,30 @@
 """The GPU backend: parity with the CPU where a CUDA GPU and CuPy are present (marked `gpu`,
-skipped elsewhere), a clean fallback where they are not, and the GPU backend's own code paths
-(one-hot scatter, slabs from the host, tile and fit sizing by device memory) run everywhere on
-a host stand-in for CuPy."""
+skipped elsewhere; `scripts/gpu-check` runs them on a device), a clean fallback where they are
+not, and the GPU backend's own code (probe, one-hot scatter, slabs from the host, tile and fit
+sizing by device memory, the cuML opt-in) run everywhere on the strict host stand-ins for CuPy
+and cuML of `tests/cupy_standin.py`."""
 
 import logging
-from types import SimpleNamespace
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
-from semdedup_core import pipeline
+from semdedup_core import layout, pipeline
 from semdedup_core.backends import CpuBackend, get_backend
 from semdedup_core.backends.gpu import GpuBackend, unavailable_reason
-from semdedup_core.config import make_config
+from semdedup_core.cli import main as cli_main
+from semdedup_core.config import make_config, parse_job_spec
 from semdedup_core.embeddings import normalize
 from semdedup_core.errors import ConfigError
-from semdedup_core.extraction import removed_mask
-from semdedup_core.kmeans import lloyd, nearest_centroid
+from semdedup_core.extraction import removed_mask, summarize
+from semdedup_core.kmeans import lloyd, nearest_centroid, save_centroids
 from semdedup_core.pairwise import max_similarity_to_earlier
 from semdedup_core.pipeline import run_pipeline
+from tests.cupy_standin import DeviceArray, HostArrayError, HostCuPy, StandInKMeans, installed
 
 NO_GPU = unavailable_reason()
 needs_gpu = pytest.mark.skipif(NO_GPU is not None, reason=f"no GPU backend: {NO_GPU}")
-
-
-@pytest.mark.skipif(NO_GPU is None, reason="a GPU is present")
-def test_without_a_gpu_auto_picks_the_cpu_and_gpu_says_why():
-    assert get_backend("auto").name == "cpu"
-    with pytest.raises(ConfigError, match="backend 'gpu' is not usable here"):
-        get_backend("gpu")
 
 
 def adjusted_rand_index(a: np.ndarray, b: np.ndarray) -> float:
@@ -45,15 +41,71 @@ def adjusted_rand_index(a: np.ndarray, b: np.ndarray) -> float:
     return float((index - expected) / ((rows + cols) / 2 - expected))
 
 
+def test_adjusted_rand_index_helper():
+    a = np.array([0, 0, 1, 1, 2, 2])
+    assert adjusted_rand_index(a, a[::-1] + 5) == pytest.approx(1.0)
+    assert adjusted_rand_index(a, np.array([0, 1, 0, 1, 0, 1])) < 0.1
+
+
+def near_duplicates(n, dim, seed):
+    rng = np.random.default_rng(seed)
+    emb = normalize(rng.standard_normal((n, dim)).astype(np.float32))
+    emb[n // 2:] = normalize(emb[: n - n // 2] + 1e-3 * rng.standard_normal(
+        (n - n // 2, dim)).astype(np.float32))
+    return emb
+
+
+def blobs(k=20, per=300, dim=32, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = normalize(rng.standard_normal((k, dim)).astype(np.float32))
+    return normalize(np.repeat(centers, per, axis=0)
+                     + 0.05 * rng.standard_normal((k * per, dim)).astype(np.float32))
+
+
+def run_from_centroids(cfg, backend, centroids: np.ndarray) -> None:
+    """Every stage after the fit, from given centroids: the pipeline on `backend` without
+    K-means convergence in the comparison."""
+    out = pipeline.output_storage(cfg)
+    with pipeline.open_source(cfg) as source:
+        save_centroids(out, centroids)
+        sizes = pipeline.assign(cfg, source, centroids, out, backend)
+    clusters = [int(c) for c in np.flatnonzero(sizes)]
+    removed = pipeline.prune_all(cfg, out, clusters, backend)
+    summarize(out, cfg.eps_to_extract, clusters, int(sizes.sum()), removed)
+
+
+def pruning_tables(root) -> dict:
+    folder = root / layout.PRUNING_TABLES
+    return {p.name: pq.read_table(p).to_pydict() for p in sorted(folder.iterdir())}
+
+
+def assert_same_pipeline_results(cpu_root, gpu_root, atol: float) -> None:
+    """Same clusters, ranks, matches and removals; scores within atol."""
+    cpu, gpu = pruning_tables(cpu_root), pruning_tables(gpu_root)
+    assert cpu.keys() == gpu.keys() and cpu
+    for name in cpu:
+        assert gpu[name]["id"] == cpu[name]["id"], name
+        assert gpu[name]["max_id"] == cpu[name]["max_id"], name
+        np.testing.assert_allclose(gpu[name]["cosine_sim_score"], cpu[name]["cosine_sim_score"],
+                                   atol=atol)
+    for summary in sorted(cpu_root.glob("extraction/dedup_summary_*.csv")):
+        assert (gpu_root / summary.relative_to(cpu_root)).read_text() == summary.read_text()
+
+
+# -- on a real device (skipped without one) ------------------------------------------------------
+@pytest.mark.skipif(NO_GPU is None, reason="a GPU is present")
+def test_without_a_gpu_auto_picks_the_cpu_and_gpu_says_why():
+    assert get_backend("auto").name == "cpu"
+    with pytest.raises(ConfigError, match="backend 'gpu' is not usable here"):
+        get_backend("gpu")
+
+
 @needs_gpu
 @pytest.mark.gpu
 def test_gpu_pruning_equals_cpu():
     gpu = get_backend("gpu")
-    rng = np.random.default_rng(5)
     for n, dim in ((1, 8), (700, 64), (5000, 256)):
-        emb = normalize(rng.standard_normal((n, dim)).astype(np.float32))
-        emb[n // 2:] = normalize(emb[: n - n // 2] + 1e-3 * rng.standard_normal(
-            (n - n // 2, dim)).astype(np.float32))
+        emb = near_duplicates(n, dim, 5)
         s_cpu, m_cpu = max_similarity_to_earlier(CpuBackend(), emb, 512)
         s_gpu, m_gpu = max_similarity_to_earlier(gpu, gpu.asarray(emb), 4096)
         s_gpu, m_gpu = gpu.to_numpy(s_gpu), gpu.to_numpy(m_gpu)
@@ -67,7 +119,7 @@ def test_gpu_pruning_equals_cpu():
 def test_gpu_slabs_from_host_equal_the_device_resident_cluster():
     """A cluster too large for the device stays on the host and moves over tile by tile."""
     gpu = get_backend("gpu")
-    emb = normalize(np.random.default_rng(2).standard_normal((3000, 64)).astype(np.float32))
+    emb = near_duplicates(3000, 64, 2)
     whole = max_similarity_to_earlier(gpu, gpu.asarray(emb), 512)
     slabs = max_similarity_to_earlier(gpu, emb, 512)
     assert (gpu.to_numpy(whole[1]) == gpu.to_numpy(slabs[1])).all()
@@ -76,14 +128,13 @@ def test_gpu_slabs_from_host_equal_the_device_resident_cluster():
 
 @needs_gpu
 @pytest.mark.gpu
-def test_gpu_kmeans_agrees_with_cpu_on_blobs():
+def test_gpu_lloyd_is_bit_reproducible_and_agrees_with_cpu():
     gpu = get_backend("gpu")
-    rng = np.random.default_rng(0)
-    centers = normalize(rng.standard_normal((20, 32)).astype(np.float32))
-    x = normalize(np.repeat(centers, 300, axis=0)
-                  + 0.05 * rng.standard_normal((6000, 32)).astype(np.float32))
+    x = blobs()
+    c_gpu, it = gpu.fit_kmeans(x, 20, 100, 1e-4, 3)
+    again, it_again = gpu.fit_kmeans(x, 20, 100, 1e-4, 3)
+    assert c_gpu.tobytes() == again.tobytes() and it == it_again
     c_cpu, _ = lloyd(CpuBackend(), x, 20, 100, 1e-4, 3)
-    c_gpu, _ = gpu.fit_kmeans(x, 20, 100, 1e-4, 3)
     l_cpu, _ = nearest_centroid(CpuBackend(), x, c_cpu)
     l_gpu, _ = nearest_centroid(CpuBackend(), x, c_gpu)
     assert adjusted_rand_index(l_cpu, l_gpu) >= 0.99
@@ -91,107 +142,174 @@ def test_gpu_kmeans_agrees_with_cpu_on_blobs():
 
 @needs_gpu
 @pytest.mark.gpu
-def test_gpu_end_to_end_removes_the_same_clips(planted, tmp_path):
-    folder, _ = planted
-    reports = {}
-    for backend in ("cpu", "gpu"):
-        cfg = make_config(input_embeddings_path=str(folder), output_path=str(tmp_path / backend),
-                          n_clusters=8, backend=backend)
-        reports[backend] = run_pipeline(cfg)
-    assert reports["gpu"].backend == "gpu"
-    assert reports["gpu"].summary[0.01]["removed"] == reports["cpu"].summary[0.01]["removed"]
+def test_gpu_pipeline_from_the_cpu_centroids_removes_the_same_clips(planted, tmp_path):
+    """The CPU's centroids for both, so this checks assignment, ranking and pruning on the
+    device, not K-means convergence (GEMM rounding may move a fit's near-ties)."""
+    args = {"input_embeddings_path": str(planted[0]), "n_clusters": 8,
+            "eps_to_extract": [0.01, 0.1]}
+    cpu_cfg = make_config(output_path=str(tmp_path / "cpu"), backend="cpu", **args)
+    run_pipeline(cpu_cfg)
+    centroids = np.load(tmp_path / "cpu" / layout.CENTROIDS)
+    gpu_cfg = make_config(output_path=str(tmp_path / "gpu"), backend="gpu", **args)
+    run_from_centroids(gpu_cfg, get_backend("gpu"), centroids)
+    assert_same_pipeline_results(tmp_path / "cpu", tmp_path / "gpu", atol=1e-5)
 
 
-def test_adjusted_rand_index_helper():
-    a = np.array([0, 0, 1, 1, 2, 2])
-    assert adjusted_rand_index(a, a[::-1] + 5) == pytest.approx(1.0)
-    assert adjusted_rand_index(a, np.array([0, 1, 0, 1, 0, 1])) < 0.1
+# -- the settings cuML refuses are refused on every door -----------------------------------------
+@pytest.mark.parametrize("arg,value,message", [
+    ("random_state", -1, "random_state: Input should be greater than or equal to 0"),
+    ("random_state", 2**32, "random_state: Input should be less than 4294967296"),
+    ("kmeans_tol", 0, "kmeans_tol: Input should be greater than 0"),
+])
+def test_settings_cuml_refuses_fail_the_same_way_on_every_door(tmp_path, capsys, arg, value,
+                                                               message):
+    from semdedup_dagster.config import SemdedupConfig, to_engine
+
+    args = {"input_embeddings_path": str(tmp_path), "output_path": str(tmp_path / "out"),
+            "n_clusters": 2, arg: value}
+    with pytest.raises(ConfigError, match=message):
+        make_config(**args)
+    with pytest.raises(ConfigError, match=message):
+        parse_job_spec({"pipeline": "semantic-dedup", "args": args})
+    with pytest.raises(ConfigError, match=message):
+        to_engine(SemdedupConfig(**args))
+    flags = ["run", "--input-embeddings-path", str(tmp_path), "--output-path",
+             str(tmp_path / "out"), "--n-clusters", "2", "--" + arg.replace("_", "-"), str(value)]
+    assert cli_main(flags) == 1
+    assert message in capsys.readouterr().err
+    make_config(**{**args, arg: {"random_state": 2**32 - 1, "kmeans_tol": 1e-12}[arg]})
 
 
-# -- the GPU backend's code on a host stand-in for CuPy (runs in CI) ------------------------------
-def on_device(x):
-    if isinstance(x, tuple):
-        return tuple(on_device(v) for v in x)
-    return x.view(DeviceArray) if type(x) is np.ndarray else x
+# -- the strict stand-in behaves like CuPy where the kernels depend on it ------------------------
+def test_standin_refuses_host_arrays_implicit_conversion_and_unknown_keywords():
+    xp = HostCuPy()
+    d = xp.asarray(np.arange(6, dtype=np.float32))
+    host, zero_d = np.arange(6, dtype=np.float32), np.asarray(np.float32(1))
+    calls = {
+        "where": lambda h: xp.where(d > 2, h, d), "maximum": lambda h: xp.maximum(d, h),
+        "matmul": lambda h: xp.matmul(d, h), "searchsorted": lambda h: xp.searchsorted(d, h),
+        "take_along_axis": lambda h: xp.take_along_axis(d, h, axis=0),
+        "concatenate": lambda h: xp.concatenate([d, h]), "bincount": lambda h: xp.bincount(h),
+        "cumsum": lambda h: xp.cumsum(h), "argsort": lambda h: xp.argsort(h),
+        "clip": lambda h: xp.clip(d, h, 3), "arithmetic": lambda h: d + h,
+        "reflected": lambda h: h * d, "in place": lambda h: d.__iadd__(h),
+    }
+    for name, call in calls.items():
+        for h in (host if name != "bincount" else host.astype(np.int64), zero_d):
+            with pytest.raises((HostArrayError, NotImplementedError)):
+                call(h)
+                pytest.fail(f"{name} accepted a host array of shape {h.shape}")
+    assert float((d * np.float32(2) + 1).sum()) == 36.0  # numpy and Python scalars are fine
+    with pytest.raises(TypeError, match="Implicit conversion"):
+        np.asarray(d)
+    with pytest.raises(TypeError):
+        np.maximum(d, d)  # numpy functions never see device memory
+    with pytest.raises(ValueError, match="kind can only be None or 'stable'"):
+        xp.argsort(d, kind="quicksort")
+    with pytest.raises(TypeError):
+        d.argsort(kind="stable")  # CuPy 13's method takes no kind
+    with pytest.raises(TypeError):
+        xp.asarray(host, copy=False)  # CuPy 14 only
+    with pytest.raises(AttributeError):
+        xp.add  # noqa: B018 - not used by the engine, so not in the stand-in
 
 
-def as_plain(x):
-    return x.view(np.ndarray) if isinstance(x, DeviceArray) else x
+def test_standin_copies_between_host_and_device_and_sorts_stably():
+    xp = HostCuPy()
+    host = np.zeros(4, dtype=np.float32)
+    d = xp.asarray(host)
+    host[0] = 1
+    assert float(d[0]) == 0  # the device copy did not follow the host
+    back = xp.asnumpy(d)
+    back[1] = 5
+    assert float(d[1]) == 0
+    assert xp.asarray(d) is d  # already on the device: no copy, as on CuPy
+    ties = xp.asarray(np.array([1, 0, 1, 0, 1, 0] * 50))
+    assert xp.asnumpy(xp.argsort(ties)).tolist() == list(range(1, 300, 2)) + list(range(0, 300, 2))
+    view = d[1:]
+    view[view >= 0] = 7  # masked assignment into a view writes through, as on CuPy
+    assert xp.asnumpy(d).tolist() == [0, 7, 7, 7]
 
 
-class DeviceArray(np.ndarray):
-    """A numpy array standing for device memory. Like CuPy, arithmetic that mixes it with a
-    host array fails, so a missing host-to-device copy in the kernels shows up here."""
-
-    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        out = kwargs.get("out", ())
-        if any(type(x) is np.ndarray and x.ndim for x in (*inputs, *out)):
-            raise TypeError(f"{ufunc.__name__}: host array mixed with device arrays")
-        if out:
-            kwargs["out"] = tuple(as_plain(o) for o in out)
-        return on_device(getattr(ufunc, method)(*(as_plain(x) for x in inputs), **kwargs))
-
-
-class HostCuPy:
-    """The part of CuPy's API that GpuBackend uses, over numpy, for a device of a chosen size:
-    every array it makes is a DeviceArray."""
-
-    def __init__(self, free: int, total: int):
-        runtime = SimpleNamespace(memGetInfo=lambda: (free, total),
-                                  getDeviceProperties=lambda i: {"name": b"host stand-in"})
-        self.cuda = SimpleNamespace(runtime=runtime, Device=lambda: SimpleNamespace(id=0))
-
-    def __getattr__(self, name):
-        attr = getattr(np, name)
-        if callable(attr) and not isinstance(attr, type):
-            return lambda *a, **k: on_device(attr(*a, **k))
-        return attr
-
-    def asarray(self, a, dtype=None):
-        return np.asarray(a, dtype).view(DeviceArray)  # the host-to-device copy
-
-    def asnumpy(self, a):
-        return np.asarray(a).view(np.ndarray)
+def test_cuml_standin_refuses_what_cuml_refuses():
+    x = DeviceArray(blobs(k=3, per=20, dim=4))
+    init = x[:3].copy()
+    good = {"n_clusters": 3, "max_iter": 10, "tol": 1e-4, "n_init": 1, "init": init,
+            "random_state": 0, "max_samples_per_batch": 32768, "output_type": "cupy"}
+    StandInKMeans(**good).fit(x)
+    StandInKMeans(**{**good, "random_state": 2**32 - 1}).fit(x)
+    for bad, match in (({"tol": 0.0}, "tol must be > 0"),
+                       ({"random_state": -1}, "random_state"),
+                       ({"random_state": 2**32}, "random_state"),
+                       ({"n_init": "auto"}, "n_init"),
+                       ({"init": x[:2].copy()}, "shape of the initial centers")):
+        with pytest.raises(ValueError, match=match):
+            StandInKMeans(**{**good, **bad}).fit(x)
+    with pytest.raises(TypeError):
+        StandInKMeans(3)  # keyword-only, as cuML's
 
 
-class StandInGpu(GpuBackend):
-    """GpuBackend exactly as shipped, except that its array module is HostCuPy (no cuML)."""
+# -- the shipped GpuBackend on the stand-ins ------------------------------------------------------
+def test_probe_runs_a_kernel_and_a_matmul_and_auto_falls_back(monkeypatch, caplog):
+    installed(monkeypatch, HostCuPy())
+    assert unavailable_reason() is None
+    assert get_backend("auto").name == "gpu"
+    installed(monkeypatch, HostCuPy(devices=0))
+    assert unavailable_reason() == "no CUDA device is visible"
+    for part, words in (("kernel", "cannot compile or run a kernel"), ("matmul", "cannot run a matmul")):
+        installed(monkeypatch, HostCuPy(broken=part))
+        reason = unavailable_reason()
+        assert words in reason and "[ctk]" in reason and "libnvrtc.so or libcublas.so" in reason
+        with caplog.at_level(logging.INFO, logger="semdedup_core.backends"):
+            assert get_backend("auto").name == "cpu"
+        assert words in caplog.text
+        with pytest.raises(ConfigError, match=f"backend 'gpu' is not usable here: CuPy {words}"):
+            get_backend("gpu")
 
-    def __init__(self, free: int = 64 << 30, total: int = 80 << 30):
-        self.xp = HostCuPy(free, total)
-        self._cuml = None
 
-    def is_host(self, a) -> bool:
-        return type(a) is np.ndarray
-
-
-def near_duplicates(n, dim, seed):
-    rng = np.random.default_rng(seed)
-    emb = normalize(rng.standard_normal((n, dim)).astype(np.float32))
-    emb[n // 2:] = normalize(emb[: n - n // 2] + 1e-3 * rng.standard_normal(
-        (n - n // 2, dim)).astype(np.float32))
-    return emb
+def test_tf32_in_the_environment_is_warned_about(monkeypatch, caplog):
+    installed(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="semdedup_core.backends.gpu"):
+        monkeypatch.setenv("CUPY_TF32", "0")
+        GpuBackend()
+        assert "TF32" not in caplog.text
+        monkeypatch.setenv("CUPY_TF32", "1")
+        GpuBackend()
+    assert "CUPY_TF32=1" in caplog.text and "1e-5 tie tolerance" in caplog.text
 
 
-def test_gpu_backend_pairwise_resident_and_slabs_equal_cpu():
-    gpu = StandInGpu()
-    tile = gpu.pairwise_tile_size(512, 64)
-    assert tile == 8192  # a roomy device gets big tiles
+def test_free_memory_counts_the_pools_free_blocks(monkeypatch):
+    # 256 MiB free shrinks the tile (see below); 4 GiB more held free in CuPy's pool does not.
+    installed(monkeypatch, HostCuPy(free=256 << 20, pool_free=4 << 30))
+    gpu = GpuBackend()
+    assert gpu.free_bytes() == (256 << 20) + (4 << 30)
+    assert gpu.pairwise_tile_size(2048, 64) == 8192
+    assert gpu.fits_on_device(1 << 30) and not gpu.fits_on_device(2 << 30)
+
+
+def test_gpu_backend_pairwise_resident_and_slabs_equal_cpu(monkeypatch):
+    installed(monkeypatch)
+    gpu = GpuBackend()
+    assert gpu.pairwise_tile_size(512, 64) == 8192  # a roomy device gets big tiles
     emb = near_duplicates(3000, 64, 5)
     s_cpu, m_cpu = max_similarity_to_earlier(CpuBackend(), emb, 512)
-    for on_device in (gpu.asarray(emb), emb):  # resident cluster, then slabs from the host
-        s, m = max_similarity_to_earlier(gpu, on_device, 1024)
+    for cluster in (gpu.asarray(emb), emb):  # resident cluster, then slabs from the host
+        s, m = max_similarity_to_earlier(gpu, cluster, 1024)
         np.testing.assert_array_equal(gpu.to_numpy(s), s_cpu)
         np.testing.assert_array_equal(gpu.to_numpy(m), m_cpu)
 
 
-def test_gpu_backend_small_device_shrinks_tiles_and_keeps_clusters_on_the_host():
+def test_gpu_backend_small_device_shrinks_tiles_and_keeps_clusters_on_the_host(monkeypatch):
+    def backend(**device):
+        installed(monkeypatch, HostCuPy(**device))
+        return GpuBackend()
+
     # tiles take 1/16 of total memory at ~9 bytes per entry: sqrt(32 MiB / 16 / 9) = 482
-    assert StandInGpu(free=32 << 20, total=32 << 20).pairwise_tile_size(2048, 64) == 482
-    small = StandInGpu(free=1 << 20, total=2 << 20)
+    assert backend(free=32 << 20, total=32 << 20).pairwise_tile_size(2048, 64) == 482
+    assert backend(free=4 << 30).pairwise_tile_size(2048, 64) == 8192  # free: no say...
+    assert backend(free=256 << 20).pairwise_tile_size(2048, 64) == 2730  # ...unless low
+    small = backend(free=1 << 20, total=2 << 20)
     assert small.pairwise_tile_size(2048, 64) == 256  # the floor
-    assert StandInGpu(free=4 << 30).pairwise_tile_size(2048, 64) == 8192  # free: no say...
-    assert StandInGpu(free=256 << 20).pairwise_tile_size(2048, 64) == 2730  # ...unless low
     emb = near_duplicates(1500, 64, 6)
     assert not small.fits_on_device(emb.nbytes)  # 375 KiB > a quarter of 1 MiB: slabs
     ranked = pipeline.RankedShard(0, None, emb, np.zeros(len(emb), np.float32))
@@ -202,19 +320,17 @@ def test_gpu_backend_small_device_shrinks_tiles_and_keeps_clusters_on_the_host()
     np.testing.assert_array_equal(on_small.match, on_cpu.match)
 
 
-def blobs(k=20, per=300, dim=32, seed=0):
-    rng = np.random.default_rng(seed)
-    centers = normalize(rng.standard_normal((k, dim)).astype(np.float32))
-    return normalize(np.repeat(centers, per, axis=0)
-                     + 0.05 * rng.standard_normal((k * per, dim)).astype(np.float32))
-
-
-def test_gpu_backend_fit_keeps_a_too_large_sample_on_the_host(caplog):
+def test_gpu_backend_fit_is_the_lloyd_and_keeps_a_too_large_sample_on_the_host(monkeypatch,
+                                                                                caplog):
     x = blobs()
-    roomy, small = StandInGpu(), StandInGpu(free=1 << 20, total=2 << 20)
+    installed(monkeypatch)
+    roomy = GpuBackend()
     c_dev, it_dev = roomy.fit_kmeans(x, 20, 100, 1e-4, 3)
+    again, _ = roomy.fit_kmeans(x, 20, 100, 1e-4, 3)
+    assert c_dev.tobytes() == again.tobytes()
+    installed(monkeypatch, HostCuPy(free=1 << 20, total=2 << 20))
     with caplog.at_level(logging.INFO, logger="semdedup_core.backends.gpu"):
-        c_host, it_host = small.fit_kmeans(x, 20, 100, 1e-4, 3)
+        c_host, it_host = GpuBackend().fit_kmeans(x, 20, 100, 1e-4, 3)
     assert "sample in host memory" in caplog.text
     # same kernels, same order of operations: the sample's location changes no bit
     np.testing.assert_array_equal(c_host, c_dev)
@@ -227,12 +343,38 @@ def test_gpu_backend_fit_keeps_a_too_large_sample_on_the_host(caplog):
     assert adjusted_rand_index(l_cpu, l_dev) == pytest.approx(1.0)
 
 
-def test_gpu_backend_end_to_end_removes_what_the_cpu_removes(planted, tmp_path, monkeypatch):
-    cfg = {"input_embeddings_path": str(planted[0]), "n_clusters": 8,
-           "eps_to_extract": [0.01, 0.1]}
-    cpu = run_pipeline(make_config(output_path=str(tmp_path / "cpu"), backend="cpu", **cfg))
-    monkeypatch.setattr(pipeline, "get_backend", lambda name: StandInGpu())
-    gpu = run_pipeline(make_config(output_path=str(tmp_path / "gpu"), backend="gpu", **cfg))
+def test_cuml_is_opt_in_and_its_import_error_is_logged(monkeypatch, caplog):
+    x = blobs()
+    installed(monkeypatch)  # no cuML
+    lloyd_fit, _ = GpuBackend().fit_kmeans(x, 20, 100, 1e-4, 3)
+    with caplog.at_level(logging.INFO, logger="semdedup_core.backends.gpu"):
+        fallback, _ = GpuBackend().fit_kmeans(x, 20, 100, 1e-4, 3, gpu_kmeans="cuml")
+    assert "cuML cannot be imported (ModuleNotFoundError: " in caplog.text
+    assert fallback.tobytes() == lloyd_fit.tobytes()
+    installed(monkeypatch, cuml=True)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="semdedup_core.backends.gpu"):
+        by_cuml, iters = GpuBackend().fit_kmeans(x, 20, 100, 1e-4, 3, gpu_kmeans="cuml")
+        assert GpuBackend().fit_kmeans(x, 20, 100, 1e-4, 3)[0].tobytes() == lloyd_fit.tobytes()
+    assert "cuML KMeans" in caplog.text and iters >= 1
+    l_lloyd, _ = nearest_centroid(CpuBackend(), x, lloyd_fit)
+    l_cuml, _ = nearest_centroid(CpuBackend(), x, by_cuml)
+    assert adjusted_rand_index(l_lloyd, l_cuml) >= 0.99
+
+
+def test_gpu_backend_end_to_end_on_the_standin(planted, tmp_path, monkeypatch):
+    """A whole run through `get_backend("gpu")` equals the CPU's, and so does the pipeline after
+    the fit from the CPU's centroids, byte for byte (the stand-in's GEMMs are the CPU's)."""
+    args = {"input_embeddings_path": str(planted[0]), "n_clusters": 8,
+            "eps_to_extract": [0.01, 0.1]}
+    cpu = run_pipeline(make_config(output_path=str(tmp_path / "cpu"), backend="cpu", **args))
+    installed(monkeypatch)
+    gpu_cfg = make_config(output_path=str(tmp_path / "gpu"), backend="gpu", **args)
+    gpu = run_pipeline(gpu_cfg)
     assert gpu.backend == "gpu"
     assert gpu.summary == cpu.summary
     assert (gpu.cluster_sizes == cpu.cluster_sizes).all()
+    centroids = np.load(tmp_path / "cpu" / layout.CENTROIDS)
+    from_cpu_cfg = make_config(output_path=str(tmp_path / "from_cpu"), backend="gpu", **args)
+    run_from_centroids(from_cpu_cfg, get_backend("gpu"), centroids)
+    assert_same_pipeline_results(tmp_path / "cpu", tmp_path / "from_cpu", atol=0)

@@ -1,7 +1,8 @@
 """Compute backends behind one small interface, chosen once per run.
 
-`cpu` runs on numpy; `gpu` runs the same kernels on CuPy (and cuML's K-means fit when RAPIDS is
-installed). Only this package imports CuPy, cuML or cuDF, and only when the GPU is asked for.
+`cpu` runs on numpy; `gpu` runs the same kernels on CuPy (and cuML's K-means fit when asked for
+with `gpu_kmeans="cuml"`). Only this package imports CuPy or cuML, and only when the GPU is asked
+for.
 """
 
 import logging
@@ -16,7 +17,8 @@ __all__ = ["Backend", "CpuBackend", "get_backend"]
 
 
 def get_backend(name: str = "auto") -> Backend:
-    """`cpu`, `gpu` or `auto` (the GPU when CUDA and CuPy are usable, else the CPU)."""
+    """`cpu`, `gpu` or `auto` (the GPU when CuPy runs a test kernel and matmul on a CUDA device,
+    else the CPU)."""
     if name == "cpu":
         return CpuBackend()
     from semdedup_core.backends import gpu  # imports nothing heavy until probed

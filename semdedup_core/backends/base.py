@@ -39,9 +39,9 @@ class Backend:
         raise NotImplementedError
 
     def fit_kmeans(self, sample: np.ndarray, n_clusters: int, max_iter: int, tol: float,
-                   seed: int):
+                   seed: int, gpu_kmeans: str = "lloyd"):
         """Fit on `sample` (normalised float32 (m, d)); returns (centroids float32 (k, d) as a
-        numpy array, iterations run)."""
+        numpy array, iterations run). `gpu_kmeans` ("lloyd" or "cuml") matters on the GPU only."""
         from semdedup_core.kmeans import lloyd
 
         return lloyd(self, sample, n_clusters, max_iter, tol, seed)
