@@ -3,8 +3,8 @@ assignment, and the distances to a centroid that the shards record. Shard and ce
 in `semdedup_core.shards`.
 
 Why Lloyd over numpy rather than faiss or scikit-learn: measured in `bench/kmeans_compare.py`,
-it is as fast per iteration on these CPUs, holds no extra copy of the data, and the same code runs
-on CuPy when cuML is missing.
+it is as fast per iteration on these CPUs, holds no extra copy of the data, and the same code is
+the GPU backend's default fit on CuPy (reproducible bit for bit, which cuML's is not).
 """
 
 import numpy as np

@@ -18,7 +18,8 @@ from semdedup_core.config import make_config, parse_job_spec
 from semdedup_core.embeddings import normalize
 from semdedup_core.errors import ConfigError
 from semdedup_core.extraction import removed_mask, summarize
-from semdedup_core.kmeans import lloyd, nearest_centroid, save_centroids
+from semdedup_core.kmeans import lloyd, nearest_centroid
+from semdedup_core.shards import save_centroids
 from semdedup_core.pairwise import max_similarity_to_earlier
 from semdedup_core.pipeline import run_pipeline
 from tests.cupy_standin import DeviceArray, HostArrayError, HostCuPy, StandInKMeans, installed
