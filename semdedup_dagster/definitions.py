@@ -9,11 +9,20 @@ from semdedup_dagster.assets import ASSETS
 from semdedup_dagster.assets import IO_MANAGER
 from semdedup_dagster.io_manager import LayoutIOManager
 from semdedup_dagster.jobs import JOBS
-from semdedup_dagster.resources import layout_storage_from_env
+from semdedup_dagster.resources import (
+    OP_OUTPUT_PATH_ENV,
+    layout_storage_from_env,
+    op_output_io_manager,
+)
 from semdedup_dagster.schedules import semdedup_schedule
 from semdedup_dagster.sensors import drop_watch_from_env, embedding_drop_sensor
 
 LAYOUT_STORAGE = layout_storage_from_env()
+OP_OUTPUTS = op_output_io_manager(LAYOUT_STORAGE)
+if OP_OUTPUTS is None and os.environ.get("SEMDEDUP_EXECUTOR") == "k8s":
+    # Each step is its own pod there, with its own disk: the default IO manager would lose them.
+    raise ValueError(f"SEMDEDUP_EXECUTOR=k8s runs every step in its own pod: set "
+                     f"{OP_OUTPUT_PATH_ENV}=s3://bucket/prefix for the outputs they pass on")
 
 defs = Definitions(
     assets=ASSETS,
@@ -22,5 +31,6 @@ defs = Definitions(
     schedules=[semdedup_schedule],
     resources={"layout_storage": LAYOUT_STORAGE,
                IO_MANAGER: LayoutIOManager(layout_storage=LAYOUT_STORAGE),
-               "drop_watch": drop_watch_from_env(os.environ)},
+               "drop_watch": drop_watch_from_env(os.environ),
+               **({"io_manager": OP_OUTPUTS} if OP_OUTPUTS else {})},
 )

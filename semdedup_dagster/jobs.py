@@ -9,8 +9,6 @@ materialisations of the centroid partitions it produced, so the asset catalog sh
 unique ids (e.g. one that failed), from the asset graph or the launchpad.
 """
 
-import json
-import os
 import time
 
 from dagster import (
@@ -46,13 +44,16 @@ from semdedup_dagster.assets import (
     summary_stage,
 )
 from semdedup_dagster.config import FIT_OP, SemdedupConfig, run_config_for, to_engine
+from semdedup_dagster.k8s import job_executor, run_k8s_tags, step_k8s_tags
 from semdedup_dagster.resources import LayoutStorage
 
 # With no config, the launchpad and `dagster job execute -j semdedup` run the bundled sample
 # into ./semdedup-demo-output (relative to the run's working directory), like `semdedup demo`.
 
 
-@op(name=FIT_OP, out=Out(dict, description="The run's validated arguments and step size."))
+# pool "gpu": the deployment's limit on computing steps running at once (deploy/dagster.yaml).
+@op(name=FIT_OP, out=Out(dict, description="The run's validated arguments and step size."),
+    pool="gpu", tags=step_k8s_tags())
 def fit_centroids_op(context: OpExecutionContext, config: SemdedupConfig,
                      layout_storage: LayoutStorage) -> dict:
     cfg = to_engine(config)
@@ -62,7 +63,7 @@ def fit_centroids_op(context: OpExecutionContext, config: SemdedupConfig,
     return {"args": cfg.model_dump(), "centroids_per_step": config.centroids_per_step}
 
 
-@op(ins={"run": In(dict)}, out=DynamicOut(dict))
+@op(ins={"run": In(dict)}, out=DynamicOut(dict), pool="gpu", tags=step_k8s_tags())
 def assign_shards(context: OpExecutionContext, run: dict, layout_storage: LayoutStorage):
     cfg = make_config(**run["args"])
     sizes, out = assign_stage(cfg, layout_storage, share_input_with_run=context.run_id)
@@ -77,25 +78,6 @@ def assign_shards(context: OpExecutionContext, run: dict, layout_storage: Layout
                             mapping_key=f"clusters_{batch[0]}_{batch[-1]}")
 
 
-def step_k8s_tags() -> dict:
-    """Pod settings of the per-centroid steps on Kubernetes (GPU limits, tolerations, node
-    selector), as the `dagster-k8s/config` tag, from SEMDEDUP_STEP_K8S_CONFIG (JSON; set by
-    deploy/helm/values.yaml)."""
-    raw = os.environ.get("SEMDEDUP_STEP_K8S_CONFIG")
-    return {"dagster-k8s/config": json.loads(raw)} if raw else {}
-
-
-def job_executor():
-    """SEMDEDUP_EXECUTOR=k8s runs each step in its own pod (dagster-k8s); else Dagster's default
-    (processes locally, in-process for execute_in_process)."""
-    if os.environ.get("SEMDEDUP_EXECUTOR") == "k8s":
-        from dagster_k8s import k8s_job_executor
-
-        return k8s_job_executor
-    return None
-
-
-# pool "gpu": the deployment's limit on per-centroid steps running at once (deploy/dagster.yaml).
 @op(ins={"work": In(dict)}, out=Out(dict), pool="gpu", tags=step_k8s_tags())
 def dedup_clusters(context: OpExecutionContext, work: dict, layout_storage: LayoutStorage) -> dict:
     cfg = make_config(**work["args"])
@@ -130,6 +112,7 @@ def summarize_run(context: OpExecutionContext, run: dict, done: list,
 
 
 @job(name="semdedup", config=run_config_for(DEMO_ARGS), executor_def=job_executor(),
+     tags=run_k8s_tags(),
      description="Semantic dedup end to end: centroids, shards, per-centroid pruning (parallel "
                  "steps), unique ids per eps, summaries.")
 def semdedup_job():

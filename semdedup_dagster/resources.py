@@ -55,3 +55,31 @@ def layout_storage_from_env() -> LayoutStorage:
         aws_secret_access_key=secret("SEMDEDUP_AWS_SECRET_ACCESS_KEY"),
         aws_session_token=secret("SEMDEDUP_AWS_SESSION_TOKEN"),
     )
+
+
+OP_OUTPUT_PATH_ENV = "SEMDEDUP_OP_OUTPUT_PATH"
+
+
+def op_output_io_manager(storage: LayoutStorage):
+    """Where the ops of the `semdedup` job pass their small outputs (the run's arguments, the
+    cluster batches, removal counts) from step to step.
+
+    SEMDEDUP_OP_OUTPUT_PATH=s3://bucket/prefix: pickles on S3 under that prefix (reached like the
+    layout, through `storage`), so steps may run on different machines (one pod per step with
+    the k8s executor). Unset: None, i.e. Dagster's default filesystem IO manager under
+    DAGSTER_HOME, which only steps on one machine share."""
+    uri = os.environ.get(OP_OUTPUT_PATH_ENV)
+    if not uri:
+        return None
+    from dagster_aws.s3 import S3PickleIOManager, S3Resource
+
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    if not uri.startswith("s3://") or not bucket:
+        raise ValueError(f"{OP_OUTPUT_PATH_ENV}={uri!r}: expected s3://bucket/prefix")
+    return S3PickleIOManager(
+        s3_resource=S3Resource(
+            profile_name=storage.aws_profile, endpoint_url=storage.aws_endpoint_url,
+            region_name=storage.aws_region, aws_access_key_id=storage.aws_access_key_id,
+            aws_secret_access_key=storage.aws_secret_access_key,
+            aws_session_token=storage.aws_session_token),
+        s3_bucket=bucket, s3_prefix=prefix.strip("/") or "dagster")

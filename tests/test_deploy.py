@@ -58,7 +58,7 @@ def test_compose_file_shape():
     assert services["code"]["command"][:3] == ["dagster", "code-server", "start"]
     assert "semdedup_dagster.definitions" in services["code"]["command"]
     for name in ("webserver", "daemon"):
-        assert "/opt/dagster/home/workspace.yaml" in services[name]["command"]
+        assert "/opt/dagster/dagster_home/workspace.yaml" in services[name]["command"]
         assert set(PG_ENV) - {"SEMDEDUP_COMPUTE_LOG_BUCKET"} <= set(services[name]["environment"])
     workspace = load_yaml("workspace.yaml")["load_from"][0]["grpc_server"]
     assert (workspace["host"], workspace["port"]) == ("code", 4000)
