@@ -178,6 +178,18 @@ class DeviceArray:
         return self._a.tolist()
 
 
+class _Generator:
+    """`cupy.random.default_rng(seed)`: only `standard_normal`, with CuPy's parameters."""
+
+    def __init__(self, seed=None):
+        self._rng = np.random.default_rng(seed)
+
+    def standard_normal(self, size=None, dtype=np.float64, out=None):
+        if out is not None:
+            raise NotImplementedError("the stand-in's standard_normal takes no out")
+        return DeviceArray(np.asarray(self._rng.standard_normal(size, dtype=dtype)))
+
+
 class _MemoryPool:
     def __init__(self, free: int):
         self._free = free
@@ -202,9 +214,14 @@ class HostCuPy(ModuleType):
         self._broken = broken  # "kernel" or "matmul": what a CUDA install without NVRTC/cuBLAS fails
         runtime = SimpleNamespace(
             memGetInfo=lambda: (free, total), getDeviceCount=lambda: devices,
-            getDeviceProperties=lambda i: {"name": b"host stand-in", "totalGlobalMem": total})
+            getDeviceProperties=lambda i: {"name": b"host stand-in", "totalGlobalMem": total},
+            deviceSynchronize=lambda: None)
         self.cuda = SimpleNamespace(runtime=runtime, Device=lambda device=None: SimpleNamespace(id=0))
         self._pool = _MemoryPool(pool_free)
+        self.random = SimpleNamespace(default_rng=_Generator)
+
+    def show_config(self, *, _full=False):
+        print(f"CuPy Version          : {self.__version__}\nCUDA Root             : none (host stand-in)")
 
     def get_default_memory_pool(self):
         return self._pool
@@ -248,6 +265,13 @@ class HostCuPy(ModuleType):
 
     def minimum(self, x1, x2, out=None, *, dtype=None):
         return self._ufunc(np.minimum, "minimum", x1, x2, out, dtype)
+
+    def sqrt(self, x, out=None, *, dtype=None):
+        a = _plain(x, "sqrt")
+        if out is None:
+            return _dev(np.sqrt(a, dtype=dtype))
+        np.sqrt(a, out=_plain(out, "sqrt"), dtype=dtype)
+        return out
 
     def matmul(self, x1, x2, out=None, *, dtype=None):
         self._fails("matmul")
