@@ -95,22 +95,6 @@ def test_helm_values_shape():
     json.loads(env["SEMDEDUP_EXTRA_ARGS"])
 
 
-def test_k8s_executor_and_step_pod_config_load(monkeypatch):
-    """What the Helm values switch on: the semdedup job on dagster-k8s's step executor, with
-    the GPU pod config on the per-centroid steps."""
-    values = load_yaml("helm/values.yaml")
-    env = {e["name"]: e["value"]
-           for e in values["dagster-user-deployments"]["deployments"][0]["env"]}
-    code = ("import json; from semdedup_dagster.definitions import defs; "
-            "defs.validate_loadable(defs); j = defs.resolve_job_def('semdedup'); "
-            "t = j.graph.node_named('dedup_clusters').definition.tags['dagster-k8s/config']; "
-            "print(j.executor_def.name, json.dumps(json.loads(t) if isinstance(t, str) else t))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, **env}).stdout.split(" ", 1)
-    assert out[0] == "k8s"
-    assert json.loads(out[1])["container_config"]["resources"]["limits"]["nvidia.com/gpu"] == 1
-
-
 # -- the real thing ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def postgres():
