@@ -63,6 +63,13 @@ def test_compose_file_shape():
     workspace = load_yaml("workspace.yaml")["load_from"][0]["grpc_server"]
     assert (workspace["host"], workspace["port"]) == ("code", 4000)
     assert services["postgres"]["healthcheck"]
+    # One S3 endpoint for the code (layout) and the webserver and daemon (compute logs).
+    for name in ("code", "webserver", "daemon"):
+        assert "AWS_ENDPOINT_URL" in services[name]["environment"]
+    # Immutable tags: the project version.
+    version = tomllib.load(open(os.path.join(REPO, "pyproject.toml"), "rb"))["project"]["version"]
+    assert {services[n]["image"] for n in ("code", "webserver", "daemon")} == \
+        {f"semdedup:{version}-cpu"}
 
 
 def test_images_use_the_project_pins():
@@ -77,6 +84,19 @@ def test_images_use_the_project_pins():
         assert 'pip install ".[deploy]"' in text  # versions come from pyproject.toml only
         assert not re.search(r"dagster[-\w]*==", text)
     assert "rapidsai/base" in open(os.path.join(DEPLOY, "docker", "Dockerfile.gpu")).read()
+
+
+def test_images_run_as_a_non_root_user_on_a_small_context():
+    ignore = [line.strip() for line in open(os.path.join(REPO, ".dockerignore"))
+              if line.strip() and not line.startswith("#")]
+    assert ignore[0] == "*"  # everything out of the build context but what is let back in
+    kept = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        lines = open(os.path.join(DEPLOY, "docker", name)).read().splitlines()
+        users = [line.split()[1] for line in lines if line.startswith("USER ")]
+        assert users[-1].isdigit() and users[-1] != "0", name  # numeric, for runAsNonRoot
+        sources = {src for line in lines if line.startswith("COPY ") for src in line.split()[1:-1]}
+        assert sources <= kept, name
 
 
 def test_helm_values_shape():

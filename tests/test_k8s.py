@@ -10,6 +10,7 @@ selector, tolerations, resources, env, secrets) and that the result equals `semd
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import pytest
 import yaml
 
 from semdedup_dagster.config import run_config_for
-from tests.conftest import BIN, REPO, upload_folder
+from tests.conftest import BIN, REPO
 from tests.k8s_cluster import (
     FULLNAME,
     LocalCluster,
@@ -99,7 +100,8 @@ def s3_tree(client, bucket, prefix, dest):
 
 @pytest.fixture(scope="module")
 def k8s_run(planted, s3_endpoint, tmp_path_factory):
-    """One `semdedup` run over the planted sample on S3, launched into the loopback cluster."""
+    """One `semdedup` run over the planted sample (a .zip on S3), launched into the loopback
+    cluster."""
     import boto3
     from dagster import DagsterInstance
 
@@ -114,7 +116,10 @@ def k8s_run(planted, s3_endpoint, tmp_path_factory):
     for bucket in ("curation", values["computeLogManager"]["config"]["s3ComputeLogManager"]
                    ["bucket"]):
         s3.create_bucket(Bucket=bucket)
-    upload_folder(s3, "curation", "incoming/day1/iv2_embd_parquet", folder)
+    # A zip: the fit and the assignment each extract it on their own pod's disk.
+    archive = shutil.make_archive(str(root / "day1"), "zip", root_dir=folder.parent,
+                                  base_dir=folder.name)
+    s3.upload_file(archive, "curation", "incoming/day1.zip")
 
     home = root / "dagster_home"  # the webserver's instance: the chart's dagster.yaml
     home.mkdir()
@@ -126,7 +131,7 @@ def k8s_run(planted, s3_endpoint, tmp_path_factory):
     (home / "dagster.yaml").write_text(yaml.safe_dump(
         instance_yaml(values, cluster.kubeconfig, str(root / "database"))))
     (home / "values.yaml").write_text(yaml.safe_dump(values))
-    args = {"input_embeddings_path": "s3://curation/incoming/day1/iv2_embd_parquet",
+    args = {"input_embeddings_path": "s3://curation/incoming/day1.zip",
             "output_path": "s3://curation/dedup/day1", "n_clusters": 6,
             "eps_to_extract": [0.01, 0.1], "backend": "cpu", "centroids_per_step": 3}
     # The launching process (the webserver, with the code location's definitions): the
@@ -236,6 +241,9 @@ def test_steps_share_only_s3_and_equal_semdedup_run(k8s_run, tmp_path):
         Bucket="curation", Prefix=f"dagster-op-outputs/storage/{run_id}/")["Contents"]]
     # (summarize_run returns nothing, so stores nothing.)
     assert {k.split("/")[3].split("--")[0] for k in keys} == set(COMPUTING_STEPS)
+    # The steps' compute logs went to the values' bucket too.
+    logs = k8s_run["values"]["computeLogManager"]["config"]["s3ComputeLogManager"]
+    assert s3.list_objects_v2(Bucket=logs["bucket"], Prefix=logs["prefix"])["KeyCount"] > 0
     # The same files as the engine alone, byte for byte.
     env = {**os.environ, "AWS_ENDPOINT_URL": s3.meta.endpoint_url,
            "AWS_ACCESS_KEY_ID": "k8s-key", "AWS_SECRET_ACCESS_KEY": "k8s-secret",
