@@ -67,8 +67,9 @@ def kmeans_pp_init(backend: Backend, X, n_clusters: int, rng: np.random.Generato
 def lloyd(backend: Backend, sample: np.ndarray, n_clusters: int, max_iter: int, tol: float,
           seed: int, sample_on_host: bool = False) -> tuple[np.ndarray, int]:
     """Seeded Lloyd iterations from a k-means++ init (`kmeans_pp_init`).
-    Stops after `max_iter` iterations, or when inertia improves by less than `tol` (relative),
-    as cuML does. An emptied cluster is re-seeded with the sample point farthest from its
+    Stops after `max_iter` iterations, or when inertia improves by less than `tol` (relative).
+    Centroid sums go through `backend.scatter_add_rows` in a fixed order, so a run repeats bit
+    for bit on its device. An emptied cluster is re-seeded with the sample point farthest from its
     centroid. With `sample_on_host`, a device backend keeps the sample in host memory and
     moves it over in chunks each iteration (same results, for samples the device cannot hold).
     Returns (centroids float32 (k, d) on the host, iterations run)."""
