@@ -92,6 +92,10 @@ class DeviceArray:
     nbytes = property(lambda self: self._a.nbytes)
     T = property(lambda self: DeviceArray(self._a.T))
 
+    def __getattr__(self, name):
+        raise AttributeError(f"cupy.ndarray.{name} is not in the stand-in: check that CuPy 13 and "
+                             "14 both have it, then add it to tests/cupy_standin.py")
+
     def __len__(self):
         if self._a.ndim == 0:
             raise TypeError("len() of unsized object")
@@ -222,6 +226,11 @@ class HostCuPy(ModuleType):
 
     def show_config(self, *, _full=False):
         print(f"CuPy Version          : {self.__version__}\nCUDA Root             : none (host stand-in)")
+
+    def __getattr__(self, name):
+        raise AttributeError(f"cupy.{name} is not in the stand-in: check that CuPy 13 and 14 both "
+                             "have it, with the keywords the engine passes, then add it to "
+                             "tests/cupy_standin.py")
 
     def get_default_memory_pool(self):
         return self._pool

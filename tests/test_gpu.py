@@ -213,8 +213,10 @@ def test_standin_refuses_host_arrays_implicit_conversion_and_unknown_keywords():
         d.argsort(kind="stable")  # CuPy 13's method takes no kind
     with pytest.raises(TypeError):
         xp.asarray(host, copy=False)  # CuPy 14 only
-    with pytest.raises(AttributeError):
+    with pytest.raises(AttributeError, match="cupy.add is not in the stand-in"):
         xp.add  # noqa: B018 - not used by the engine, so not in the stand-in
+    with pytest.raises(AttributeError, match="cupy.ndarray.mean is not in the stand-in"):
+        d.mean()
 
 
 def test_standin_copies_between_host_and_device_and_sorts_stably():

@@ -84,8 +84,9 @@ class GpuBackend(Backend):
 
     def describe(self) -> str:
         dev = self.xp.cuda.Device()
-        props = self.xp.cuda.runtime.getDeviceProperties(dev.id)
-        return f"{props['name'].decode()}, CuPy {self.xp.__version__}"
+        name = self.xp.cuda.runtime.getDeviceProperties(dev.id)["name"]
+        name = name.decode() if isinstance(name, bytes) else name
+        return f"{name}, CuPy {self.xp.__version__}"
 
     def to_numpy(self, a) -> np.ndarray:
         return self.xp.asnumpy(a)
