@@ -17,8 +17,10 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
+def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     for name, f in DedupConfig.model_fields.items():
+        if name in skip:
+            continue
         ann = f.annotation
         kwargs: dict[str, Any] = {"default": None, "dest": name}
         default = "" if f.is_required() else f" (default: {f.default if f.default is not None else 'unset'})"
@@ -72,6 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--eps", type=float, nargs="+", required=True, metavar="EPS",
                        help="eps values in [1e-4, 1)")
     add_s3_options(sweep)
+
+    corpus = sub.add_parser("corpus", help="a corpus of drops, each deduplicated against every "
+                                           "earlier drop (see README, Corpus)")
+    corpus_sub = corpus.add_subparsers(dest="corpus_command", required=True)
+    add = corpus_sub.add_parser("add", help="deduplicate a new drop against the corpus and commit "
+                                            "it as drops/<name>/ (the first add fits the centroids)")
+    add.add_argument("corpus", help="the corpus folder, local or s3://")
+    add.add_argument("--drop-name", required=True, help="the drop's name in the corpus (its folder)")
+    add.add_argument("--wait", action="store_true",
+                     help="wait for another add into the corpus to finish instead of failing")
+    _add_config_options(add, skip=("output_path",))
+    show = corpus_sub.add_parser("show", help="the drops of a corpus: clips, removed per eps "
+                                              "inside the drop and of earlier drops, drift")
+    show.add_argument("corpus", help="the corpus folder, local or s3://")
+    add_s3_options(show)
+    rebuild = corpus_sub.add_parser("rebuild", help="a new corpus from this one's drops: re-fit "
+                                                    "the centroids on all drops, re-add in order")
+    rebuild.add_argument("corpus", help="the corpus to rebuild (left as it is)")
+    rebuild.add_argument("--into", required=True, help="the new corpus folder (must hold none)")
+    _add_config_options(rebuild, skip=("output_path", "input_embeddings_path", "eps_to_extract"))
 
     sample = sub.add_parser("make-sample", help="write synthetic clip embeddings with planted "
                                                 "duplicates (for trials and benchmarks)")
@@ -137,6 +159,25 @@ def _inspect_or_sweep(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _corpus(ns: argparse.Namespace) -> int:
+    from semdedup_core import corpus
+
+    if ns.corpus_command == "show":
+        store = corpus.open_corpus(ns.corpus, vars(ns))
+        print(corpus.format_show(store))
+        return 0
+    args = {n: getattr(ns, n) for n in DedupConfig.model_fields if getattr(ns, n, None) is not None}
+    if ns.corpus_command == "rebuild":
+        reports = corpus.rebuild(ns.corpus, ns.into, args)
+        print(corpus.format_show(corpus.open_corpus(ns.into, args)))
+        return 0 if reports else 1
+    if "input_embeddings_path" not in args:
+        raise SemdedupError("missing --input-embeddings-path (the drop to add)")
+    report = corpus.add_drop(ns.corpus, ns.drop_name, args, wait=ns.wait)
+    print(corpus.format_add(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
@@ -152,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if ns.command in ("inspect", "sweep"):
             return _inspect_or_sweep(ns)
+        if ns.command == "corpus":
+            return _corpus(ns)
         from semdedup_core.pipeline import run_pipeline
 
         if ns.command == "demo":

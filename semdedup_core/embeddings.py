@@ -252,9 +252,10 @@ def sample_rows(n_rows: int, size: int, seed: int) -> np.ndarray:
 
 
 def scan_input(source: EmbeddingSource, sample_size: int, seed: int,
-               progress=None) -> ScanResult:
-    """Validate every row (NaN/inf, zero vectors, dimensions, duplicate ids) and draw the fit
-    sample. Raises InputError naming the file; writes nothing."""
+               progress=None, unique_ids: bool = True) -> ScanResult:
+    """Validate every row (NaN/inf, zero vectors, dimensions, duplicate ids unless `unique_ids`
+    is off: a corpus re-fit reads drops that may repeat ids) and draw the fit sample. Raises
+    InputError naming the file; writes nothing."""
     n = source.n_rows
     picks = sample_rows(n, sample_size, seed)
     sample = None  # allocated once the dimension is known; filled in place (no concatenation)
@@ -283,7 +284,8 @@ def scan_input(source: EmbeddingSource, sample_size: int, seed: int,
             sample[a:b] = normalize(emb[rows_picked], norms[rows_picked])
         if progress is not None:
             progress(rows)
-    _check_unique_ids(source, fingerprints)
+    if unique_ids:
+        _check_unique_ids(source, fingerprints)
     return ScanResult(n, source.dim, sample)
 
 

@@ -47,6 +47,46 @@ def summary_csv(eps: float) -> str:
     return f"{EXTRACTION}/dedup_summary_{eps_text(eps)}.csv"
 
 
+# A corpus of drops (semdedup_core.corpus): the centroids at its root (CENTROIDS), one complete
+# layout as above per committed drop under DROPS/<name>/, the store of every committed clip by
+# cluster, and the manifest (written last: the commit) and lock, `_`-prefixed so readers skip them.
+CORPUS_MANIFEST = "_corpus.json"
+CORPUS_LOCK = "_corpus.lock"
+CORPUS_PENDING = "_corpus_pending.json"  # the add in progress, for clean-up after a crash
+DROPS = "drops"
+STORE = "store"
+# Beside a drop's pruning tables: for each row (same order), the drop of its max_id's clip.
+MAX_DROP_TABLES = f"{EXTRACTION}/_corpus_max_drop"
+MAX_DROP = "max_drop"
+DROP = "drop"  # store column: the drop's position in the manifest
+
+
+def drop_dir(name: str) -> str:
+    return f"{DROPS}/{name}"
+
+
+def max_drop_table(cluster: int) -> str:
+    return f"{MAX_DROP_TABLES}/cluster_{cluster}.parquet"
+
+
+def store_dir(cluster: int) -> str:
+    return f"{STORE}/cluster_{cluster}"
+
+
+def store_file(cluster: int, first: int, last: int, token: str) -> str:
+    """Clips of the drops first..last (positions in the manifest) of one cluster, in drop then
+    rank order; `token` is the add (of drop `last`) that wrote it."""
+    return f"{store_dir(cluster)}/{first:08d}-{last:08d}-{token}.parquet"
+
+
+_STORE_FILE_RE = re.compile(r"^(\d{8})-(\d{8})-([0-9a-f]+)\.parquet$")
+
+
+def parse_store_file(name: str) -> tuple[int, int, str] | None:
+    m = _STORE_FILE_RE.match(name)
+    return (int(m.group(1)), int(m.group(2)), m.group(3)) if m else None
+
+
 _SHARD_DIR_RE = re.compile(r"^nearest_cent=(\d+)$")
 _PRUNING_RE = re.compile(r"^cluster_(\d+)\.parquet$")
 _PART_RE = re.compile(r"^part\.(\d+)\.parquet$")

@@ -13,10 +13,13 @@ from semdedup_core.backends.base import Backend
 TIE_TOL = 1e-5
 
 
-def max_similarity_to_earlier(backend: Backend, emb, tile: int, row_block: int | None = None):
+def max_similarity_to_earlier(backend: Backend, emb, tile: int, row_block: int | None = None,
+                              first_row: int = 0):
     """For unit rows `emb` (n, d) in rank order, return (score float32 (n,), match int64 (n,)),
     on the backend's device: score[j] = max over i<j of emb[i].emb[j], match[j] = the smallest
     i reaching it. Row 0 gets score 0 and match 0 (itself). Scores are clipped to [0, 1].
+    With `first_row` f, only rows j >= f are computed (a corpus: the rows before f are earlier
+    drops' clips) and the arrays hold rows f..n-1; each is the same as in the full pass.
 
     Blocks of `row_block` rows (default `row_block_size(tile)`) are multiplied with the clips
     before them in column tiles of `tile`, so memory is O(row_block x tile) and only the
@@ -34,10 +37,11 @@ def max_similarity_to_earlier(backend: Backend, emb, tile: int, row_block: int |
     xp = backend.xp
     n = emb.shape[0]
     rb = row_block or row_block_size(tile)
-    score = xp.full(n, -xp.inf, dtype=xp.float32)
-    match = xp.arange(n, dtype=xp.int64)
-    for j0 in range(0, n, rb):
+    score = xp.full(n - first_row, -xp.inf, dtype=xp.float32)
+    match = xp.arange(first_row, n, dtype=xp.int64)
+    for j0 in range(first_row, n, rb):
         j1 = min(j0 + rb, n)
+        s0, s1 = j0 - first_row, j1 - first_row  # the block's place in score and match
         rows = backend.asarray(emb[j0:j1])
         row_ids = xp.arange(j0, j1)
         best = xp.full(j1 - j0, -xp.inf, dtype=xp.float32)
@@ -54,13 +58,13 @@ def max_similarity_to_earlier(backend: Backend, emb, tile: int, row_block: int |
             best_i = xp.where(better, arg + i0, best_i)
             best = xp.maximum(best, top)
         found = best > -xp.inf
-        match[j0:j1] = xp.where(found, best_i, match[j0:j1])
+        match[s0:s1] = xp.where(found, best_i, match[s0:s1])
         # The GEMM found the match; the score is then recomputed as one float64 dot product, so
         # its bits do not depend on tile shapes, BLAS threads or the device.
-        picked = match[j0:j1]
+        picked = match[s0:s1]
         earlier = backend.take_rows(emb, picked)
         exact = (earlier.astype(xp.float64) * rows.astype(xp.float64)).sum(axis=1)
-        score[j0:j1] = xp.where(found, exact, 0).astype(xp.float32)
+        score[s0:s1] = xp.where(found, exact, 0).astype(xp.float32)
     return xp.clip(score, 0, 1), match
 
 
@@ -71,10 +75,11 @@ def row_block_size(tile: int) -> int:
     return min(tile, max(512, tile // 4))
 
 
-def pairwise_flops(n: int, tile: int, dim: int) -> int:
-    """Multiply-add FLOPs the tiled loop performs for a cluster of n clips."""
+def pairwise_flops(n: int, tile: int, dim: int, first_row: int = 0) -> int:
+    """Multiply-add FLOPs the tiled loop performs for a cluster of n clips (rows from
+    `first_row` on)."""
     total = 0
-    for j0 in range(0, n, tile):
+    for j0 in range(first_row, n, tile):
         j1 = min(j0 + tile, n)
         total += 2 * (j1 - j0) * j1 * dim
     return total

@@ -96,7 +96,8 @@ def fit_sample_size(cfg: DedupConfig, n_rows: int) -> int:
 
 
 def fit_centroids(cfg: DedupConfig, source: EmbeddingSource, backend: Backend,
-                  timer: PhaseTimer | None = None, show_progress: bool = False) -> FitResult:
+                  timer: PhaseTimer | None = None, show_progress: bool = False,
+                  unique_ids: bool = True) -> FitResult:
     """Validate the whole input, fit K-means on a seeded sample. Writes nothing."""
     timer = timer or PhaseTimer()
     n = source.n_rows
@@ -104,7 +105,8 @@ def fit_centroids(cfg: DedupConfig, source: EmbeddingSource, backend: Backend,
         raise InputError(f"{source.storage.display()}: n_clusters={cfg.n_clusters} is larger than "
                          f"the number of clips ({n}); lower n_clusters")
     with timer.phase("scan"), _bar(n, "scan + validate", "clip", show_progress) as bar:
-        scan = scan_input(source, fit_sample_size(cfg, n), cfg.random_state, bar.update)
+        scan = scan_input(source, fit_sample_size(cfg, n), cfg.random_state, bar.update,
+                          unique_ids)
     with timer.phase("kmeans_fit"):
         log.info("fitting K-means: %d clusters on %d of %d clips (dim %d)", cfg.n_clusters,
                  len(scan.sample), n, scan.dim)

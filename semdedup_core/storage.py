@@ -153,6 +153,10 @@ class Storage:
         other.uri, other.root = uri, root
         return other
 
+    def child(self, rel: str) -> "Storage":
+        """The folder `rel` below this one, sharing its connection settings."""
+        return self._derived(posixpath.join(self.uri, rel), posixpath.join(self.root, rel))
+
     def parent(self) -> "Storage | None":
         """The folder above (None at a bucket or filesystem root, or inside an extracted zip)."""
         if self.uri.endswith("!") or "/" not in self.root.strip("/"):

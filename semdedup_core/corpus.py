@@ -1,0 +1,659 @@
+"""A corpus: embedding drops deduplicated one by one against everything already curated.
+
+    <corpus>/
+      _corpus.json                       the manifest: settings, committed drops in order (the commit)
+      _corpus.lock                       held by the add in progress
+      clustering_results/kmeans_centroids.npy    fitted on the first drop, never re-fitted
+      drops/<name>/...                   a complete standard output layout per drop
+      store/cluster_<k>/<first>-<last>-<token>.parquet   every committed clip of cluster k, unit
+                                         embeddings in drop then rank order (id, embedding, drop)
+
+The rule equals one batch over all drops in commit order: inside a cluster every clip of an
+earlier drop ranks before every clip of a later drop, a drop's own clips are ranked as in a run,
+and a clip's score is its highest similarity to any earlier clip (earlier drops' clips all count,
+removed or not). So an add scores only the new drop's rows of the cluster's pairwise pass over
+[store; drop] (`max_similarity_to_earlier(first_row=...)`), which gives those rows bit for bit.
+
+An add reads the store of the clusters its drop touches, never other drops' files, and appends
+one store file per touched cluster; once a cluster has STORE_MAX_FILES files, the add merges
+them (it holds them in memory anyway). The manifest is written last: until then nothing the add
+wrote is visible (store files carry the add's token, which only the manifest makes valid), so a
+crash leaves the corpus as it was and the same add can simply be retried.
+"""
+
+import contextlib
+import datetime
+import fcntl
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from semdedup_core import layout
+from semdedup_core.backends import Backend, get_backend
+from semdedup_core.config import DedupConfig, eps_text, make_config
+from semdedup_core.embeddings import EmbeddingSource, InputFile, scan_input
+from semdedup_core.errors import ConfigError, InputError, SemdedupError
+from semdedup_core.extraction import removed_mask, summarize, write_removed
+from semdedup_core.pairwise import max_similarity_to_earlier, pairwise_flops
+from semdedup_core.parquet import read_table, write_table
+from semdedup_core.pipeline import (PhaseTimer, RankedShard, assign, fit_centroids,
+                                    list_column_to_numpy, open_source, ranked_shard)
+from semdedup_core.shards import load_centroids, save_centroids
+from semdedup_core.storage import S3Options, Storage
+from semdedup_core.threads import host_threads, ordered_map
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = 1
+# Settings fixed by the fit: every later add uses the corpus's (a rebuild changes them).
+FIXED_SETTINGS = ("n_clusters", "sim_metric", "which_to_keep", "random_state")
+FIT_SETTINGS = ("max_iter", "kmeans_sample_per_cluster", "kmeans_tol", "gpu_kmeans")
+STORE_MAX_FILES = 8  # store files per cluster before an add merges them into one
+LEASE_S = 60.0  # an S3 lock whose holder stopped renewing it this long ago is taken over
+WAIT_POLL_S = 1.0
+_DROP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,127}$")
+
+
+class CorpusBusy(SemdedupError):
+    """Another add holds the corpus."""
+
+
+def check_drop_name(name: str) -> None:
+    if not _DROP_NAME.match(name) or name in (".", ".."):
+        raise ConfigError(f"drop name {name!r}: use letters, digits and . _ = + - (at most 128, "
+                          "starting with a letter or digit); it names the folder drops/<name>/")
+
+
+# -- the manifest --------------------------------------------------------------------------------
+def read_manifest(corpus: Storage) -> dict | None:
+    """The committed state, or None for a corpus without any committed drop."""
+    try:
+        raw = corpus.read_bytes(layout.CORPUS_MANIFEST)
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+    try:
+        manifest = json.loads(raw)
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"format {manifest.get('format')!r}")
+    except ValueError as exc:
+        raise InputError(f"{corpus.display(layout.CORPUS_MANIFEST)}: not a semdedup corpus "
+                         f"manifest ({exc})") from None
+    return manifest
+
+
+def _json_bytes(doc: Any) -> bytes:
+    return (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode()
+
+
+# -- the lock ------------------------------------------------------------------------------------
+# TODO(#10): swap for run_record's output-folder lock once it is on main; this one has the same
+# shape (an OS lock locally; on S3 a conditional PUT with a lease renewed by a heartbeat).
+def _holder_text(raw: bytes) -> str:
+    try:
+        h = json.loads(raw)
+        return f"{h['owner']} (host {h['host']}, pid {h['pid']}, since {h['started']})"
+    except (ValueError, KeyError, TypeError):
+        return "another add"
+
+
+class CorpusLock:
+    """One add at a time per corpus. Locally an flock on `_corpus.lock` (released by the OS when
+    the process dies, so a killed add never blocks the retry). On S3 the lock object is created
+    with a conditional PUT (If-None-Match) and renewed with If-Match every LEASE_S / 4; a lock
+    whose lease ran out, or whose pid is dead on this host, is taken over."""
+
+    def __init__(self, corpus: Storage, wait: bool, lease_s: float = LEASE_S):
+        self.corpus, self.wait, self.lease_s = corpus, wait, lease_s
+        self.owner = f"add-{uuid.uuid4().hex[:12]}"
+        self.started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self._fd: int | None = None
+        self._etag: str | None = None
+        self._client = None
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+        self.lost: str | None = None
+
+    def _content(self) -> bytes:
+        return _json_bytes({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
+                            "started": self.started, "expires": time.time() + self.lease_s})
+
+    def busy(self, holder: str) -> CorpusBusy:
+        return CorpusBusy(f"{self.corpus.display()}: another add holds this corpus: {holder}; "
+                          "wait for it (--wait) or retry later")
+
+    # local
+    def _take_local(self) -> None:
+        os.makedirs(self.corpus.root, exist_ok=True)
+        path = self.corpus.path(layout.CORPUS_LOCK)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not self.wait:
+                    raise self.busy(_holder_text(os.pread(fd, 4096, 0))) from None
+                log.info("waiting for the corpus lock: %s", _holder_text(os.pread(fd, 4096, 0)))
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, self._content(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    # S3
+    def _s3(self):
+        if self._client is None:
+            self._client = self.corpus.s3.client()
+        bucket, key = self.corpus.path(layout.CORPUS_LOCK).split("/", 1)
+        return self._client, bucket, key
+
+    def _put(self, condition: dict) -> str | None:
+        from botocore.exceptions import ClientError
+
+        client, bucket, key = self._s3()
+        try:
+            return client.put_object(Bucket=bucket, Key=key, Body=self._content(),
+                                     **condition)["ETag"]
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "412",
+                        "409"):
+                return None
+            raise
+
+    def _current(self) -> tuple[dict | None, str | None, bytes]:
+        from botocore.exceptions import ClientError
+
+        client, bucket, key = self._s3()
+        try:
+            got = client.get_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None, None, b""
+            raise
+        raw = got["Body"].read()
+        try:
+            holder = json.loads(raw)
+        except ValueError:
+            holder = {}
+        return holder, got["ETag"], raw
+
+    def _take_s3(self) -> None:
+        while True:
+            etag = self._put({"IfNoneMatch": "*"})
+            if etag is None:
+                holder, current, raw = self._current()
+                if holder is None:
+                    continue  # released meanwhile
+                if _stale(holder):
+                    etag = self._put({"IfMatch": current})
+                    if etag is None:
+                        continue  # someone else took it over first: look again
+                elif not self.wait:
+                    raise self.busy(_holder_text(raw))
+                else:
+                    time.sleep(WAIT_POLL_S)
+                    continue
+            self._etag = etag
+            break
+        self._beat = threading.Thread(target=self._heartbeat, name="semdedup-corpus-lease",
+                                      daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.lease_s / 4):
+            with contextlib.suppress(Exception):  # a failed renewal is retried next beat
+                self.renew()
+
+    def renew(self) -> None:
+        if self._etag is None or self.lost:
+            return
+        etag = self._put({"IfMatch": self._etag})
+        if etag is None:
+            self.lost = "its lease ran out and another add took it over"
+        else:
+            self._etag = etag
+
+    def check(self) -> None:
+        """Right before the commit: the lock must still be ours."""
+        if not self.corpus.local:
+            self.renew()
+        if self.lost:
+            raise CorpusBusy(f"{self.corpus.display()}: this add lost the corpus lock ({self.lost});"
+                             " nothing was committed; retry the add")
+
+    def __enter__(self) -> "CorpusLock":
+        if self.corpus.local:
+            self._take_local()
+        else:
+            self._take_s3()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # drops the flock
+            self._fd = None
+        if self._beat is not None:
+            self._stop.set()
+            self._beat.join()
+            self._beat = None
+        if self._etag is not None and not self.lost:
+            client, bucket, key = self._s3()
+            with contextlib.suppress(Exception):  # a left lock expires with its lease
+                client.delete_object(Bucket=bucket, Key=key, IfMatch=self._etag)
+            self._etag = None
+
+
+def _stale(holder: dict) -> bool:
+    if time.time() > float(holder.get("expires", 0)):
+        return True
+    if holder.get("host") == socket.gethostname():
+        try:
+            os.kill(int(holder.get("pid", 0)), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError, OverflowError):
+            return False
+    return False
+
+
+# -- the store of earlier clips ------------------------------------------------------------------
+@dataclass
+class EarlierClips:
+    """The committed clips of one cluster, in drop then rank order."""
+
+    ids: pa.Array
+    emb: np.ndarray  # unit float32 (m, d)
+    drop: np.ndarray  # int32 (m,): position of each clip's drop in the manifest
+    read: list[str]  # the store files they came from
+    garbage: list[str]  # other files of the folder: covered by a merge, or never committed
+    first: int  # the first drop of the cluster (for a merge)
+
+
+def read_earlier(corpus: Storage, cluster: int, drops: list[dict], dim: int) -> EarlierClips:
+    """Every committed clip of `cluster`, from its store files: only those whose token the
+    manifest names for their last drop count, and of files a merge covered, the merge."""
+    valid, garbage = [], []
+    for rel in corpus.list_files(layout.store_dir(cluster), recursive=False):
+        parsed = layout.parse_store_file(rel.rsplit("/", 1)[-1])
+        if parsed is None:
+            continue
+        first, last, token = parsed
+        if last < len(drops) and drops[last]["token"] == token:
+            valid.append((first, -last, rel))
+        else:
+            garbage.append(rel)
+    read, covered, start = [], -1, len(drops)
+    for first, neg_last, rel in sorted(valid):
+        if first > covered:
+            read.append(rel)
+            covered = -neg_last
+            start = min(start, first)
+        else:
+            garbage.append(rel)
+    tables = [read_table(corpus, rel) for rel in read]
+    if not tables:
+        return EarlierClips(pa.array([], pa.string()), np.zeros((0, dim), np.float32),
+                            np.zeros(0, np.int32), [], garbage, len(drops))
+    table = pa.concat_tables(tables)
+    return EarlierClips(table.column(layout.ID).combine_chunks().cast(pa.string()),
+                        list_column_to_numpy(table.column(layout.EMBEDDING)),
+                        table.column(layout.DROP).to_numpy().astype(np.int32), read, garbage,
+                        start)
+
+
+def store_table(ids: pa.Array, emb: np.ndarray, drop: np.ndarray) -> pa.Table:
+    n, d = emb.shape
+    values = pa.array(np.ascontiguousarray(emb, np.float32).reshape(-1))
+    return pa.table({layout.ID: ids,
+                     layout.EMBEDDING: pa.FixedSizeListArray.from_arrays(values, d),
+                     layout.DROP: pa.array(drop, pa.int32())})
+
+
+# -- one drop ------------------------------------------------------------------------------------
+@dataclass
+class ClusterAdd:
+    cluster: int
+    size: int
+    removed_inside: dict[float, int]
+    removed_earlier: dict[float, int]
+    cosine_dist_sum: float
+    flops: int
+    earlier: int  # committed clips of the cluster read from the store
+    done_with: list[str]  # store files to delete once the drop is committed
+
+
+@dataclass
+class AddReport:
+    corpus: str
+    name: str
+    index: int  # position in the manifest
+    clips: int
+    dim: int
+    clusters_touched: int
+    earlier_clips_read: int
+    removed: dict[float, dict]  # eps -> {removed, inside, earlier}
+    mean_cosine_dist: float
+    fit_mean_cosine_dist: float
+    fitted: bool
+    timer: PhaseTimer = field(default_factory=PhaseTimer)
+
+    @property
+    def drift(self) -> float:
+        """This drop's mean cosine distance to its centroids relative to the first drop's."""
+        return self.mean_cosine_dist / self.fit_mean_cosine_dist - 1.0 \
+            if self.fit_mean_cosine_dist else 0.0
+
+
+def corpus_config(corpus: Storage, manifest: dict | None, name: str,
+                  args: dict[str, Any]) -> DedupConfig:
+    """The add's config: the user's run arguments over the corpus's fixed settings; a fixed
+    setting given with another value is refused (the corpus would stop being one batch)."""
+    args = {k: v for k, v in args.items() if v is not None}
+    if "output_path" in args:
+        raise ConfigError("output_path: a corpus add writes into the corpus (drops/<name>/); "
+                          "do not give an output path")
+    if manifest is None:
+        if "n_clusters" not in args:
+            raise ConfigError(f"{corpus.display()}: the first add fits the corpus's centroids; "
+                              "give --n-clusters")
+    else:
+        settings = manifest["settings"]
+        for key in FIXED_SETTINGS:
+            if key in args and args[key] != settings[key]:
+                raise ConfigError(f"{corpus.display()}: {key} is {settings[key]!r} for this "
+                                  f"corpus (fixed by its fit); {args[key]!r} needs a rebuild "
+                                  "(semdedup corpus rebuild)")
+            args[key] = settings[key]
+    cfg = make_config(**{**args, "output_path": corpus.display(layout.drop_dir(name))})
+    if getattr(cfg, "cross_cluster", False):
+        raise ConfigError("cross_cluster is not supported in a corpus yet")
+    return cfg
+
+
+def _clean_pending(corpus: Storage, manifest: dict | None) -> None:
+    """Remove what a crashed add left: its drop folder and its store files (they are invisible
+    already, since the manifest never named their token; this only frees the space)."""
+    try:
+        pending = json.loads(corpus.read_bytes(layout.CORPUS_PENDING))
+    except (FileNotFoundError, IsADirectoryError, ValueError):
+        return
+    drops = manifest["drops"] if manifest else []
+    if any(d["token"] == pending.get("token") for d in drops):
+        corpus.delete_file(layout.CORPUS_PENDING)  # committed; its clean-up was cut short
+        return
+    name = pending.get("name", "")
+    if name and name not in {d["name"] for d in drops}:
+        out = corpus.child(layout.drop_dir(name))
+        for shard_dir in out.list_dirs(layout.SHARDS):
+            c = layout.cluster_of_shard_dir(shard_dir)
+            if c is None:
+                continue
+            for rel in corpus.list_files(layout.store_dir(c), recursive=False):
+                parsed = layout.parse_store_file(rel.rsplit("/", 1)[-1])
+                if parsed is not None and parsed[2] == pending.get("token"):
+                    corpus.delete_file(rel)
+        out.delete_dir("")
+    corpus.delete_file(layout.CORPUS_PENDING)
+
+
+def add_source(corpus: Storage, manifest: dict | None, name: str, cfg: DedupConfig,
+               source: EmbeddingSource, backend: Backend, lock: CorpusLock,
+               timer: PhaseTimer | None = None, fit_source: EmbeddingSource | None = None,
+               input_label: str | None = None, fit_on: list[str] | None = None) -> AddReport:
+    """Add one drop (the corpus is locked and `name` is not committed). The first add fits the
+    centroids on `fit_source` (default: the drop itself), the clips of the drops `fit_on`."""
+    timer = timer or PhaseTimer()
+    start = time.perf_counter()
+    drops = manifest["drops"] if manifest else []
+    index, token = len(drops), uuid.uuid4().hex[:12]
+    _clean_pending(corpus, manifest)
+    out = corpus.child(layout.drop_dir(name))
+    out.delete_dir("")  # a crashed attempt's files (the name is not committed)
+    fit = None
+    if manifest is None:
+        fit = fit_centroids(cfg, fit_source or source, backend, timer,
+                            unique_ids=fit_source is None)
+        centroids, dim = fit.centroids, fit.dim
+        if fit_source is not None:
+            with timer.phase("scan"):
+                scan_input(source, 0, cfg.random_state, unique_ids=True)
+    else:
+        centroids = load_centroids(corpus)
+        dim = manifest["settings"]["dim"]
+        with timer.phase("scan"):
+            scan = scan_input(source, 0, cfg.random_state)
+        if scan.dim != dim:
+            raise InputError(f"{source.storage.display()}: embeddings have {scan.dim} dimensions,"
+                             f" the corpus {corpus.display()} has {dim}")
+    # Nothing is written before the drop has been validated.
+    corpus.write_bytes(layout.CORPUS_PENDING, _json_bytes({"name": name, "index": index,
+                                                           "token": token}))
+    if fit is not None:
+        save_centroids(corpus, centroids)
+    save_centroids(out, centroids)
+    sizes = assign(cfg, source, centroids, out, backend, timer)
+    clusters = [int(c) for c in np.flatnonzero(sizes)]
+    names = np.array([d["name"] for d in drops] + [name], dtype=object)
+    tile = backend.pairwise_tile_size(cfg.pairwise_tile_size, dim)
+
+    def load(cluster: int) -> tuple[RankedShard, EarlierClips]:
+        return ranked_shard(cfg, out, cluster), read_earlier(corpus, cluster, drops, dim)
+
+    def score(item):
+        ranked, earlier = item
+        m = len(earlier.ids)
+        emb = np.concatenate([earlier.emb, ranked.emb]) if m else ranked.emb
+        on_device = backend.asarray(emb) if backend.fits_on_device(emb.nbytes) else emb
+        s, match = max_similarity_to_earlier(backend, on_device, tile, first_row=m)
+        return (ranked, earlier, emb, backend.to_numpy(s), backend.to_numpy(match),
+                pairwise_flops(len(emb), tile, dim, m))
+
+    def finish(item) -> ClusterAdd:
+        ranked, earlier, emb, s, match, flops = item
+        k, m, n = ranked.cluster, len(earlier.ids), len(ranked.ids)
+        all_ids = pa.concat_arrays([earlier.ids, ranked.ids.cast(pa.string())])
+        all_drops = np.concatenate([earlier.drop, np.full(n, index, np.int32)])
+        take = pa.array(match)
+        pruning = pa.table({layout.ID: ranked.ids, layout.MAX_ID: all_ids.take(take),
+                            layout.SCORE: pa.array(s, type=pa.float32())})
+        write_table(out, layout.pruning_table(k), pruning)
+        write_table(out, layout.max_drop_table(k), pa.table({
+            layout.ID: ranked.ids,
+            layout.MAX_DROP: pa.array(names[all_drops[match]].tolist(), pa.string())}))
+        write_removed(out, pruning, ranked.cosine_dist, k, cfg.eps_to_extract)
+        inside, before = {}, {}
+        for eps in cfg.eps_to_extract:
+            gone = removed_mask(s, eps)
+            before[eps] = int((gone & (match < m)).sum())
+            inside[eps] = int(gone.sum()) - before[eps]
+        done_with = list(earlier.garbage)
+        if len(earlier.read) + 1 >= STORE_MAX_FILES:  # merge: one file for the cluster
+            write_table(corpus, layout.store_file(k, earlier.first, index, token),
+                        store_table(all_ids, emb, all_drops))
+            done_with += earlier.read
+        else:
+            write_table(corpus, layout.store_file(k, index, index, token),
+                        store_table(ranked.ids.cast(pa.string()), ranked.emb, all_drops[m:]))
+        return ClusterAdd(k, n, inside, before, float(ranked.cosine_dist.astype(np.float64).sum()),
+                          flops, m, done_with)
+
+    removed_inside = dict.fromkeys(cfg.eps_to_extract, 0)
+    removed_earlier = dict.fromkeys(cfg.eps_to_extract, 0)
+    cos_sum, flops, earlier_read, done_with = 0.0, 0, 0, []
+    workers = host_threads()
+    with timer.phase("prune"):
+        loaded = ordered_map(load, clusters, workers)
+        scored = (score(item) for item in loaded)
+        for result in ordered_map(finish, scored, workers):
+            for eps in cfg.eps_to_extract:
+                removed_inside[eps] += result.removed_inside[eps]
+                removed_earlier[eps] += result.removed_earlier[eps]
+            cos_sum += result.cosine_dist_sum
+            flops += result.flops
+            earlier_read += result.earlier
+            done_with += result.done_with
+    timer.flops["prune"] = float(flops)
+    n = int(sizes.sum())
+    removed = {e: removed_inside[e] + removed_earlier[e] for e in cfg.eps_to_extract}
+    with timer.phase("summary"):
+        summarize(out, cfg.eps_to_extract, clusters, n, removed)
+    mean_cos = cos_sum / n
+    entry = {
+        "name": name, "token": token, "input": input_label or cfg.input_embeddings_path,
+        "clips": n, "clusters": len(clusters),
+        "eps": {eps_text(e): {"removed": removed[e], "inside": removed_inside[e],
+                              "earlier": removed_earlier[e]} for e in cfg.eps_to_extract},
+        "mean_cosine_dist": mean_cos,
+        "added": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    if manifest is None:
+        settings = {key: getattr(cfg, key) for key in FIXED_SETTINGS + FIT_SETTINGS}
+        settings.update(dim=dim, fit_on=fit_on or [name], fit_sample_rows=fit.sample_rows,
+                        kmeans_iterations=fit.iterations)
+        manifest = {"format": MANIFEST_FORMAT, "settings": settings, "drops": []}
+    new_manifest = {**manifest, "drops": drops + [entry]}
+    with timer.phase("commit"):
+        lock.check()
+        corpus.write_bytes(layout.CORPUS_MANIFEST, _json_bytes(new_manifest))  # the commit
+        for rel in done_with:  # covered by a merge, or never committed
+            corpus.delete_file(rel)
+        corpus.delete_file(layout.CORPUS_PENDING)
+    return AddReport(corpus.display(), name, index, n, dim, len(clusters), earlier_read,
+                     {e: entry["eps"][eps_text(e)] for e in cfg.eps_to_extract}, mean_cos,
+                     new_manifest["drops"][0]["mean_cosine_dist"], fit is not None, timer)
+
+
+def open_corpus(uri: str, args: dict[str, Any], s3: S3Options | None = None) -> Storage:
+    cfg_s3 = S3Options(args.get("aws_profile"), args.get("aws_endpoint_url"),
+                       args.get("aws_region"))
+    base = s3 or S3Options()
+    return Storage(uri, S3Options(cfg_s3.profile or base.profile,
+                                  cfg_s3.endpoint_url or base.endpoint_url,
+                                  cfg_s3.region or base.region, base.access_key_id,
+                                  base.secret_access_key, base.session_token))
+
+
+def add_drop(corpus_uri: str, name: str, args: dict[str, Any], s3: S3Options | None = None,
+             wait: bool = False) -> AddReport:
+    """`semdedup corpus add`: validate, lock, add, commit. `args`: run arguments (no
+    output_path); the first add needs n_clusters."""
+    check_drop_name(name)
+    corpus = open_corpus(corpus_uri, args, s3)
+    with CorpusLock(corpus, wait) as lock:
+        manifest = read_manifest(corpus)
+        drops = manifest["drops"] if manifest else []
+        for i, d in enumerate(drops):
+            if d["name"] == name:
+                raise ConfigError(f"{corpus.display()}: drop {name!r} is already committed "
+                                  f"(drop {i + 1} of {len(drops)}); nothing was changed; give the "
+                                  "new drop another --drop-name")
+        cfg = corpus_config(corpus, manifest, name, args)
+        backend = get_backend(cfg.backend)
+        with open_source(cfg, s3) as source:
+            return add_source(corpus, manifest, name, cfg, source, backend, lock)
+
+
+# -- rebuild -------------------------------------------------------------------------------------
+def rebuild(corpus_uri: str, into_uri: str, args: dict[str, Any],
+            s3: S3Options | None = None) -> list[AddReport]:
+    """A new corpus at `into_uri` from the committed drops of `corpus_uri` (left untouched):
+    centroids re-fitted on all drops' clips (the drops' shards are the input, so the original
+    drop folders need not exist any more), then every drop re-added in the same order with its
+    eps. `args` may change the fixed settings (n_clusters, ...)."""
+    old, new = open_corpus(corpus_uri, args, s3), open_corpus(into_uri, args, s3)
+    manifest = read_manifest(old)
+    if manifest is None or not manifest["drops"]:
+        raise InputError(f"{old.display()}: no committed drops to rebuild from")
+    fixed = {k: manifest["settings"][k] for k in FIXED_SETTINGS + FIT_SETTINGS}
+    first_args = {**fixed, **{k: v for k, v in args.items() if v is not None}}
+    later_args = {k: v for k, v in first_args.items() if k not in FIXED_SETTINGS + FIT_SETTINGS}
+    cfg0 = make_config(**{**first_args, "input_embeddings_path": old.display(),
+                          "output_path": new.display()})
+    sources = [EmbeddingSource.discover(old.child(f"{layout.drop_dir(d['name'])}/{layout.SHARDS}"),
+                                        batch_rows=cfg0.read_batch_rows)
+               for d in manifest["drops"]]
+    everything = EmbeddingSource(old, [InputFile(f"{layout.drop_dir(d['name'])}/{layout.SHARDS}/"
+                                                 f"{f.rel}", f.rows)
+                                       for d, src in zip(manifest["drops"], sources)
+                                       for f in src.files], batch_rows=cfg0.read_batch_rows)
+    backend = get_backend(cfg0.backend)
+    reports = []
+    with CorpusLock(new, wait=False) as lock:
+        current = read_manifest(new)
+        if current is not None:
+            raise ConfigError(f"{new.display()}: already holds a corpus; rebuild into a new folder")
+        for d, source in zip(manifest["drops"], sources):
+            eps = [float(e) for e in d["eps"]]
+            cfg = corpus_config(new, current, d["name"],
+                                {**(first_args if current is None else later_args),
+                                 "input_embeddings_path": source.storage.display(),
+                                 "eps_to_extract": eps})
+            reports.append(add_source(new, current, d["name"], cfg, source, backend, lock,
+                                      fit_source=everything if current is None else None,
+                                      input_label=d["input"],
+                                      fit_on=[d["name"] for d in manifest["drops"]]))
+            current = read_manifest(new)
+    return reports
+
+
+# -- reports -------------------------------------------------------------------------------------
+# A rule of thumb, not a measurement: when a drop's clips sit this much farther from their
+# centroids than the first drop's did, its content is not what the centroids were fitted on.
+DRIFT_REBUILD = 0.15
+
+
+def format_add(report: AddReport) -> str:
+    lines = [f"corpus: {report.corpus}",
+             f"drop {report.name!r} committed as drop {report.index + 1}: {report.clips:,} clips "
+             f"in {report.clusters_touched} clusters, compared with {report.earlier_clips_read:,} "
+             "earlier clips" + (" (centroids fitted on this drop)" if report.fitted else ""),
+             "",
+             f"{'eps':>8} {'clips':>10} {'removed':>10} {'inside':>10} {'earlier':>10}"]
+    for eps, r in report.removed.items():
+        lines.append(f"{eps_text(eps):>8} {report.clips:>10,} {r['removed']:>10,} "
+                     f"{r['inside']:>10,} {r['earlier']:>10,}")
+    lines += ["", f"drift: mean cosine distance to centroids {report.mean_cosine_dist:.4f}, "
+                  f"first drop {report.fit_mean_cosine_dist:.4f} ({report.drift:+.1%})"]
+    if report.drift > DRIFT_REBUILD:
+        lines.append(f"  over +{DRIFT_REBUILD:.0%}: consider `semdedup corpus rebuild` "
+                     "(see README, Corpus)")
+    lines += ["", f"{'phase':<12} {'seconds':>9}"]
+    lines += [f"{name:<12} {secs:>9.2f}" for name, secs in report.timer.seconds.items()]
+    return "\n".join(lines)
+
+
+def format_show(corpus: Storage) -> str:
+    manifest = read_manifest(corpus)
+    if manifest is None:
+        return f"corpus: {corpus.display()}\nno committed drops"
+    s, drops = manifest["settings"], manifest["drops"]
+    base = drops[0]["mean_cosine_dist"]
+    lines = [f"corpus: {corpus.display()}",
+             f"centroids: {s['n_clusters']} x {s['dim']}-d, fitted on "
+             f"{'drop' if len(s['fit_on']) == 1 else 'drops'} {', '.join(s['fit_on'])} "
+             f"({s['which_to_keep']}, {s['sim_metric']}, random_state {s['random_state']})",
+             "",
+             f"{'#':>3}  {'drop':<24} {'clips':>10} {'eps':>7} {'removed':>9} {'inside':>9} "
+             f"{'earlier':>9} {'drift':>7}"]
+    for i, d in enumerate(drops):
+        drift = "fit" if i == 0 else f"{d['mean_cosine_dist'] / base - 1:+.1%}"
+        for j, (eps, r) in enumerate(d["eps"].items()):
+            head = f"{i + 1:>3}  {d['name']:<24} {d['clips']:>10,}" if j == 0 else " " * 40
+            lines.append(f"{head} {eps:>7} {r['removed']:>9,} {r['inside']:>9,} "
+                         f"{r['earlier']:>9,} {drift if j == 0 else '':>7}")
+    lines += ["", f"{len(drops)} drops, {sum(d['clips'] for d in drops):,} clips"]
+    return "\n".join(lines)

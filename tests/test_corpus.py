@@ -1,0 +1,380 @@
+"""A corpus of drops: adding drops one by one equals one batch over all of them in drop-major
+order (bit for bit), re-delivered data is removed whole, commits are atomic (a kill mid-add
+leaves the corpus as it was; the retry gives the uninterrupted result), adds are serialised,
+and an S3 corpus gives the local one's files."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from semdedup_core import corpus as corpus_mod
+from semdedup_core import layout
+from semdedup_core.backends import CpuBackend
+from semdedup_core.config import eps_text
+from semdedup_core.corpus import CorpusLock, add_drop, read_manifest
+from semdedup_core.embeddings import normalize
+from semdedup_core.errors import ConfigError
+from semdedup_core.extraction import removed_mask
+from semdedup_core.kmeans import centroid_distances, nearest_centroid
+from semdedup_core.pairwise import max_similarity_to_earlier
+from semdedup_core.ranking import rank_order
+from semdedup_core.storage import S3Options, Storage
+
+CPU = CpuBackend()
+DATA = "/work/shared/data/pypi_minilm_embd_parquet"
+EPS = [0.01, 0.05]
+K = 12
+
+
+@pytest.fixture(scope="module")
+def drops(tmp_path_factory):
+    """Three drops of a seeded subset of real MiniLM embeddings (natural near-duplicates fall in
+    different drops), and d3: d0 re-delivered (the same files) under another name."""
+    base = tmp_path_factory.mktemp("drops")
+    table = pq.read_table(os.path.join(DATA, "part-00001.parquet"))
+    rows = np.random.default_rng(7).permutation(table.num_rows)[:2400]
+    folders = {}
+    for i in range(3):
+        folder = base / f"d{i}"
+        folder.mkdir()
+        part = np.sort(rows[i * 800:(i + 1) * 800])
+        pq.write_table(table.take(pa.array(part[:500])), folder / "a.parquet")
+        pq.write_table(table.take(pa.array(part[500:])), folder / "b.parquet")
+        folders[f"d{i}"] = str(folder)
+    shutil.copytree(folders["d0"], base / "d3")
+    folders["d3"] = str(base / "d3")
+    return folders
+
+
+def add_all(corpus: str, folders: dict, names, **args):
+    for name in names:
+        add_drop(corpus, name, {"input_embeddings_path": folders[name], "n_clusters": K,
+                                "eps_to_extract": EPS, **args})
+
+
+def read_drop_input(folder: str):
+    t = pq.read_table(folder)
+    emb = t.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return t.column("id").combine_chunks().cast(pa.string()), \
+        normalize(emb.astype(np.float32).reshape(t.num_rows, -1))
+
+
+def batch_reference(folders: list[tuple[str, str]], centroids: np.ndarray, tile: int = 2048):
+    """One batch over all drops in drop-major order, independent of the corpus code: each
+    drop's clips assigned and ranked as a run does, every cluster's drops concatenated in
+    order, one pairwise pass over the whole cluster. Returns {(drop, cluster): (ids, max_id,
+    max_drop, score)} for the rows of each drop, and the float64 brute-force scores."""
+    by_cluster: dict[int, list] = {}
+    for name, folder in folders:
+        ids, emb = read_drop_input(folder)
+        labels, _ = nearest_centroid(CPU, emb, centroids)
+        for k in np.unique(labels):
+            rows = np.flatnonzero(labels == k)
+            l2, cos = centroid_distances(emb[rows], centroids[k])
+            k_ids = ids.take(pa.array(rows))
+            order = rank_order(k_ids, l2, cos, "cosine", "hard", 42, int(k))
+            by_cluster.setdefault(int(k), []).append((name, k_ids.take(pa.array(order)),
+                                                      emb[rows][order]))
+    result, brute = {}, {}
+    for k, parts in by_cluster.items():
+        emb = np.concatenate([p[2] for p in parts])
+        all_ids = pa.concat_arrays([p[1] for p in parts])
+        owner = np.concatenate([[p[0]] * len(p[1]) for p in parts])
+        score, match = max_similarity_to_earlier(CPU, emb, tile)
+        e64 = emb.astype(np.float64)
+        sims = e64 @ e64.T
+        full = np.array([0.0] + [max(sims[:j, j].max(), 0.0) for j in range(1, len(emb))])
+        at = 0
+        for name, ids, part in parts:
+            rows = slice(at, at + len(ids))
+            result[(name, k)] = (ids.to_pylist(), all_ids.take(pa.array(match[rows])).to_pylist(),
+                                 owner[match[rows]].tolist(), score[rows])
+            brute[(name, k)] = np.minimum(full[rows], 1)
+            at += len(ids)
+    return result, brute
+
+
+def assert_equals_batch(corpus: str, folders: dict):
+    out = Storage(corpus)
+    manifest = read_manifest(out)
+    names = [d["name"] for d in manifest["drops"]]
+    centroids = np.load(out.path(layout.CENTROIDS))
+    ref, brute = batch_reference([(n, folders[n]) for n in names], centroids)
+    seen = set()
+    for name in names:
+        drop = out.child(layout.drop_dir(name))
+        assert np.array_equal(np.load(drop.path(layout.CENTROIDS)), centroids)
+        for rel in drop.list_files(layout.PRUNING_TABLES):
+            k = layout.cluster_of_pruning_table(rel.rsplit("/", 1)[-1])
+            table = pq.read_table(drop.path(rel))
+            max_drop = pq.read_table(drop.path(layout.max_drop_table(k)))
+            ids, max_id, owner, score = ref[(name, k)]
+            assert table.column("id").to_pylist() == ids
+            assert table.column("max_id").to_pylist() == max_id
+            assert max_drop.column("id").to_pylist() == ids
+            assert max_drop.column("max_drop").to_pylist() == owner
+            got = table.column("cosine_sim_score").to_numpy()
+            assert got.tobytes() == score.tobytes()  # bit for bit
+            np.testing.assert_allclose(got, brute[(name, k)], atol=1e-5)
+            for eps in manifest["drops"][names.index(name)]["eps"]:
+                part = pq.read_table(drop.path(layout.unique_ids_part(float(eps), k)))
+                want = np.asarray(ids, dtype=object)[removed_mask(brute[(name, k)], float(eps))]
+                assert part.column("id").to_pylist() == want.tolist()
+            seen.add((name, k))
+    assert seen == set(ref)
+
+
+def test_first_row_equals_the_full_pass():
+    rng = np.random.default_rng(1)
+    base = normalize(rng.standard_normal((40, 16)).astype(np.float32))
+    emb = np.concatenate([base, base[rng.integers(0, 40, 30)],
+                          normalize(rng.standard_normal((50, 16)).astype(np.float32))])
+    for tile in (7, 16, 64):
+        score, match = max_similarity_to_earlier(CPU, emb, tile)
+        for first in (0, 1, 39, 40, 119):
+            s, m = max_similarity_to_earlier(CPU, emb, tile, first_row=first)
+            assert s.tobytes() == score[first:].tobytes() and (m == match[first:]).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 60), st.integers(0, 60), st.integers(1, 40), st.integers(0, 2**31))
+def test_first_row_property(n, first, tile, seed):
+    rng = np.random.default_rng(seed)
+    pool = normalize(rng.standard_normal((5, 8)).astype(np.float32))
+    emb = pool[rng.integers(0, 5, n)]
+    first = min(first, n)
+    score, match = max_similarity_to_earlier(CPU, emb, tile)
+    s, m = max_similarity_to_earlier(CPU, emb, tile, first_row=first)
+    assert s.tobytes() == score[first:].tobytes() and (m == match[first:]).all()
+
+
+def test_drops_one_by_one_equal_one_batch(drops, tmp_path, monkeypatch):
+    # Merges of the store after every second file, so reads go through merged files too.
+    monkeypatch.setattr(corpus_mod, "STORE_MAX_FILES", 2)
+    corpus = str(tmp_path / "corpus")
+    add_all(corpus, drops, ["d0", "d1", "d2"])
+    assert_equals_batch(corpus, drops)
+    manifest = read_manifest(Storage(corpus))
+    earlier = [d["eps"]["0.05"]["earlier"] for d in manifest["drops"]]
+    assert earlier[0] == 0 and earlier[1] > 0 and earlier[2] > 0  # real cross-drop duplicates
+    for d in manifest["drops"]:
+        drop = Storage(corpus).child(layout.drop_dir(d["name"]))
+        for eps, counts in d["eps"].items():
+            assert counts["removed"] == counts["inside"] + counts["earlier"]
+            csv = drop.read_bytes(layout.summary_csv(float(eps))).decode().splitlines()
+            assert csv == ["eps,kept,removed,total",
+                           f"{eps},{d['clips'] - counts['removed']},{counts['removed']},{d['clips']}"]
+    # One merged file per cluster after the merges, holding every clip once.
+    store = Storage(corpus)
+    for c in store.list_dirs(layout.STORE):
+        files = store.list_files(f"{layout.STORE}/{c}")
+        assert len(files) == 1 and files[0].rsplit("/", 1)[-1].startswith("00000000-00000002-")
+    total = sum(pq.read_metadata(store.path(f)).num_rows for f in store.list_files(layout.STORE))
+    assert total == 2400
+
+
+def test_redelivered_drop_is_removed_whole(drops, tmp_path):
+    corpus = str(tmp_path / "corpus")
+    add_all(corpus, drops, ["d0", "d1", "d3"])  # d3 = d0's files under another name
+    manifest = read_manifest(Storage(corpus))
+    d3 = manifest["drops"][2]
+    assert d3["clips"] == 800
+    for eps in EPS:
+        assert d3["eps"][eps_text(eps)] == {"removed": 800, "inside": 0, "earlier": 800}
+        part_ids = pq.read_table(os.path.join(corpus, "drops", "d3",
+                                              layout.unique_ids_dir(eps))).column("id")
+        assert sorted(part_ids.to_pylist()) == sorted(read_drop_input(drops["d3"])[0].to_pylist())
+    owners = pq.read_table(os.path.join(corpus, "drops", "d3", layout.MAX_DROP_TABLES))
+    assert set(owners.column("max_drop").to_pylist()) == {"d0"}
+    assert_equals_batch(corpus, drops)
+
+
+def tree_digest(folder) -> dict:
+    found = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return found
+
+
+def cli(*args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "semdedup_core.cli", *args], capture_output=True,
+                          text=True, env=env, **kw)
+
+
+def run_cli(capsys, *args):
+    """The `semdedup` command in-process: (exit status, stdout, stderr)."""
+    from semdedup_core.cli import main
+
+    code = main(list(args))
+    got = capsys.readouterr()
+    return code, got.out, got.err
+
+
+def test_cli_add_show_and_name_reuse_refused(drops, tmp_path, capsys):
+    corpus = str(tmp_path / "corpus")
+    code, out, err = run_cli(capsys, "corpus", "add", corpus, "--input-embeddings-path",
+                             drops["d0"], "--drop-name", "d0", "--n-clusters", str(K),
+                             "--eps-to-extract", "0.01")
+    assert code == 0, err
+    assert "committed as drop 1" in out
+    code, _, err = run_cli(capsys, "corpus", "add", str(tmp_path / "other"),
+                           "--input-embeddings-path", drops["d0"], "--drop-name", "d0")
+    assert code == 1 and "give --n-clusters" in err
+    before = tree_digest(corpus)
+    code, _, err = run_cli(capsys, "corpus", "add", corpus, "--input-embeddings-path",
+                           drops["d1"], "--drop-name", "d0")
+    assert code == 1
+    assert err.strip().splitlines()[-1] == (
+        f"semdedup: error: {corpus}: drop 'd0' is already committed (drop 1 of 1); nothing was "
+        "changed; give the new drop another --drop-name")
+    code, _, err = run_cli(capsys, "corpus", "add", corpus, "--input-embeddings-path",
+                           drops["d1"], "--drop-name", "d1", "--n-clusters", "7")
+    assert code == 1 and "n_clusters is 12 for this corpus" in err
+    assert tree_digest(corpus) == before
+    code, _, err = run_cli(capsys, "corpus", "add", corpus, "--input-embeddings-path",
+                           drops["d1"], "--drop-name", "d1",
+                           "--eps-to-extract", "0.05", "0.01")  # eps may differ per add
+    assert code == 0, err
+    code, out, _ = run_cli(capsys, "corpus", "show", corpus)
+    assert code == 0
+    counts = read_manifest(Storage(corpus))["drops"][1]["eps"]["0.05"]
+    row = next(line.split() for line in out.splitlines() if " d1 " in line)
+    assert row[:7] == ["2", "d1", "800", "0.05", str(counts["removed"]), str(counts["inside"]),
+                       str(counts["earlier"])]
+    assert "2 drops, 1,600 clips" in out
+
+
+def test_kill_mid_add_then_retry(drops, tmp_path):
+    """SIGKILL while the add is writing its drop and store files: the corpus is as it was
+    (manifest and every committed file), and the retry gives exactly the uninterrupted
+    result."""
+    corpus = tmp_path / "corpus"
+    add_all(str(corpus), drops, ["d0"])
+    clean = tmp_path / "clean"
+    shutil.copytree(corpus, clean)
+    add_all(str(clean), drops, ["d1"])
+    before = tree_digest(corpus)
+    proc = subprocess.Popen([sys.executable, "-m", "semdedup_core.cli", "corpus", "add",
+                             str(corpus), "--input-embeddings-path", drops["d1"], "--drop-name",
+                             "d1", "--eps-to-extract", *map(str, EPS)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pruning = corpus / "drops" / "d1" / layout.PRUNING_TABLES
+    deadline = time.time() + 60
+    while not (pruning.exists() and any(pruning.iterdir())) and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the add finished before it could be killed"
+    after = tree_digest(corpus)
+    for rel, digest in before.items():
+        if rel != layout.CORPUS_LOCK:
+            assert after.get(rel) == digest, rel  # every committed file as it was
+    assert read_manifest(Storage(str(corpus))) == read_manifest(Storage(str(clean))) | {
+        "drops": read_manifest(Storage(str(clean)))["drops"][:1]}
+    assert (corpus / layout.CORPUS_PENDING).exists()  # the crashed add's trace
+    retry = cli("corpus", "add", str(corpus), "--input-embeddings-path", drops["d1"],
+                "--drop-name", "d1", "--eps-to-extract", *map(str, EPS))
+    assert retry.returncode == 0, retry.stderr
+    assert not (corpus / layout.CORPUS_PENDING).exists()
+    got, want = tree_digest(corpus / "drops"), tree_digest(clean / "drops")
+    assert got == want  # the drop layouts, byte for byte
+    assert store_contents(corpus) == store_contents(clean)  # no file of the killed add left
+
+
+def store_contents(corpus) -> dict:
+    """Each cluster's store as (ids, embedding bytes, drops): file names carry add tokens."""
+    out = {}
+    for c in sorted(os.listdir(corpus / layout.STORE)):
+        files = sorted(os.listdir(corpus / layout.STORE / c))
+        t = pa.concat_tables(pq.read_table(corpus / layout.STORE / c / f) for f in files)
+        out[c] = (len(files), t.column("id").to_pylist(),
+                  t.column("embedding").combine_chunks().flatten().to_numpy().tobytes(),
+                  t.column("drop").to_pylist())
+    return out
+
+
+def test_two_adds_at_once(drops, tmp_path, capsys):
+    corpus = str(tmp_path / "corpus")
+    add_all(corpus, drops, ["d0"])
+    # A held lock refuses an add at once, naming the holder, and changes nothing.
+    before = tree_digest(corpus)
+    with CorpusLock(Storage(corpus), wait=False) as lock:
+        code, _, err = run_cli(capsys, "corpus", "add", corpus, "--input-embeddings-path",
+                               drops["d1"], "--drop-name", "d1")
+        assert code == 1
+        assert f"another add holds this corpus: {lock.owner} (host" in err
+        assert err.count("semdedup: error:") == 1
+    assert tree_digest(corpus) == before
+    # Two adds started together with --wait: one after the other, each against the other's
+    # committed state, so the corpus still equals one batch in commit order.
+    procs = [subprocess.Popen([sys.executable, "-m", "semdedup_core.cli", "corpus", "add", corpus,
+                               "--input-embeddings-path", drops[name], "--drop-name", name,
+                               "--eps-to-extract", *map(str, EPS), "--wait"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for name in ("d1", "d2")]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()
+    names = [d["name"] for d in read_manifest(Storage(corpus))["drops"]]
+    assert names[0] == "d0" and sorted(names[1:]) == ["d1", "d2"]
+    assert_equals_batch(corpus, drops)
+
+
+def test_later_add_keeps_the_corpus_settings(drops, tmp_path):
+    corpus = str(tmp_path / "corpus")
+    add_all(corpus, drops, ["d0"])
+    with pytest.raises(ConfigError, match="which_to_keep is 'hard' for this corpus"):
+        add_drop(corpus, "d1", {"input_embeddings_path": drops["d1"], "which_to_keep": "easy"})
+    with pytest.raises(ConfigError, match="drop name"):
+        add_drop(corpus, "../x", {"input_embeddings_path": drops["d1"]})
+
+
+def test_rebuild_refits_on_all_drops(drops, tmp_path, capsys):
+    corpus, into = str(tmp_path / "corpus"), str(tmp_path / "rebuilt")
+    add_all(corpus, drops, ["d0", "d1", "d3"])
+    code, _, err = run_cli(capsys, "corpus", "rebuild", corpus, "--into", into, "--n-clusters", "6")
+    assert code == 0, err
+    old, new = read_manifest(Storage(corpus)), read_manifest(Storage(into))
+    assert new["settings"]["n_clusters"] == 6 and new["settings"]["fit_on"] == ["d0", "d1", "d3"]
+    assert [d["name"] for d in new["drops"]] == ["d0", "d1", "d3"]
+    assert [d["clips"] for d in new["drops"]] == [d["clips"] for d in old["drops"]]
+    assert new["drops"][2]["eps"]["0.01"]["earlier"] == 800  # still removed whole
+    assert new["drops"][0]["input"] == drops["d0"]
+
+
+def test_s3_corpus_equals_local(drops, tmp_path, s3_client, s3_endpoint, aws_profile):
+    s3_client.create_bucket(Bucket="corpus")
+    local = str(tmp_path / "corpus")
+    add_all(local, drops, ["d0", "d1"])
+    uri = "s3://corpus/curated"
+    args = {"aws_profile": aws_profile, "aws_endpoint_url": s3_endpoint}
+    add_all(uri, drops, ["d0", "d1"], **args)
+    store = Storage(uri, S3Options(aws_profile, s3_endpoint))
+    assert store.list_files(layout.DROPS) == Storage(local).list_files(layout.DROPS)
+    for rel in store.list_files(layout.DROPS):
+        assert store.read_bytes(rel) == Storage(local).read_bytes(rel), rel
+    s3_drops = read_manifest(store)["drops"]
+    assert [d["eps"] for d in s3_drops] == [d["eps"] for d in read_manifest(Storage(local))["drops"]]
+    assert not store.exists(layout.CORPUS_LOCK)  # released
+    # The S3 lock: a held lock refuses a second add with the holder's name.
+    with CorpusLock(store, wait=False) as lock:
+        with pytest.raises(corpus_mod.CorpusBusy, match=lock.owner):
+            add_drop(uri, "d2", {"input_embeddings_path": drops["d2"], **args})
+    assert [d["name"] for d in read_manifest(store)["drops"]] == ["d0", "d1"]
+    assert json.loads(store.read_bytes(layout.CORPUS_MANIFEST))["format"] == 1
