@@ -11,7 +11,8 @@ the Dagster instance's database and the S3 API server.
 Also here: what the Dagster Helm chart renders from a values file for the parts a run uses (the
 instance's run launcher, concurrency and compute logs; the code location's container context),
 following the chart's templates (`dagsterYaml.runLauncher.k8s`, `dagsterYaml.concurrency`,
-`dagsterUserDeployments.k8sContainerContext`); the chart itself is not run here.
+`dagsterUserDeployments.k8sContainerContext`, `dagsterYaml.computeLogManager.s3`); the chart
+itself is not run here.
 """
 
 import json
@@ -27,6 +28,7 @@ import yaml
 BIN = os.path.dirname(sys.executable)
 RELEASE, NAMESPACE = "semdedup", "semdedup"
 FULLNAME = "semdedup-dagster"  # the chart's dagster.fullname for release "semdedup"
+DAGSTER_HOME = "/opt/dagster/dagster_home"  # the chart's global.dagsterHome
 JOBS = re.compile(r"^/apis/batch/v1/namespaces/([^/]+)/jobs(?:/([^/]+))?(/status)?$")
 
 
@@ -177,19 +179,19 @@ def instance_yaml(values: dict, kubeconfig: str, database_dir: str) -> dict:
     launcher = values["runLauncher"]["config"]["k8sRunLauncher"]
     run_launcher = {
         "load_incluster_config": False, "kubeconfig_file": kubeconfig,
-        "job_namespace": NAMESPACE, "image_pull_policy": "Always",
+        "job_namespace": NAMESPACE, "image_pull_policy": launcher.get("imagePullPolicy", "Always"),
         "service_account_name": FULLNAME,
-        "dagster_home": {"env": "DAGSTER_HOME"},
-        "instance_config_map": {"env": "DAGSTER_K8S_INSTANCE_CONFIG_MAP"},
-        "postgres_password_secret": {"env": "DAGSTER_K8S_PG_PASSWORD_SECRET"},
-        "env_config_maps": [{"env": "DAGSTER_K8S_PIPELINE_RUN_ENV_CONFIGMAP"}]
-        + [c["name"] for c in launcher.get("envConfigMaps", [])],
+        "dagster_home": DAGSTER_HOME, "instance_config_map": f"{FULLNAME}-instance",
+        "postgres_password_secret": values["global"]["postgresqlSecretName"],
     }
-    if launcher.get("envSecrets"):
-        run_launcher["env_secrets"] = [s["name"] for s in launcher["envSecrets"]]
-    for key in ("envVars", "volumeMounts", "volumes", "runK8sConfig"):
-        if key in launcher:
+    for key, out in (("envConfigMaps", "env_config_maps"), ("envSecrets", "env_secrets")):
+        if launcher.get(key):
+            run_launcher[out] = [item["name"] for item in launcher[key]]
+    for key in ("envVars", "volumeMounts", "volumes", "labels", "resources"):
+        if launcher.get(key):
             run_launcher[_snake(key)] = launcher[key]
+    if launcher.get("runK8sConfig"):
+        run_launcher["run_k8s_config"] = {_snake(k): v for k, v in launcher["runK8sConfig"].items()}
     instance = {
         "storage": {"sqlite": {"base_dir": database_dir}},
         "local_artifact_storage": {"module": "dagster.core.storage.root",
@@ -221,19 +223,12 @@ def chart_concurrency(section: dict) -> dict:
     return out
 
 
-def config_maps(values: dict, home: str) -> dict:
-    """The config maps the chart creates that launched pods read."""
+def config_maps(values: dict) -> dict:
+    """The config maps the chart creates that launched pods read: the deployment's env when it
+    is a map (ours is a list, so it travels in the container context instead)."""
     dep = user_deployment(values)
     env = dep.get("env") if isinstance(dep.get("env"), dict) else {}
-    return {
-        f"{FULLNAME}-pipeline-env": {
-            "DAGSTER_HOME": home, "DAGSTER_K8S_PG_PASSWORD_SECRET":
-                values["global"]["postgresqlSecretName"],
-            "DAGSTER_K8S_INSTANCE_CONFIG_MAP": f"{FULLNAME}-instance",
-            "DAGSTER_K8S_PIPELINE_RUN_NAMESPACE": NAMESPACE,
-            "DAGSTER_K8S_PIPELINE_RUN_ENV_CONFIGMAP": f"{FULLNAME}-pipeline-env"},
-        f"{FULLNAME}-{dep['name']}-user-env": {k: str(v) for k, v in env.items()},
-    }
+    return {f"{FULLNAME}-{dep['name']}-user-env": {k: str(v) for k, v in env.items()}}
 
 
 def launch(home: str, run_config_json: str) -> str:

@@ -126,8 +126,7 @@ def k8s_run(planted, s3_endpoint, tmp_path_factory):
     secrets = {  # what the operator creates beside the chart
         "semdedup-aws": {**keys, "AWS_ENDPOINT_URL": s3_endpoint},
         values["global"]["postgresqlSecretName"]: {"postgresql-password": "unused-by-sqlite"}}
-    maps = config_maps(values, "/opt/dagster/dagster_home")
-    cluster = LocalCluster(root, maps, secrets)
+    cluster = LocalCluster(root, config_maps(values), secrets)
     (home / "dagster.yaml").write_text(yaml.safe_dump(
         instance_yaml(values, cluster.kubeconfig, str(root / "database"))))
     (home / "values.yaml").write_text(yaml.safe_dump(values))
@@ -135,9 +134,9 @@ def k8s_run(planted, s3_endpoint, tmp_path_factory):
             "output_path": "s3://curation/dedup/day1", "n_clusters": 6,
             "eps_to_extract": [0.01, 0.1], "backend": "cpu", "centroids_per_step": 3}
     # The launching process (the webserver, with the code location's definitions): the
-    # chart's pipeline env, the deployment's env and secrets.
-    env = {"PATH": os.environ["PATH"], "HOME": str(root), **maps[f"{FULLNAME}-pipeline-env"],
-           "DAGSTER_HOME": str(home), **deployment_env(values), **secrets["semdedup-aws"]}
+    # deployment's env and secrets.
+    env = {"PATH": os.environ["PATH"], "HOME": str(root), "DAGSTER_HOME": str(home),
+           **deployment_env(values), **secrets["semdedup-aws"]}
     try:
         launched = subprocess.run(
             [sys.executable, "-c", "import sys; from tests.k8s_cluster import launch; "
@@ -190,12 +189,12 @@ def test_every_step_pod_gets_what_its_step_runs(k8s_run):
         spec = pod_spec(job)
         container = spec["containers"][0]
         assert container["image"] == image(values)
-        # The deployment's env, its AWS secret, the chart's env config maps, on every pod.
+        # The deployment's env, its AWS secret, its env config map, on every pod.
         pod_env = {e["name"]: e.get("value") for e in container["env"]}
         assert {k: pod_env.get(k) for k in env} == env
         sources = container["envFrom"]
         assert {"secretRef": {"name": "semdedup-aws"}} in sources
-        assert {"configMapRef": {"name": f"{FULLNAME}-pipeline-env"}} in sources
+        assert {"configMapRef": {"name": f"{FULLNAME}-semdedup-user-env"}} in sources
         if key.split("[")[0] in COMPUTING_STEPS:
             # The GPU, its node pool and toleration, on fit and assign as on dedup.
             assert container["resources"] == quantities(gpu["container_config"]["resources"])
