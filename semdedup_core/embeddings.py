@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from semdedup_core.errors import InputError
 from semdedup_core.storage import Storage
-from semdedup_core.threads import chain_ahead, host_threads
+from semdedup_core.threads import LATENCY_BOUND_THREADS, chain_ahead, host_threads, ordered_map
 
 NORM_FLOOR = 1e-12
 READ_BUFFER_BYTES = 8 << 20
@@ -57,6 +57,8 @@ class Batch:
 class InputFile:
     rel: str
     rows: int
+    size: int = 0
+    mtime: float | None = None  # None where not known or not a property of the data (a zip's)
 
 
 @dataclass
@@ -78,21 +80,32 @@ class EmbeddingSource:
     def discover(cls, storage: Storage, id_column: str = "id", embedding_column: str = "embedding",
                  batch_rows: int = 32768) -> "EmbeddingSource":
         """List `*.parquet` under the folder (recursively; hidden and `_`-prefixed names skipped)
-        and check each file's schema from its footer."""
-        rels = files_from_summary(storage)
+        and check each file's schema from its footer. A single `.parquet` file is a one-file
+        input."""
+        listed: dict[str, tuple[int, float | None]] = {}
+        rels = None
+        if storage.root.endswith(".parquet") and storage.is_file():
+            storage, rels = storage.parent_of_file(), [posixpath.basename(storage.root)]
+        else:
+            rels = files_from_summary(storage)
         if rels is None:
             if not storage.exists():
                 raise InputError(f"{storage.display()}: no such folder")
-            rels = [r for r in storage.list_files() if r.endswith(".parquet")
-                    and not any(p.startswith((".", "_")) for p in r.split("/"))]
+            from_zip = storage.uri.endswith("!")  # extraction times say nothing of the data
+            for rel, size, mtime in storage.list_file_infos():
+                if rel.endswith(".parquet") and not any(p.startswith((".", "_"))
+                                                        for p in rel.split("/")):
+                    listed[rel] = (size, None if from_zip else mtime)
+            rels = sorted(listed)
         if not rels:
             raise InputError(f"{storage.display()}: no parquet files found")
         src = cls(storage, [], id_column, embedding_column, batch_rows)
-        for rel in rels:
+
+        def footer(rel: str) -> InputFile:
             try:
                 with storage.open_input(rel) as f:
                     meta = pq.ParquetFile(f)
-                    schema, rows = meta.schema_arrow, meta.metadata.num_rows
+                    schema, rows, size = meta.schema_arrow, meta.metadata.num_rows, f.size()
             except FileNotFoundError:
                 raise InputError(f"{storage.display(rel)}: listed in summary.json but missing") \
                     from None
@@ -100,10 +113,19 @@ class EmbeddingSource:
                 raise InputError(f"{storage.display(rel)}: not a readable parquet file ({exc})") \
                     from None
             src._check_schema(storage.display(rel), schema)
-            src.files.append(InputFile(rel, rows))
+            return InputFile(rel, rows, size, listed.get(rel, (size, None))[1])
+
+        # Footers are read on threads (on S3 each is a round trip; many small files are
+        # mostly footers); errors still come in file order.
+        src.files = list(ordered_map(footer, rels, LATENCY_BOUND_THREADS if not storage.local
+                                     else host_threads()))
         if src.n_rows == 0:
             raise InputError(f"{storage.display()}: the parquet files hold no rows")
         return src
+
+    def fingerprint_items(self) -> list[tuple[str, int, float | None]]:
+        """(path, size, mtime) of every input file, for the completion record's fingerprint."""
+        return [(f.rel, f.size, f.mtime) for f in self.files]
 
     def _check_schema(self, where: str, schema: pa.Schema) -> None:
         names = schema.names

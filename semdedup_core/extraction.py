@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from semdedup_core import layout
+from semdedup_core import layout, run_record
 from semdedup_core.config import eps_text
 from semdedup_core.errors import InputError
 from semdedup_core.parquet import read_table, row_count, write_table
@@ -64,31 +64,35 @@ def pruned_clusters(out: Storage) -> list[int]:
     return sorted(c for c in map(layout.cluster_of_pruning_table, names) if c is not None)
 
 
-def sweep(out: Storage, eps_list: list[float], progress=None) -> dict[float, dict]:
+def sweep(out: Storage, eps_list: list[float], progress=None, owner: str | None = None,
+          wait: bool = False) -> dict[float, dict]:
     """New eps from existing pruning tables: writes `unique_ids_<eps>` and the summaries,
-    recomputing nothing else."""
-    clusters = pruned_clusters(out)
-    if not clusters:
-        raise InputError(f"{out.display(layout.PRUNING_TABLES)}: no pruning tables; run the "
-                         "pipeline first")
-    removed = dict.fromkeys(eps_list, 0)
-    for counts in ordered_map(lambda c: extract_from_tables(out, c, eps_list), clusters,
-                              host_threads()):
-        for eps, n in counts.items():
-            removed[eps] += n
-        if progress is not None:
-            progress(1)
-    return summarize(out, eps_list, clusters, removed_by_eps=removed)
+    recomputing nothing else. Only a finished output is swept (it has a completion record,
+    which then lists the swept eps); the folder is held for the sweep like for a run."""
+    with run_record.take_output(out, owner, wait) as lock:
+        run_record.require_complete(out, lock)
+        clusters = pruned_clusters(out)
+        if not clusters:
+            raise InputError(f"{out.display(layout.PRUNING_TABLES)}: no pruning tables; run the "
+                             "pipeline first")
+        removed = dict.fromkeys(eps_list, 0)
+        for counts in ordered_map(lambda c: extract_from_tables(out, c, eps_list), clusters,
+                                  host_threads()):
+            for eps, n in counts.items():
+                removed[eps] += n
+            if progress is not None:
+                progress(1)
+        rows = summarize(out, eps_list, clusters, removed_by_eps=removed)
+        run_record.add_swept_eps(out, lock, eps_list, rows)
+    return rows
 
 
 def summarize(out: Storage, eps_list: list[float], clusters: list[int], total: int | None = None,
               removed_by_eps: dict[float, int] | None = None) -> dict[float, dict]:
-    """Write `dedup_summary_<eps>.csv` from the parts and pruning tables on storage, and drop
-    parts of clusters that are not in `clusters` (left by an earlier run). Returns the rows.
+    """Write `dedup_summary_<eps>.csv` from the parts and pruning tables on storage. Returns
+    the rows.
     `total` (clips) and `removed_by_eps`, when the caller already knows them (it has just
     written the tables and parts), spare reading a footer per cluster and eps."""
-    wanted = set(clusters)
-
     def rows_in(rels) -> int:  # parquet footers, read on I/O threads (S3 round trips)
         return sum(ordered_map(lambda rel: row_count(out, rel), rels, LATENCY_BOUND_THREADS))
 
@@ -96,10 +100,6 @@ def summarize(out: Storage, eps_list: list[float], clusters: list[int], total: i
         total = rows_in(layout.pruning_table(c) for c in clusters)
     rows = {}
     for eps in eps_list:
-        for rel in out.list_files(layout.unique_ids_dir(eps)):
-            c = layout.cluster_of_part(rel.rsplit("/", 1)[-1])
-            if c is not None and c not in wanted:
-                out.delete_file(rel)
         if removed_by_eps is not None:
             removed = removed_by_eps[eps]
         else:

@@ -119,8 +119,13 @@ def find_clip(out: Storage, clip_id: str) -> ClipReport | None:
     return None
 
 
-def format_inspection(out: Storage, ids: list[str], top: int = 10) -> str:
+def format_inspection(out: Storage, ids: list[str], top: int = 10,
+                      incomplete: str | None = None) -> str:
+    """The `semdedup inspect` report; `incomplete`: why the folder is not a finished run, shown
+    first when it is read anyway."""
     lines = [f"output: {out.display()}", ""]
+    if incomplete:
+        lines[1:1] = [f"WARNING: {incomplete}"]
     rows = summaries(out)
     if rows:
         lines.append(f"{'eps':>8} {'total':>12} {'kept':>12} {'removed':>12}")

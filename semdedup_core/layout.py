@@ -10,6 +10,17 @@ CENTROIDS = f"{CLUSTERING}/kmeans_centroids.npy"
 SHARDS = f"{CLUSTERING}/embs_by_nearest_center"
 EXTRACTION = "extraction"
 PRUNING_TABLES = f"{EXTRACTION}/semdedup_pruning_tables"
+# Beside the layout (names starting with `_`, which dataset readers skip): semdedup_core/run_record.py
+RUN_LOCK = "_semdedup.lock"  # who is writing the folder now
+RUN_RECORD = "_semdedup_run.json"  # written last: the folder holds one finished run
+
+
+def output_root_of(uri: str) -> str:
+    """The output folder holding an artifact path (a local path or an s3:// URI)."""
+    for top in (f"/{CLUSTERING}/", f"/{EXTRACTION}/"):
+        if top in uri + "/":
+            return (uri + "/").rsplit(top, 1)[0]
+    return uri
 
 # Columns. Shards: ID, EMBEDDING, L2_DIST, COSINE_DIST. Pruning tables: ID, MAX_ID, SCORE.
 # unique_ids parts: ID, COSINE_DIST, CLUSTER. Summaries: SUMMARY_COLUMNS.
@@ -89,7 +100,6 @@ def parse_store_file(name: str) -> tuple[int, int, str] | None:
 
 _SHARD_DIR_RE = re.compile(r"^nearest_cent=(\d+)$")
 _PRUNING_RE = re.compile(r"^cluster_(\d+)\.parquet$")
-_PART_RE = re.compile(r"^part\.(\d+)\.parquet$")
 
 
 def cluster_of_shard_dir(name: str) -> int | None:
@@ -99,9 +109,4 @@ def cluster_of_shard_dir(name: str) -> int | None:
 
 def cluster_of_pruning_table(name: str) -> int | None:
     m = _PRUNING_RE.match(name)
-    return int(m.group(1)) if m else None
-
-
-def cluster_of_part(name: str) -> int | None:
-    m = _PART_RE.match(name)
     return int(m.group(1)) if m else None

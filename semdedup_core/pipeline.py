@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from semdedup_core import layout
+from semdedup_core import layout, run_record
 from semdedup_core.backends import Backend, get_backend
 from semdedup_core.config import DedupConfig
 from semdedup_core.embeddings import EmbeddingSource, scan_input
@@ -74,6 +74,10 @@ def open_source(cfg: DedupConfig, s3: S3Options | None = None, share: str | None
                              cfg.zip_max_bytes, share=share, keep=keep) as folder:
         yield EmbeddingSource.discover(folder, cfg.id_column, cfg.embedding_column,
                                        cfg.read_batch_rows)
+
+
+def input_fingerprint(source: EmbeddingSource) -> str:
+    return run_record.input_fingerprint(source.fingerprint_items())
 
 
 def output_storage(cfg: DedupConfig, s3: S3Options | None = None) -> Storage:
@@ -236,15 +240,6 @@ def prune_cluster(cfg: DedupConfig, out: Storage, cluster: int, backend: Backend
         return next(results)
 
 
-def drop_stale_pruning_tables(out: Storage, clusters: list[int]) -> None:
-    """Pruning tables of clusters that no longer exist (an earlier run) would mislead readers."""
-    wanted = set(clusters)
-    for rel in out.list_files(layout.PRUNING_TABLES):
-        c = layout.cluster_of_pruning_table(rel.rsplit("/", 1)[-1])
-        if c is not None and c not in wanted:
-            out.delete_file(rel)
-
-
 def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Backend,
               timer: PhaseTimer | None = None, show_progress: bool = False) -> dict[float, int]:
     """Prune and extract every cluster (results are not kept: memory stays at a few clusters).
@@ -260,7 +255,6 @@ def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Back
                     removed[eps] += n
             bar.update(1)
     timer.flops["prune"] = float(flops)
-    drop_stale_pruning_tables(out, clusters)
     return removed
 
 
@@ -280,21 +274,27 @@ class RunReport:
 
 
 def run_pipeline(cfg: DedupConfig, show_progress: bool = False,
-                 s3: S3Options | None = None) -> RunReport:
-    """Every stage in order; the output layout is complete when this returns."""
+                 s3: S3Options | None = None, wait: bool = False) -> RunReport:
+    """Every stage in order; the output layout is complete when this returns. The output folder
+    is taken first (`run_record`): a second run into it fails naming this one, or with `wait`
+    waits for it. The completion record is written last."""
     timer = PhaseTimer()
     backend = get_backend(cfg.backend)
     out = output_storage(cfg, s3)
-    with open_source(cfg, s3) as source:
-        fit = fit_centroids(cfg, source, backend, timer, show_progress)
-        # Nothing is written before the whole input has been validated.
-        with timer.phase("kmeans_fit"):
-            save_centroids(out, fit.centroids)
-        sizes = assign(cfg, source, fit.centroids, out, backend, timer, show_progress)
-    clusters = [int(c) for c in np.flatnonzero(sizes)]
-    removed = prune_all(cfg, out, clusters, backend, timer, show_progress)
-    with timer.phase("summary"):
-        summary = summarize(out, cfg.eps_to_extract, clusters, int(sizes.sum()), removed)
+    with run_record.take_output(out, wait=wait) as lock:
+        with open_source(cfg, s3) as source:
+            fit = fit_centroids(cfg, source, backend, timer, show_progress)
+            # Nothing is written before the whole input has been validated.
+            run_record.begin_writing(out, lock, input_fingerprint(source))
+            with timer.phase("kmeans_fit"):
+                save_centroids(out, fit.centroids)
+            sizes = assign(cfg, source, fit.centroids, out, backend, timer, show_progress)
+        clusters = [int(c) for c in np.flatnonzero(sizes)]
+        removed = prune_all(cfg, out, clusters, backend, timer, show_progress)
+        with timer.phase("summary"):
+            summary = summarize(out, cfg.eps_to_extract, clusters, int(sizes.sum()), removed)
+            run_record.remove_leftovers(out, cfg, clusters)
+            run_record.write_record(out, lock, cfg,
+                                    run_record.counts(fit.n_rows, fit.dim, clusters, summary))
     return RunReport(out.display(), backend.name, fit.n_rows, fit.dim, cfg.n_clusters,
                      fit.iterations, fit.sample_rows, sizes, summary, timer)
-

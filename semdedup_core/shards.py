@@ -1,6 +1,7 @@
 """The per-centroid shards `nearest_cent=<k>/<sha>.parquet` and the centroids file: assigning
 every clip in streaming batches (spilled by cluster to local scratch), writing, and reading back."""
 
+import contextlib
 import io
 import os
 import shutil
@@ -14,8 +15,22 @@ from semdedup_core.backends.base import Backend
 from semdedup_core.embeddings import EmbeddingSource, normalize
 from semdedup_core.kmeans import centroid_distances, nearest_centroid
 from semdedup_core.parquet import content_sha, read_table, table_to_parquet_bytes
+from semdedup_core.run_record import pid_alive
 from semdedup_core.storage import Storage
 from semdedup_core.threads import host_threads, ordered_map
+
+
+SPILL_PREFIX = "semdedup-spill-"
+
+
+def remove_dead_spills(scratch: str | None) -> None:
+    """Remove the spill folders of processes that died without cleaning up (killed runs)."""
+    scratch = scratch or tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(scratch):
+            pid = name[len(SPILL_PREFIX):].split("-", 1)[0]
+            if name.startswith(SPILL_PREFIX) and pid.isdigit() and not pid_alive(int(pid)):
+                shutil.rmtree(os.path.join(scratch, name), ignore_errors=True)
 
 
 class _Spill:
@@ -27,7 +42,9 @@ class _Spill:
     id lengths int32[rows], the id bytes, float32[rows, dim]."""
 
     def __init__(self, scratch: str | None, dim: int, buffer_bytes: int):
-        self.dir = tempfile.mkdtemp(prefix="semdedup-spill-", dir=scratch)
+        remove_dead_spills(scratch)
+        # The pid in the name lets a later run remove this folder if this process is killed.
+        self.dir = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=scratch)
         self.dim = dim
         self.buffer_bytes = buffer_bytes
         self._pending: list[tuple[np.ndarray, pa.Array, np.ndarray]] = []

@@ -164,9 +164,17 @@ class Storage:
         return self._derived(posixpath.dirname(self.uri.rstrip("/")),
                              posixpath.dirname(self.root.rstrip("/")))
 
+    def parent_of_file(self) -> "Storage":
+        """The folder holding this Storage's root, when the root is a single file."""
+        return self._derived(posixpath.dirname(self.uri.rstrip("/")),
+                             posixpath.dirname(self.root.rstrip("/")))
+
     # -- reading -----------------------------------------------------------------------------
     def exists(self, rel: str = "") -> bool:
         return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def is_file(self, rel: str = "") -> bool:
+        return self.fs.get_file_info(self.path(rel)).type == pafs.FileType.File
 
     def list_files(self, rel: str = "", recursive: bool = True) -> list[str]:
         """Relative paths of the files under `rel`, sorted; [] when it does not exist."""
@@ -222,19 +230,138 @@ class Storage:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         else:
-            with self._client_lock:
-                if self._client is None:
-                    self._client = self.s3.client()
             bucket, key = target.split("/", 1)
-            self._client.upload_fileobj(io.BytesIO(data), bucket, key)
+            self.client().upload_fileobj(io.BytesIO(data), bucket, key)
 
     def delete_file(self, rel: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.delete_file(self.path(rel))
+        if self.local:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path(rel))
+            return
+        # boto3, not pyarrow: pyarrow's S3 delete leaves a zero-byte "folder/" key behind when
+        # the folder becomes empty, which a fresh run never writes.
+        bucket, key = self.path(rel).split("/", 1)
+        self.client().delete_object(Bucket=bucket, Key=key)
 
     def delete_dir(self, rel: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.delete_dir(self.path(rel))
+        if self.local:
+            shutil.rmtree(self.path(rel), ignore_errors=True)
+            return
+        bucket, prefix = self.path(rel).rstrip("/").split("/", 1)
+        paginator = self.client().get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix + "/"):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                self.client().delete_objects(Bucket=bucket, Delete={"Objects": keys,
+                                                                    "Quiet": True})
+
+    def client(self):
+        """The boto3 S3 client of this storage (one per Storage, shared by its threads)."""
+        with self._client_lock:
+            if self._client is None:
+                self._client = self.s3.client()
+        return self._client
+
+    # -- compare-and-swap, for the output lock (semdedup_core/run_record.py) ---------------------
+    # A version is an opaque token: the ETag on S3, a content hash locally. Locally the
+    # read-compare-write runs under an flock of the folder, so processes on one host agree; on
+    # S3 it is a conditional PUT / DELETE (If-None-Match: * or If-Match: <ETag>).
+    def read_versioned(self, rel: str) -> tuple[bytes, str] | None:
+        """(content, version) of a file, or None when it does not exist."""
+        if self.local:
+            try:
+                with open(self.path(rel), "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                return None
+            return data, hashlib.sha256(data).hexdigest()
+        bucket, key = self.path(rel).split("/", 1)
+        try:
+            got = self.client().get_object(Bucket=bucket, Key=key)
+        except self._client_errors() as exc:
+            if _s3_code(exc) in ("NoSuchKey", "404"):
+                return None
+            raise
+        return got["Body"].read(), got["ETag"]
+
+    def write_if(self, rel: str, data: bytes, version: str | None) -> str | None:
+        """Write `data` only if the file is absent (`version` None) or still at `version`.
+        Returns the new version, or None when the condition failed."""
+        if self.local:
+            with self._folder_guard():
+                current = self.read_versioned(rel)
+                if (current[1] if current else None) != version:
+                    return None
+                self.write_bytes(rel, data)
+                return hashlib.sha256(data).hexdigest()
+        bucket, key = self.path(rel).split("/", 1)
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            return self.client().put_object(Bucket=bucket, Key=key, Body=data,
+                                            **condition)["ETag"]
+        except self._client_errors() as exc:
+            # 412: the condition failed; 409: a concurrent conditional write won the race.
+            if _s3_code(exc) in ("PreconditionFailed", "ConditionalRequestConflict", "412",
+                                 "409", "NoSuchKey"):
+                return None
+            raise
+
+    def delete_if(self, rel: str, version: str) -> bool:
+        """Delete the file only if it is still at `version`."""
+        if self.local:
+            with self._folder_guard():
+                current = self.read_versioned(rel)
+                if current is None or current[1] != version:
+                    return False
+                os.unlink(self.path(rel))
+                return True
+        bucket, key = self.path(rel).split("/", 1)
+        try:
+            self.client().delete_object(Bucket=bucket, Key=key, IfMatch=version)
+            return True
+        except self._client_errors() as exc:
+            if _s3_code(exc) in ("PreconditionFailed", "NoSuchKey", "412", "404"):
+                return False
+            raise
+
+    @contextlib.contextmanager
+    def _folder_guard(self) -> Iterator[None]:
+        import fcntl
+
+        os.makedirs(self.root, exist_ok=True)
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing drops the flock
+
+    @staticmethod
+    def _client_errors():
+        from botocore.exceptions import ClientError
+
+        return ClientError
+
+    def abort_multipart_uploads(self) -> int:
+        """Abort every unfinished multipart upload under this prefix (left by a killed run; S3
+        keeps and bills their parts until aborted). Returns how many. Locally nothing to do."""
+        if self.local:
+            return 0
+        bucket, _, prefix = self.root.partition("/")
+        client, n = self.client(), 0
+        for page in client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
+            for up in page.get("Uploads", []):
+                client.abort_multipart_upload(Bucket=bucket, Key=up["Key"],
+                                              UploadId=up["UploadId"])
+                n += 1
+        return n
+
+
+def _s3_code(exc) -> str:
+    err = getattr(exc, "response", {}).get("Error", {})
+    return str(err.get("Code") or getattr(exc, "response", {}).get(
+        "ResponseMetadata", {}).get("HTTPStatusCode", ""))
 
 
 # -- zip inputs --------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Software-defined assets of the output layout, and the stage helpers the `semdedup` job's ops
 share with them. Every helper is a thin call into `semdedup_core.pipeline`."""
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import numpy as np
 from dagster import (
@@ -14,7 +16,7 @@ from dagster import (
     multi_asset,
 )
 
-from semdedup_core import layout
+from semdedup_core import layout, run_record
 from semdedup_core.backends import get_backend
 from semdedup_core.config import DedupConfig, eps_text
 from semdedup_core.extraction import extract_from_tables, removed_mask, summarize
@@ -24,8 +26,8 @@ from semdedup_core.pipeline import (
     ClusterResult,
     FitResult,
     assign,
-    drop_stale_pruning_tables,
     fit_centroids,
+    input_fingerprint,
     nonempty_clusters,
     prune_cluster,
 )
@@ -45,17 +47,50 @@ DEDUP_SUMMARY = "dedup_summary"
 
 
 # -- stage helpers (shared with jobs.py) ---------------------------------------------------------
-def fit_stage(instance, cfg: DedupConfig, storage: LayoutStorage,
+# A Dagster run holds its output folder (semdedup_core/run_record.py) under its root run id, so
+# its steps (separate processes) and a re-execution from failure share the hold. The lease is
+# renewed while a step runs and covers the gaps between steps; a run that died keeps the folder
+# until its lease runs out.
+DAGSTER_LEASE_S = 300.0
+
+
+def run_owner(context) -> str:
+    return context.run.root_run_id or context.run_id
+
+
+@contextlib.contextmanager
+def holding_output(context, out: Storage) -> Iterator[run_record.OutputLock]:
+    """This step's share of its run's hold on `out`: waits while another run holds it (the
+    default instance has no run queue to serialise runs of one output), renews it while the
+    step runs. The `semdedup` job's last step releases it; an asset step releases it when it
+    ends (asset runs are often partial: the record then waits for `dedup_summary`)."""
+    def waiting(holder: run_record.Holder) -> None:
+        context.log.info(f"{out.display()}: waiting for {holder.describe()}")
+
+    lock = run_record.acquire(out, run_owner(context), None, wait=True,
+                              lease_s=DAGSTER_LEASE_S, progress=waiting)
+    try:
+        yield lock
+    finally:
+        lock.stop_heartbeat()
+    if isinstance(context, AssetExecutionContext):
+        lock.release(ok=True)
+
+
+def fit_stage(context, cfg: DedupConfig, storage: LayoutStorage,
               share_input_with_run: str | None = None) -> tuple[FitResult, dict]:
     """Validate the input, fit, write the centroids, register the centroid partitions. With
     `share_input_with_run` (a run id), a .zip input's extraction is kept for that run's
     `assign_stage`."""
     t = time.perf_counter()
     backend = get_backend(cfg.backend)
-    with storage.open_input(cfg, share=share_input_with_run, keep=True) as source:
-        fit = fit_centroids(cfg, source, backend)
     out = storage.output(cfg)
-    save_centroids(out, fit.centroids)
+    with holding_output(context, out) as lock:
+        with storage.open_input(cfg, share=share_input_with_run, keep=True) as source:
+            fit = fit_centroids(cfg, source, backend)
+            run_record.begin_writing(out, lock, input_fingerprint(source))
+        save_centroids(out, fit.centroids)
+    instance = context.instance
     register_centroids(instance, cfg.n_clusters)
     return fit, {
         "path": MetadataValue.path(out.display(layout.CENTROIDS)),
@@ -65,14 +100,16 @@ def fit_stage(instance, cfg: DedupConfig, storage: LayoutStorage,
     }
 
 
-def assign_stage(cfg: DedupConfig, storage: LayoutStorage, only: set[int] | None = None,
+def assign_stage(context, cfg: DedupConfig, storage: LayoutStorage, only: set[int] | None = None,
                  share_input_with_run: str | None = None) -> tuple[np.ndarray, Storage]:
     """Write the shards (all, or those in `only`); reuses (then removes) the .zip extraction that
     `fit_stage` kept for the same run."""
     out = storage.output(cfg)
-    centroids = load_centroids(out)
-    with storage.open_input(cfg, share=share_input_with_run) as source:
-        sizes = assign(cfg, source, centroids, out, get_backend(cfg.backend), only=only)
+    with holding_output(context, out) as lock:
+        run_record.begin_writing(out, lock)
+        centroids = load_centroids(out)
+        with storage.open_input(cfg, share=share_input_with_run) as source:
+            sizes = assign(cfg, source, centroids, out, get_backend(cfg.backend), only=only)
     return sizes, out
 
 
@@ -104,16 +141,22 @@ def removed_metadata(cfg: DedupConfig, out: Storage, cluster: int, removed: dict
     return meta
 
 
-def summary_stage(cfg: DedupConfig, storage: LayoutStorage) -> dict:
-    """Write the summaries; returns the dedup_summary metadata (tables and curves). Memory
-    follows the number of clusters, not clips."""
+def summary_stage(context, cfg: DedupConfig, storage: LayoutStorage) -> dict:
+    """Write the summaries, remove what earlier runs left, write the completion record and
+    release the run's hold on the folder; returns the dedup_summary metadata (tables and
+    curves). Memory follows the number of clusters, not clips."""
     out = storage.output(cfg)
-    clusters = nonempty_clusters(out)
-    drop_stale_pruning_tables(out, clusters)
-    # Example pairs just inside the first eps: the ones a user checks when choosing eps.
-    stats = score_stats(out, clusters, EPS_GRID, examples_eps=cfg.eps_to_extract[0])
-    total = stats.total
-    rows = summarize(out, cfg.eps_to_extract, clusters, total)  # removed: from the parts
+    with holding_output(context, out) as lock:
+        run_record.begin_writing(out, lock)
+        clusters = nonempty_clusters(out)
+        # Example pairs just inside the first eps: the ones a user checks when choosing eps.
+        stats = score_stats(out, clusters, EPS_GRID, examples_eps=cfg.eps_to_extract[0])
+        total = stats.total
+        rows = summarize(out, cfg.eps_to_extract, clusters, total)  # removed: from the parts
+        run_record.remove_leftovers(out, cfg, clusters)
+        dim = int(load_centroids(out).shape[1])
+        run_record.write_record(out, lock, cfg, run_record.counts(total, dim, clusters, rows))
+        lock.release(ok=True)
     summary_md = "| eps | total | kept | removed |\n|---|---|---|---|\n" + "".join(
         f"| {eps_text(e)} | {r['total']:,} | {r['kept']:,} | {r['removed']:,} |\n"
         for e, r in rows.items())
@@ -138,17 +181,20 @@ def summary_stage(cfg: DedupConfig, storage: LayoutStorage) -> dict:
     return meta
 
 
-def cluster_dedup_stage(cfg: DedupConfig, out: Storage, cluster: int, backend,
+def cluster_dedup_stage(context, cfg: DedupConfig, out: Storage, cluster: int, backend,
                         prune: bool = True, extract: bool = True):
     """Prune (and extract) one cluster. Returns (ClusterResult or None for an empty cluster,
     removed per eps, seconds)."""
     t = time.perf_counter()
-    if prune:
-        result = prune_cluster(cfg, out, cluster, backend, extract=extract)
-        return result, result.removed if result else {}, time.perf_counter() - t
-    if not out.list_files(layout.shard_dir(cluster)):
-        return None, {}, time.perf_counter() - t
-    return None, extract_from_tables(out, cluster, cfg.eps_to_extract), time.perf_counter() - t
+    with holding_output(context, out) as lock:
+        run_record.begin_writing(out, lock)
+        if prune:
+            result = prune_cluster(cfg, out, cluster, backend, extract=extract)
+            return result, result.removed if result else {}, time.perf_counter() - t
+        if not out.list_files(layout.shard_dir(cluster)):
+            return None, {}, time.perf_counter() - t
+        return None, extract_from_tables(out, cluster, cfg.eps_to_extract), \
+            time.perf_counter() - t
 
 
 # -- the assets ----------------------------------------------------------------------------------
@@ -160,7 +206,7 @@ IO_MANAGER = "semdedup_layout"  # LayoutIOManager: downstream assets read the la
                    "`centroids` partition per centroid.")
 def kmeans_centroids(context: AssetExecutionContext, config: SemdedupConfig,
                      layout_storage: LayoutStorage) -> MaterializeResult:
-    _, meta = fit_stage(context.instance, to_engine(config), layout_storage)
+    _, meta = fit_stage(context, to_engine(config), layout_storage)
     return MaterializeResult(metadata=meta)
 
 
@@ -174,7 +220,7 @@ def embs_by_nearest_center(context: AssetExecutionContext, config: SemdedupConfi
                            layout_storage: LayoutStorage) -> MaterializeResult:
     cfg = to_engine(config)
     wanted = {int(k) for k in context.partition_keys}
-    sizes, out = assign_stage(cfg, layout_storage, only=wanted)
+    sizes, out = assign_stage(context, cfg, layout_storage, only=wanted)
     picked = sorted(k for k in wanted if k < len(sizes))
     return MaterializeResult(metadata={
         "rows": int(sum(sizes[k] for k in picked)), "partitions": len(picked),
@@ -201,7 +247,8 @@ def cluster_dedup(context: AssetExecutionContext, config: SemdedupConfig,
     selected = {k.to_user_string() for k in context.selected_asset_keys}
     prune, extract = PRUNING_TABLES in selected, UNIQUE_IDS in selected
     cluster = int(context.partition_key)
-    result, removed, secs = cluster_dedup_stage(cfg, out, cluster, backend, prune, extract)
+    result, removed, secs = cluster_dedup_stage(context, cfg, out, cluster, backend, prune,
+                                                extract)
     if prune:
         meta = cluster_metadata(out, result, secs) if result else {"rows": 0, "empty": True}
         yield MaterializeResult(asset_key=PRUNING_TABLES, metadata=meta)
@@ -214,8 +261,9 @@ def cluster_dedup(context: AssetExecutionContext, config: SemdedupConfig,
        io_manager_key=IO_MANAGER,
        description="dedup_summary_{eps}.csv per eps, the removed-vs-eps curve and the "
                    "cluster-size distribution.")
-def dedup_summary(config: SemdedupConfig, layout_storage: LayoutStorage) -> MaterializeResult:
-    return MaterializeResult(metadata=summary_stage(to_engine(config), layout_storage))
+def dedup_summary(context: AssetExecutionContext, config: SemdedupConfig,
+                  layout_storage: LayoutStorage) -> MaterializeResult:
+    return MaterializeResult(metadata=summary_stage(context, to_engine(config), layout_storage))
 
 
 ASSETS = [kmeans_centroids, embs_by_nearest_center, cluster_dedup, dedup_summary]

@@ -19,11 +19,13 @@ from dagster import (
     AssetRecordsFilter,
     ConfigurableIOManager,
     DagsterInvariantViolationError,
+    Failure,
     InputContext,
     OutputContext,
     ResourceDependency,
 )
 
+from semdedup_core import layout, run_record
 from semdedup_core.inspection import summaries
 from semdedup_dagster.resources import LayoutStorage
 
@@ -53,6 +55,11 @@ class LayoutIOManager(ConfigurableIOManager):
                 "materialised yet")
         meta = records[0].asset_materialization.metadata
         name = key.to_user_string()
+        any_path = next(v.value for k, v in sorted(meta.items()) if k.startswith("path"))
+        reason = run_record.incomplete_reason(
+            self.layout_storage.location(layout.output_root_of(any_path)))
+        if reason is not None:  # a half-written folder must not feed downstream assets
+            raise Failure(description=reason)
         if name == "unique_ids":
             return {k[len("path_"):]: self._table(meta[k].value)
                     for k in sorted(meta) if k.startswith("path_")}

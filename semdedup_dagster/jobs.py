@@ -39,6 +39,7 @@ from semdedup_dagster.assets import (
     assign_stage,
     cluster_metadata,
     fit_stage,
+    holding_output,
     removed_metadata,
     shard_metadata,
     summary_stage,
@@ -46,6 +47,16 @@ from semdedup_dagster.assets import (
 from semdedup_dagster.config import FIT_OP, SemdedupConfig, run_config_for, to_engine
 from semdedup_dagster.k8s import job_executor, run_k8s_tags, step_k8s_tags
 from semdedup_dagster.resources import LayoutStorage
+
+# Runs started by the sensor and the schedule carry their output folder in this tag; the
+# deployment's run queue (deploy/dagster.yaml) runs one run per value at a time, and the output
+# lock (semdedup_core/run_record.py) holds the folder against any other writer.
+OUTPUT_TAG = "semdedup/output"
+
+
+def output_tag(args: dict) -> dict:
+    return {OUTPUT_TAG: make_config(**args).resolved_output_path}
+
 
 # With no config, the launchpad and `dagster job execute -j semdedup` run the bundled sample
 # into ./semdedup-demo-output (relative to the run's working directory), like `semdedup demo`.
@@ -58,7 +69,7 @@ def fit_centroids_op(context: OpExecutionContext, config: SemdedupConfig,
                      layout_storage: LayoutStorage) -> dict:
     cfg = to_engine(config)
     # A .zip input is extracted once per run: assign_shards reuses this step's extraction.
-    _, meta = fit_stage(context.instance, cfg, layout_storage, share_input_with_run=context.run_id)
+    _, meta = fit_stage(context, cfg, layout_storage, share_input_with_run=context.run_id)
     context.log_event(AssetMaterialization(KMEANS_CENTROIDS, metadata=meta))
     return {"args": cfg.model_dump(), "centroids_per_step": config.centroids_per_step}
 
@@ -66,7 +77,7 @@ def fit_centroids_op(context: OpExecutionContext, config: SemdedupConfig,
 @op(ins={"run": In(dict)}, out=DynamicOut(dict), pool="gpu", tags=step_k8s_tags())
 def assign_shards(context: OpExecutionContext, run: dict, layout_storage: LayoutStorage):
     cfg = make_config(**run["args"])
-    sizes, out = assign_stage(cfg, layout_storage, share_input_with_run=context.run_id)
+    sizes, out = assign_stage(context, cfg, layout_storage, share_input_with_run=context.run_id)
     clusters = [int(k) for k in sizes.nonzero()[0]]
     for k in clusters:
         context.log_event(AssetMaterialization(EMBS_BY_NEAREST_CENTER, partition=str(k),
@@ -87,17 +98,18 @@ def dedup_clusters(context: OpExecutionContext, work: dict, layout_storage: Layo
     # Clusters are pipelined (the next ones read while one computes), so a cluster's seconds
     # are the time since the previous one finished.
     last = time.perf_counter()
-    for result in prune_clusters(cfg, out, work["clusters"], backend):
-        secs, last = time.perf_counter() - last, time.perf_counter()
-        if result is None:
-            continue
-        k, removed = result.cluster, result.removed
-        context.log_event(AssetMaterialization(PRUNING_TABLES, partition=str(k),
-                                               metadata=cluster_metadata(out, result, secs)))
-        context.log_event(AssetMaterialization(UNIQUE_IDS, partition=str(k),
-                                               metadata=removed_metadata(cfg, out, k, removed)))
-        for eps, n in removed.items():
-            removed_total[repr(eps)] = removed_total.get(repr(eps), 0) + n
+    with holding_output(context, out):
+        for result in prune_clusters(cfg, out, work["clusters"], backend):
+            secs, last = time.perf_counter() - last, time.perf_counter()
+            if result is None:
+                continue
+            k, removed = result.cluster, result.removed
+            context.log_event(AssetMaterialization(PRUNING_TABLES, partition=str(k),
+                                                   metadata=cluster_metadata(out, result, secs)))
+            context.log_event(AssetMaterialization(UNIQUE_IDS, partition=str(k),
+                                                   metadata=removed_metadata(cfg, out, k, removed)))
+            for eps, n in removed.items():
+                removed_total[repr(eps)] = removed_total.get(repr(eps), 0) + n
     return {"clusters": work["clusters"], "removed": removed_total}
 
 
@@ -105,7 +117,7 @@ def dedup_clusters(context: OpExecutionContext, work: dict, layout_storage: Layo
 def summarize_run(context: OpExecutionContext, run: dict, done: list,
                   layout_storage: LayoutStorage) -> None:
     cfg = make_config(**run["args"])
-    meta = summary_stage(cfg, layout_storage)
+    meta = summary_stage(context, cfg, layout_storage)
     context.log_event(AssetMaterialization(DEDUP_SUMMARY, metadata=meta))
     context.log.info("summary: " + ", ".join(f"eps {k}: removed {v}" for k, v in meta.items()
                                              if k.startswith("removed_") and isinstance(v, int)))
@@ -135,7 +147,7 @@ def sweep_eps_op(context: OpExecutionContext, config: SweepConfig,
     eps = make_config(input_embeddings_path="-", output_path=config.output_path, n_clusters=1,
                       eps_to_extract=config.eps_to_extract).eps_to_extract
     out = layout_storage.location(config.output_path)
-    rows = sweep(out, eps)
+    rows = sweep(out, eps, owner=context.run_id, wait=True)
     context.log_event(AssetMaterialization(
         UNIQUE_IDS, description=f"sweep of eps {', '.join(map(eps_text, eps))}",
         metadata={f"removed_{eps_text(e)}": r["removed"] for e, r in rows.items()}))

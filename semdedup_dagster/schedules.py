@@ -7,7 +7,8 @@ from dagster import DefaultScheduleStatus, RunRequest, ScheduleEvaluationContext
     schedule
 
 from semdedup_dagster.config import job_spec_to_run_config
-from semdedup_dagster.jobs import semdedup_job
+from semdedup_core.config import parse_job_spec
+from semdedup_dagster.jobs import output_tag, semdedup_job
 
 
 @schedule(job=semdedup_job, cron_schedule=os.environ.get("SEMDEDUP_SCHEDULE_CRON", "0 2 * * *"),
@@ -18,4 +19,5 @@ def semdedup_schedule(context: ScheduleEvaluationContext):
     if not spec:
         return SkipReason("set SEMDEDUP_SCHEDULE_JOB_SPEC to a job spec file")
     return RunRequest(run_key=context.scheduled_execution_time.isoformat(),
-                      run_config=job_spec_to_run_config(spec))
+                      run_config=job_spec_to_run_config(spec),
+                      tags=output_tag(parse_job_spec(spec)))

@@ -25,7 +25,7 @@ from dagster import (
 
 from semdedup_core.storage import Storage
 from semdedup_dagster.config import run_config_for
-from semdedup_dagster.jobs import semdedup_job
+from semdedup_dagster.jobs import output_tag, semdedup_job
 from semdedup_dagster.resources import LayoutStorage
 
 DROP_DIR = re.compile(r"^.+_embd(_[^/]+)?_parquet$")
@@ -131,7 +131,8 @@ def embedding_drop_sensor(context: SensorEvaluationContext, drop_watch: DropWatc
         requests.append(RunRequest(run_key=f"{drop}@{fingerprint}",
                                    run_config=run_config_for(args),
                                    tags={"semdedup/drop": args["input_embeddings_path"],
-                                         "semdedup/backend": str(args.get("backend", "auto"))}))
+                                         "semdedup/backend": str(args.get("backend", "auto")),
+                                         **output_tag(args)}))
         started[drop] = fingerprint
     context.update_cursor(json.dumps(started, sort_keys=True))
     return requests or SkipReason(f"no new drops under {watch.display()}")

@@ -14,6 +14,7 @@ import yaml
 import pyarrow.parquet as pq
 from dagster import AssetKey, DagsterInstance, asset, build_sensor_context, materialize
 
+from semdedup_core import layout
 from semdedup_core.config import DedupConfig, make_config
 from semdedup_core.pipeline import run_pipeline
 from semdedup_core.storage import Storage
@@ -206,6 +207,10 @@ def test_assets_materialise_one_by_one_and_one_partition_alone(planted, referenc
     (out / "extraction/unique_ids_0.1.parquet/part.3.parquet").unlink()
     assert materialize([cluster_dedup], partition_key="3", run_config=config("cluster_dedup"),
                        instance=instance, resources=resources).success
+    # The folder was written to: incomplete until the summary is re-materialised.
+    assert layout.RUN_RECORD not in tree(out)
+    assert materialize([dedup_summary], run_config=config("dedup_summary"), instance=instance,
+                       resources=resources).success
     assert tree(out) == reference
     mat = instance.get_latest_materialization_event(AssetKey("semdedup_pruning_tables"))
     assert mat.asset_materialization.partition == "3"
@@ -233,6 +238,14 @@ def test_assets_materialise_one_by_one_and_one_partition_alone(planted, referenc
     assert seen["shard"].num_rows == seen["pruning"].num_rows
     assert seen["centroids"].shape == (7, 64)
     assert seen["summary"]["0.01"]["total"] == 3000
+
+    # A folder without its completion record does not feed downstream assets.
+    (out / layout.RUN_RECORD).unlink()
+    failed = materialize([*upstream, dedup_report], selection=[dedup_report], instance=instance,
+                         resources=resources, raise_on_error=False)
+    assert not failed.success
+    text = " ".join(str(e.event_specific_data) for e in failed.all_events if e.is_failure)
+    assert "incomplete: no completion record" in text
 
 
 def test_dagster_job_execute_equals_semdedup_run(planted, tmp_path):

@@ -47,7 +47,7 @@ def test_dagster_yaml_passes_dagster_validation(monkeypatch):
     assert "postgres" in config["storage"]
     assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
     limits = {item["key"] for item in config["concurrency"]["runs"]["tag_concurrency_limits"]}
-    assert limits == {"semdedup/drop", "semdedup/backend"}
+    assert limits == {"semdedup/drop", "semdedup/output", "semdedup/backend"}
     assert config["compute_logs"]["class"] == "S3ComputeLogManager"
 
 
@@ -221,6 +221,7 @@ def test_drop_is_picked_up_by_the_daemon_on_postgres(deployment, planted):
     assert run["status"] == "SUCCESS", open(web.logs).read()[-3000:]
     tags = {t["key"]: t["value"] for t in runs[0]["tags"]}
     assert tags["semdedup/drop"] == "s3://curation/incoming/day1/iv2_embd_parquet"
+    assert tags["semdedup/output"] == "s3://curation/dedup/day1/iv2_embd_parquet"
     assert tags["dagster/sensor_name"] == "embedding_drop_sensor"
     keys = [o["Key"] for o in web.s3.list_objects_v2(
         Bucket="curation", Prefix="dedup/day1/iv2_embd_parquet/")["Contents"]]

@@ -1,6 +1,7 @@
 """`semdedup sweep` and `semdedup inspect` on finished outputs, local and on S3, and the
 `semdedup_sweep` Dagster job."""
 
+import json
 import subprocess
 import sys
 
@@ -8,11 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 from dagster import DagsterInstance
 
+from semdedup_core import layout
 from semdedup_core.config import make_config
-from semdedup_core.errors import InputError
 from semdedup_core.extraction import sweep
 from semdedup_core.inspection import find_clip, score_stats
 from semdedup_core.pipeline import run_pipeline
+from semdedup_core.run_record import OutputIncomplete
 from semdedup_core.storage import S3Options, Storage
 from semdedup_dagster.jobs import semdedup_sweep_job
 from semdedup_dagster.resources import LayoutStorage
@@ -40,7 +42,11 @@ def test_sweep_equals_a_fresh_run_for_those_eps(finished, tmp_path):
                              n_clusters=6, eps_to_extract=[0.05, 0.2]))
     swept, want = tree(work), tree(fresh)
     for rel, digest in want.items():
-        assert swept[rel] == digest, rel  # same bytes as if those eps had been asked up front
+        if rel != layout.RUN_RECORD:  # (its config names the run's own eps)
+            assert swept[rel] == digest, rel  # same bytes as if those eps had been asked up front
+    record = json.loads((work / layout.RUN_RECORD).read_text())
+    assert record["config"]["eps_to_extract"] == [0.01]
+    assert set(record["swept_eps"]) == {"0.05", "0.2"}
     assert "extraction/dedup_summary_0.01.csv" in swept  # earlier eps left in place
     assert rows[0.2]["removed"] >= rows[0.05]["removed"]
 
@@ -56,8 +62,9 @@ def test_sweep_cli_and_bad_eps(finished, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "semdedup_core.cli", "sweep", str(work), "--eps",
                           "1.5"], capture_output=True, text=True)
     assert bad.returncode == 1 and "outside [0.0001, 1)" in bad.stderr
-    with pytest.raises(InputError, match="no pruning tables"):
+    with pytest.raises(OutputIncomplete, match="no semdedup output here"):
         sweep(Storage(str(tmp_path / "empty")), [0.1])
+    assert not (tmp_path / "empty").exists()
 
 
 def test_inspect_finds_a_removed_clip_and_its_match(finished):

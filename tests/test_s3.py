@@ -37,8 +37,12 @@ def test_s3_in_and_out_with_profile(planted, s3_client, s3_endpoint, aws_profile
     local = cfg.model_copy(update={"input_embeddings_path": str(folder),
                                    "output_path": str(tmp_path / "local")})
     run_pipeline(local)
+    assert "dedup/d1/_semdedup_run.json" in out_keys and "dedup/d1/_semdedup.lock" not in out_keys
+    assert not [k for k in out_keys if k.endswith("/")]  # no zero-byte "folder" keys
     for key in out_keys:
         rel = key[len("dedup/d1/"):]
+        if rel == "_semdedup_run.json":  # its config and input fingerprint name the S3 paths
+            continue
         body = s3_client.get_object(Bucket="clips", Key=key)["Body"].read()
         assert (tmp_path / "local" / rel).read_bytes() == body, rel
 

@@ -1,0 +1,171 @@
+"""Faults, injected for real: runs killed at each phase (a subprocess and SIGKILL) then run
+again, two runs into one folder at once, a held or crashed folder, re-runs with other settings,
+a full disk, S3 faults through an HTTP fault proxy in front of the S3 API server, bad inputs.
+Each must end in a folder that holds exactly one complete run, or in one line naming the path."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from semdedup_core import layout, run_record
+from semdedup_core.config import make_config
+from semdedup_core.pipeline import run_pipeline
+from semdedup_core.storage import Storage
+from tests.test_end_to_end import tree
+
+CLI = [sys.executable, "-m", "semdedup_core.cli"]
+
+
+def cli(*args, env=None, timeout=120):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def one_line_error(proc) -> str:
+    """The CLI failed with exit status 1 and exactly one line on stderr after the log lines."""
+    assert proc.returncode == 1, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("semdedup: error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def config(folder, out, **kw):
+    return make_config(**{"input_embeddings_path": str(folder), "output_path": str(out),
+                          "n_clusters": 12, "eps_to_extract": [0.01, 0.005], **kw})
+
+
+@pytest.fixture(scope="module")
+def clean(planted, tmp_path_factory):
+    """A clean run's tree: what every recovered folder must equal."""
+    folder, _ = planted
+    out = tmp_path_factory.mktemp("clean") / "out"
+    report = run_pipeline(config(folder, out))
+    return tree(out), report, out
+
+
+# -- the completion record ------------------------------------------------------------------------
+def test_record_is_written_last_and_describes_the_run(planted, clean):
+    folder, _ = planted
+    _, report, out = clean
+    record = json.loads((out / layout.RUN_RECORD).read_text())
+    assert record["config"] == config(folder, out).model_dump(mode="json")
+    assert record["counts"] == {"clips": 3000, "dim": 64,
+                                "nonempty_clusters": int((report.cluster_sizes > 0).sum()),
+                                "removed": {"0.01": report.summary[0.01]["removed"],
+                                            "0.005": report.summary[0.005]["removed"]}}
+    assert len(record["input"]["fingerprint"]) == 64
+    assert record["started"] <= record["finished"]
+    assert {"python", "numpy", "pyarrow"} <= set(record["versions"])
+    assert not (out / layout.RUN_LOCK).exists()
+    # The fingerprint follows the input: names, sizes and modification times of its files.
+    again = run_record.input_fingerprint([(f, os.path.getsize(folder / f), None)
+                                          for f in sorted(os.listdir(folder))])
+    assert again != record["input"]["fingerprint"]  # mtimes count for a folder input
+
+
+def test_rerun_with_fewer_eps_and_clusters_leaves_only_its_own_files(planted, clean, tmp_path):
+    folder, _ = planted
+    out = tmp_path / "out"
+    run_pipeline(config(folder, out))
+    (out / "extraction" / ".cluster_1.parquet.0123.tmp").write_bytes(b"half")  # a killed write
+    smaller = config(folder, out, n_clusters=5, eps_to_extract=[0.01])
+    run_pipeline(smaller)
+    fresh = tmp_path / "fresh"
+    run_pipeline(config(folder, fresh, n_clusters=5, eps_to_extract=[0.01]))
+    assert tree(out) == tree(fresh)
+    assert not (out / "extraction/unique_ids_0.005.parquet").exists()
+
+
+# -- ownership ------------------------------------------------------------------------------------
+def test_held_folder_is_refused_naming_the_holder_or_waited_for(planted, clean, tmp_path):
+    folder, _ = planted
+    out = tmp_path / "out"
+    holder = run_record.acquire(Storage(str(out)), "the-other-run", pid=os.getpid())
+    try:
+        with pytest.raises(run_record.OutputBusy, match="the-other-run"):
+            run_pipeline(config(folder, out))
+        line = one_line_error(cli("run", "--input-embeddings-path", folder, "--output-path", out,
+                                  "--n-clusters", 12, "--eps-to-extract", 0.01, 0.005))
+        assert "the-other-run" in line and f"pid {os.getpid()}" in line and "started 20" in line
+        assert os.listdir(out) == [layout.RUN_LOCK]  # nothing written by the refused runs
+        waiting = subprocess.Popen([*CLI, "run", "--input-embeddings-path", str(folder),
+                                    "--output-path", str(out), "--n-clusters", "12",
+                                    "--eps-to-extract", "0.01", "0.005", "--wait"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(3)
+        assert waiting.poll() is None and os.listdir(out) == [layout.RUN_LOCK]
+    finally:
+        holder.release(ok=True)
+    assert waiting.wait(timeout=120) == 0, waiting.stderr.read()
+    assert tree(out) == clean[0]
+
+
+def test_two_runs_at_once_never_mix(planted, tmp_path):
+    folder, _ = planted
+    out = tmp_path / "out"
+    args = ["run", "--input-embeddings-path", folder, "--output-path", out, "--quiet"]
+    procs = [subprocess.Popen([*CLI, *map(str, args), "--n-clusters", str(k)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k in (6, 9)]
+    codes = [p.wait(timeout=120) for p in procs]
+    assert sorted(codes) == [0, 1], [p.stderr.read() for p in procs]
+    loser = procs[codes.index(1)]
+    assert "another run is writing this output folder" in loser.stderr.read()
+    winner_k = (6, 9)[codes.index(0)]
+    fresh = tmp_path / "fresh"
+    run_pipeline(make_config(input_embeddings_path=str(folder), output_path=str(fresh),
+                             n_clusters=winner_k))
+    assert tree(out) == tree(fresh)
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(planted, clean, tmp_path):
+    folder, _ = planted
+    out = tmp_path / "out"
+    out.mkdir()
+    import socket
+
+    stale = run_record.Holder("crashed", socket.gethostname(), dead_pid(), "2026-01-01T00:00:00",
+                              time.time() + 3600)
+    (out / layout.RUN_LOCK).write_text(json.dumps(stale.__dict__))
+    run_pipeline(config(folder, out))
+    assert tree(out) == clean[0]
+
+
+# -- kills at each phase --------------------------------------------------------------------------
+@pytest.mark.parametrize("phase", ["scan", "assign", "prune", "summary"])
+def test_killed_run_is_flagged_then_a_rerun_is_identical(planted, clean, tmp_path, phase,
+                                                          monkeypatch):
+    folder, _ = planted
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    scratch.mkdir()
+    run_pipeline(config(folder, out))  # a complete folder, then a re-run killed part-way
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    proc = subprocess.Popen([*CLI, "run", "--input-embeddings-path", str(folder),
+                             "--output-path", str(out), "--n-clusters", "12", "--eps-to-extract",
+                             "0.01", "0.005", "--spill-buffer-mb", "0.01", "--quiet"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stderr:
+        if f"{phase}: started" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    if phase != "scan":  # it had begun writing: the folder says it is unfinished
+        line = one_line_error(cli("inspect", out))
+        assert "incomplete: a run started at 20" in line and "did not finish" in line, line
+        assert "incomplete" in one_line_error(cli("sweep", out, "--eps", "0.1"))
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    run_pipeline(config(folder, out))  # takes over the dead run's lock at once
+    assert tree(out) == clean[0]
+    assert os.listdir(scratch) == []  # the killed run's spill folder went too
