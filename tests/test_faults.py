@@ -169,3 +169,14 @@ def test_killed_run_is_flagged_then_a_rerun_is_identical(planted, clean, tmp_pat
     run_pipeline(config(folder, out))  # takes over the dead run's lock at once
     assert tree(out) == clean[0]
     assert os.listdir(scratch) == []  # the killed run's spill folder went too
+
+
+# -- bad or unusual inputs ------------------------------------------------------------------------
+def test_a_single_parquet_file_is_a_one_file_input(planted, tmp_path):
+    folder, _ = planted
+    first = sorted(folder.iterdir())[0]
+    report = run_pipeline(make_config(input_embeddings_path=str(first),
+                                      output_path=str(tmp_path / "out"), n_clusters=4))
+    import pyarrow.parquet as pq
+
+    assert report.n_rows == pq.ParquetFile(first).metadata.num_rows
