@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from semdedup_core.errors import InputError
-from semdedup_core.storage import Storage
+from semdedup_core.errors import InputError, StorageError
+from semdedup_core.storage import Storage, describe_fault, storage_faults
 from semdedup_core.threads import LATENCY_BOUND_THREADS, chain_ahead, host_threads, ordered_map
 
 NORM_FLOOR = 1e-12
@@ -84,15 +84,19 @@ class EmbeddingSource:
         input."""
         listed: dict[str, tuple[int, float | None]] = {}
         rels = None
-        if storage.root.endswith(".parquet") and storage.is_file():
+        with storage_faults(storage.display(), "read the input"):
+            single = storage.root.endswith(".parquet") and storage.is_file()
+        if single:
             storage, rels = storage.parent_of_file(), [posixpath.basename(storage.root)]
         else:
             rels = files_from_summary(storage)
         if rels is None:
-            if not storage.exists():
-                raise InputError(f"{storage.display()}: no such folder")
+            with storage_faults(storage.display(), "list the input"):
+                if not storage.exists():
+                    raise InputError(f"{storage.display()}: no such folder")
+                files = storage.list_file_infos()
             from_zip = storage.uri.endswith("!")  # extraction times say nothing of the data
-            for rel, size, mtime in storage.list_file_infos():
+            for rel, size, mtime in files:
                 if rel.endswith(".parquet") and not any(p.startswith((".", "_"))
                                                         for p in rel.split("/")):
                     listed[rel] = (size, None if from_zip else mtime)
@@ -109,9 +113,12 @@ class EmbeddingSource:
             except FileNotFoundError:
                 raise InputError(f"{storage.display(rel)}: listed in summary.json but missing") \
                     from None
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise InputError(f"{storage.display(rel)}: not a readable parquet file ({exc})") \
-                    from None
+            except (pa.ArrowException, OSError) as exc:
+                if storage.local or isinstance(exc, pa.ArrowInvalid):
+                    raise InputError(f"{storage.display(rel)}: not a readable parquet file "
+                                     f"({describe_fault(exc)})") from None
+                raise StorageError(f"{storage.display(rel)}: cannot read: "
+                                   f"{describe_fault(exc)}") from None
             src._check_schema(storage.display(rel), schema)
             return InputFile(rel, rows, size, listed.get(rel, (size, None))[1])
 
@@ -167,19 +174,25 @@ class EmbeddingSource:
         stays with the consumer: a float32 copy per batch made on read threads cost ~0.2 GiB
         more peak RSS at 1M x 512 (glibc keeps freed blocks in per-thread heaps) and no time."""
         where = self.storage.display(f.rel)
-        with self.storage.open_input(f.rel) as handle:
-            # A buffered stream decodes page by page instead of loading whole column chunks,
-            # so memory follows batch_rows, not the writer's row-group size.
-            reader = pq.ParquetFile(handle, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
-            for rb in reader.iter_batches(batch_size=batch_rows, use_threads=False,
-                                          columns=[self.id_column, self.embedding_column]):
-                ids = rb.column(self.id_column)
-                emb = self._decode(where, ids, rb.column(self.embedding_column))
-                yield where, ids, emb, row_norms(emb)
-                # Hand freed pages back now: mimalloc otherwise keeps ~2 batches mapped
-                # (measured: 0.36 GiB RSS streaming 1M x 512, against 0.57 GiB).
-                del rb, ids, emb
-                pa.default_memory_pool().release_unused()
+        try:
+            with self.storage.open_input(f.rel) as handle:
+                # A buffered stream decodes page by page instead of loading whole column chunks,
+                # so memory follows batch_rows, not the writer's row-group size.
+                reader = pq.ParquetFile(handle, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
+                for rb in reader.iter_batches(batch_size=batch_rows, use_threads=False,
+                                              columns=[self.id_column, self.embedding_column]):
+                    ids = rb.column(self.id_column)
+                    emb = self._decode(where, ids, rb.column(self.embedding_column))
+                    yield where, ids, emb, row_norms(emb)
+                    # Hand freed pages back now: mimalloc otherwise keeps ~2 batches mapped
+                    # (measured: 0.36 GiB RSS streaming 1M x 512, against 0.57 GiB).
+                    del rb, ids, emb
+                    pa.default_memory_pool().release_unused()
+        except (pa.ArrowException, OSError) as exc:  # corrupt pages, or the storage failed
+            if self.storage.local or isinstance(exc, pa.ArrowInvalid):
+                raise InputError(f"{where}: corrupt parquet data ({describe_fault(exc)})") \
+                    from None
+            raise StorageError(f"{where}: cannot read: {describe_fault(exc)}") from None
 
     def _decode(self, where: str, ids: pa.Array, col: pa.Array) -> np.ndarray:
         """The embedding column as float32 (rows, dim); checks nulls, empty and ragged lists
@@ -203,7 +216,14 @@ class EmbeddingSource:
             raise InputError(f"{where}: embeddings are empty lists")
         values = col.flatten()
         if values.null_count:
-            raise InputError(f"{where}: null values inside embeddings")
+            first = int(pc.index(pc.is_null(values), True).as_py())
+            if pa.types.is_fixed_size_list(col.type):
+                row = first // dim
+            else:  # the list whose value range holds it
+                offsets = col.offsets.to_numpy(zero_copy_only=False) - col.offsets[0].as_py()
+                row = int(np.searchsorted(offsets, first, side="right")) - 1
+            raise InputError(f"{where}: null values inside the embedding of id "
+                             f"{ids[row].as_py()!r}")
         return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, dim)
 
 

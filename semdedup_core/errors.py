@@ -11,3 +11,8 @@ class ConfigError(SemdedupError):
 
 class InputError(SemdedupError):
     """The input embeddings are unusable; the message names the file and the problem."""
+
+
+class StorageError(SemdedupError):
+    """Reading or writing a location failed (disk full, access denied, no such bucket,
+    unreachable endpoint, retries exhausted); the message names the path."""

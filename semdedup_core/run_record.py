@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import hashlib
 import json
+import logging
 import os
 import platform
 import socket
@@ -30,7 +31,9 @@ from dataclasses import asdict, dataclass
 from semdedup_core import layout
 from semdedup_core.config import DedupConfig, eps_text
 from semdedup_core.errors import SemdedupError
-from semdedup_core.storage import Storage
+from semdedup_core.storage import Storage, storage_faults
+
+log = logging.getLogger(__name__)
 
 LOCK = layout.RUN_LOCK
 RECORD = layout.RUN_RECORD
@@ -191,6 +194,11 @@ class OutputLock:
             self._version = None
 
 
+def _try_take(lock: OutputLock) -> Holder | None:
+    with storage_faults(lock.out.display(), "write the output folder"):
+        return lock.try_take()
+
+
 def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
@@ -201,7 +209,7 @@ def acquire(out: Storage, owner: str, pid: int | None = None, wait: bool = False
     poll until it is free). The lock write is also the check that the output can be written
     (S3: the bucket exists, the credentials may write), so a wrong bucket fails in seconds."""
     lock = OutputLock(out, owner, pid, lease_s)
-    while (holder := lock.try_take()) is not None:
+    while (holder := _try_take(lock)) is not None:
         if not wait:
             raise OutputBusy(f"{out.display()}: another run is writing this output folder: "
                              f"{holder.describe()}; wait for it (--wait) or choose another "
@@ -227,7 +235,12 @@ def take_output(out: Storage, owner: str | None = None, wait: bool = False,
         yield lock
         ok = True
     finally:
-        lock.release(ok)
+        try:
+            lock.release(ok)
+        except Exception:  # noqa: BLE001 - the run's own error matters more (a full disk)
+            if ok:
+                raise
+            log.warning("%s: could not mark the lock as failed", out.display(LOCK))
         if created and not lock.began_writing:
             with contextlib.suppress(OSError):
                 os.rmdir(out.root)

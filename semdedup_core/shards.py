@@ -16,7 +16,7 @@ from semdedup_core.embeddings import EmbeddingSource, normalize
 from semdedup_core.kmeans import centroid_distances, nearest_centroid
 from semdedup_core.parquet import content_sha, read_table, table_to_parquet_bytes
 from semdedup_core.run_record import pid_alive
-from semdedup_core.storage import Storage
+from semdedup_core.storage import Storage, storage_faults
 from semdedup_core.threads import host_threads, ordered_map
 
 
@@ -86,7 +86,8 @@ class _Spill:
         offsets = np.frombuffer(ids.buffers()[1], dtype=np.int32, count=len(ids) + 1,
                                 offset=ids.offset * 4)
         data = memoryview(ids.buffers()[2])[offsets[0]:offsets[-1]]
-        with open(self._path(k), "ab") as f:
+        with storage_faults(f"scratch file {self._path(k)} ($TMPDIR)", "write"), \
+                open(self._path(k), "ab") as f:
             f.write(np.array([len(ids), len(data)], dtype=np.int64).data)
             f.write(np.diff(offsets).astype(np.int32).data)
             f.write(data)

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from semdedup_core.config import DedupConfig, is_zip_path
-from semdedup_core.errors import InputError
+from semdedup_core.errors import ConfigError, InputError, SemdedupError, StorageError
 
 S3_SCHEME = "s3://"
 
@@ -54,6 +54,58 @@ def is_s3(uri: str) -> bool:
     return uri.startswith(S3_SCHEME)
 
 
+# Storage faults as one line: substrings of boto3's and pyarrow's (AWS SDK) messages.
+_FAULTS = [
+    (("NoSuchBucket", "NO_SUCH_BUCKET", "specified bucket does not exist"),
+     "the bucket does not exist"),
+    (("AccessDenied", "ACCESS_DENIED", "Forbidden", "403"),
+     "access denied (check the credentials, the profile and the bucket policy)"),
+    (("InvalidAccessKeyId", "SignatureDoesNotMatch", "INVALID_ACCESS_KEY", "SIGNATURE"),
+     "the credentials were refused"),
+    (("Could not connect", "Connection refused", "curlCode: 7", "Failed to connect",
+      "Couldn't connect", "EndpointConnectionError", "Could not resolve"),
+     "cannot reach the storage endpoint"),
+    (("retries", "Max retries", "RequestTimeout", "Read timeout", "curlCode: 28"),
+     "gave up after retries"),
+]
+
+
+def describe_fault(exc: BaseException) -> str:
+    """A storage exception as a short reason: a known fault in words, else its first line."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return "no space left on the device"
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"not writable ({exc.strerror})"
+    text = f"{type(exc).__name__}: {exc}"
+    for needles, reason in _FAULTS:
+        if any(n in text for n in needles):
+            return reason
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _storage_faults():
+    """The exception types a storage operation raises for a fault (not for a bug)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (OSError, ClientError, BotoCoreError)
+
+
+@contextlib.contextmanager
+def storage_faults(where: str, doing: str) -> Iterator[None]:
+    """Turn a storage fault inside the block into one StorageError line naming `where`."""
+    try:
+        yield
+    except SemdedupError:
+        raise
+    except FileNotFoundError:
+        raise
+    except _storage_faults() as exc:
+        raise StorageError(f"{where}: cannot {doing}: {describe_fault(exc)}") from exc
+
+
 def _profile_region(profile: str | None) -> str | None:
     """`region` from the credentials file's profile: the AWS SDKs only read it from ~/.aws/config,
     but curation teams commonly keep it beside the keys."""
@@ -80,8 +132,13 @@ class S3Access:
     @classmethod
     def resolve(cls, opts: S3Options) -> "S3Access":
         import boto3
+        from botocore.exceptions import ProfileNotFound
 
-        session = boto3.Session(profile_name=opts.profile)
+        try:
+            session = boto3.Session(profile_name=opts.profile)
+        except ProfileNotFound:
+            raise ConfigError(f"aws_profile {opts.profile!r}: no such profile in the AWS "
+                              "credentials or config files") from None
         key = secret = token = None
         if opts.access_key_id:
             key, secret, token = opts.access_key_id, opts.secret_access_key, opts.session_token
@@ -217,6 +274,10 @@ class Storage:
         the new one, never a part.
         Locally: a temporary name in the same folder, then rename. On S3: a PUT, or a multipart
         upload that S3 only makes visible once completed (and that is aborted on failure)."""
+        with storage_faults(self.display(rel), "write"):
+            self._write_bytes(rel, data)
+
+    def _write_bytes(self, rel: str, data) -> None:
         target = self.path(rel)
         if self.local:
             os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -410,7 +471,8 @@ def extract_zip_safely(zip_path: str, dest: str, max_bytes: int, display: str) -
                 continue
             os.makedirs(os.path.dirname(target), exist_ok=True)
             try:
-                with archive.open(info) as src, open(target, "wb") as out:
+                with storage_faults(f"{display}: extracting {info.filename!r} to {dest}",
+                                    "write"), archive.open(info) as src, open(target, "wb") as out:
                     while chunk := src.read(1 << 20):
                         written += len(chunk)
                         if written > max_bytes:

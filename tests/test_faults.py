@@ -112,20 +112,29 @@ def test_held_folder_is_refused_naming_the_holder_or_waited_for(planted, clean, 
 
 
 def test_two_runs_at_once_never_mix(planted, tmp_path):
+    """A run (k=6) is frozen part-way (SIGSTOP) while a second one (k=9) starts into the same
+    folder: the second stops at once naming the first; the first, resumed, finishes a clean
+    folder of its own."""
     folder, _ = planted
     out = tmp_path / "out"
     args = ["run", "--input-embeddings-path", folder, "--output-path", out, "--quiet"]
-    procs = [subprocess.Popen([*CLI, *map(str, args), "--n-clusters", str(k)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k in (6, 9)]
-    codes = [p.wait(timeout=120) for p in procs]
-    assert sorted(codes) == [0, 1], [p.stderr.read() for p in procs]
-    loser = procs[codes.index(1)]
-    assert "another run is writing this output folder" in loser.stderr.read()
-    winner_k = (6, 9)[codes.index(0)]
+    first = subprocess.Popen([*CLI, *map(str, args), "--n-clusters", "6"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in first.stderr:
+        if "assign: started" in line:
+            first.send_signal(signal.SIGSTOP)
+            break
+    try:
+        second = cli(*args, "--n-clusters", 9)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    line = one_line_error(second)
+    assert "another run is writing this output folder" in line
+    assert f"pid {first.pid}" in line, line
+    assert first.wait(timeout=120) == 0, first.stderr.read()
     fresh = tmp_path / "fresh"
     run_pipeline(make_config(input_embeddings_path=str(folder), output_path=str(fresh),
-                             n_clusters=winner_k))
+                             n_clusters=6))
     assert tree(out) == tree(fresh)
 
 
@@ -180,3 +189,56 @@ def test_a_single_parquet_file_is_a_one_file_input(planted, tmp_path):
     import pyarrow.parquet as pq
 
     assert report.n_rows == pq.ParquetFile(first).metadata.num_rows
+
+
+def test_null_inside_an_embedding_names_the_clip(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "in").mkdir()
+    emb = pa.array([[1.0, 2.0], [3.0, None], [5.0, 6.0]], pa.list_(pa.float32()))
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "embedding": emb}), tmp_path / "in/x.parquet")
+    line = one_line_error(cli("run", "--input-embeddings-path", tmp_path / "in", "--output-path",
+                              tmp_path / "out", "--n-clusters", 1))
+    assert "x.parquet" in line and "id 'b'" in line, line
+
+
+def test_corrupt_parquet_pages_name_the_file(planted, tmp_path):
+    folder, _ = planted
+    bad = tmp_path / "in"
+    bad.mkdir()
+    for f in sorted(folder.iterdir()):
+        (bad / f.name).write_bytes(f.read_bytes())
+    victim = sorted(bad.iterdir())[1]
+    data = bytearray(victim.read_bytes())
+    data[200:4000] = os.urandom(3800)  # the data pages; the footer stays readable
+    victim.write_bytes(bytes(data))
+    line = one_line_error(cli("run", "--input-embeddings-path", bad, "--output-path",
+                              tmp_path / "out", "--n-clusters", 4))
+    assert str(victim) in line and "corrupt parquet data" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_full_disk_is_one_line_and_leaves_no_partial_files(planted, clean, tmp_path):
+    """A small tmpfs (needs root to mount) for the output, then for the scratch files."""
+    folder, _ = planted
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs",
+                                            str(disk)], capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        out = disk / "out"
+        line = one_line_error(cli("run", "--input-embeddings-path", folder, "--output-path", out,
+                                  "--n-clusters", 12))
+        assert str(out) in line and "no space left on the device" in line, line
+        assert not [f for f in tree(out) if f.endswith(".tmp")]
+        assert "did not finish" in one_line_error(cli("inspect", out))
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        line = one_line_error(cli("run", "--input-embeddings-path", folder, "--output-path",
+                                  tmp_path / "out2", "--n-clusters", 12, "--spill-buffer-mb",
+                                  0.01, env={**os.environ, "TMPDIR": str(disk)}))
+        assert "scratch file" in line and "no space left on the device" in line, line
+        assert os.listdir(disk) == []  # the spill folder went with the failed run
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
