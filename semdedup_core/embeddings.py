@@ -85,11 +85,10 @@ class EmbeddingSource:
         listed: dict[str, tuple[int, float | None]] = {}
         rels = None
         with storage_faults(storage.display(), "read the input"):
-            single = storage.root.endswith(".parquet") and storage.is_file()
-        if single:
-            storage, rels = storage.parent_of_file(), [posixpath.basename(storage.root)]
-        else:
-            rels = files_from_summary(storage)
+            if storage.root.endswith(".parquet") and storage.is_file():
+                storage, rels = storage.parent_of_file(), [posixpath.basename(storage.root)]
+            else:
+                rels = files_from_summary(storage)
         if rels is None:
             with storage_faults(storage.display(), "list the input"):
                 if not storage.exists():

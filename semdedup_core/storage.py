@@ -58,7 +58,7 @@ def is_s3(uri: str) -> bool:
 _FAULTS = [
     (("NoSuchBucket", "NO_SUCH_BUCKET", "specified bucket does not exist"),
      "the bucket does not exist"),
-    (("AccessDenied", "ACCESS_DENIED", "Forbidden", "403"),
+    (("AccessDenied", "ACCESS_DENIED", "Forbidden"),
      "access denied (check the credentials, the profile and the bucket policy)"),
     (("InvalidAccessKeyId", "SignatureDoesNotMatch", "INVALID_ACCESS_KEY", "SIGNATURE"),
      "the credentials were refused"),
@@ -119,6 +119,17 @@ def _profile_region(profile: str | None) -> str | None:
     return parser.get(section, "region", fallback=None)
 
 
+S3_ATTEMPTS = 8  # per request, for boto3 and pyarrow alike (pyarrow's own default is 3)
+
+
+def s3_attempts() -> int:
+    """Attempts per S3 request: AWS_MAX_ATTEMPTS (the AWS SDKs' setting) or S3_ATTEMPTS."""
+    try:
+        return max(1, int(os.environ.get("AWS_MAX_ATTEMPTS", S3_ATTEMPTS)))
+    except ValueError:
+        return S3_ATTEMPTS
+
+
 @dataclass(frozen=True)
 class S3Access:
     """Resolved S3 settings: the credential chain walked once, by boto3."""
@@ -162,6 +173,7 @@ class S3Access:
             url = self.endpoint_url
             parsed = urlparse(url if "://" in url else "https://" + url)
             kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+        kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=s3_attempts())
         return pafs.S3FileSystem(**kwargs)
 
     def client(self):
@@ -169,7 +181,11 @@ class S3Access:
         only when every part is in and aborted otherwise)."""
         import boto3
 
+        from botocore.config import Config
+
         return boto3.client("s3", region_name=self.region, endpoint_url=self.endpoint_url,
+                            config=Config(retries={"max_attempts": s3_attempts(),
+                                                   "mode": "standard"}),
                             aws_access_key_id=self.access_key,
                             aws_secret_access_key=self.secret_key,
                             aws_session_token=self.session_token)

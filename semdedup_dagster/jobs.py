@@ -55,7 +55,10 @@ OUTPUT_TAG = "semdedup/output"
 
 
 def output_tag(args: dict) -> dict:
-    return {OUTPUT_TAG: make_config(**args).resolved_output_path}
+    """The tag of a run with these arguments (Dagster-only ones, like centroids_per_step,
+    allowed)."""
+    engine_args = {k: v for k, v in args.items() if k in DedupConfig.model_fields}
+    return {OUTPUT_TAG: make_config(**engine_args).resolved_output_path}
 
 
 # With no config, the launchpad and `dagster job execute -j semdedup` run the bundled sample

@@ -9,10 +9,12 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from semdedup_core import layout, run_record
+from semdedup_core.cli import main as cli_main
 from semdedup_core.config import make_config
 from semdedup_core.pipeline import run_pipeline
 from semdedup_core.storage import Storage
@@ -24,6 +26,13 @@ CLI = [sys.executable, "-m", "semdedup_core.cli"]
 def cli(*args, env=None, timeout=120):
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=timeout)
+
+
+def cli_here(capsys, *args):
+    """The `semdedup` command run in this process (no interpreter start-up: these checks fail
+    in a second), as a CompletedProcess-like result."""
+    code = cli_main([str(a) for a in args])
+    return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
 
 
 def one_line_error(proc) -> str:
@@ -191,19 +200,19 @@ def test_a_single_parquet_file_is_a_one_file_input(planted, tmp_path):
     assert report.n_rows == pq.ParquetFile(first).metadata.num_rows
 
 
-def test_null_inside_an_embedding_names_the_clip(tmp_path):
+def test_null_inside_an_embedding_names_the_clip(tmp_path, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     (tmp_path / "in").mkdir()
     emb = pa.array([[1.0, 2.0], [3.0, None], [5.0, 6.0]], pa.list_(pa.float32()))
     pq.write_table(pa.table({"id": ["a", "b", "c"], "embedding": emb}), tmp_path / "in/x.parquet")
-    line = one_line_error(cli("run", "--input-embeddings-path", tmp_path / "in", "--output-path",
-                              tmp_path / "out", "--n-clusters", 1))
+    line = one_line_error(cli_here(capsys, "run", "--input-embeddings-path", tmp_path / "in",
+                                   "--output-path", tmp_path / "out", "--n-clusters", 1))
     assert "x.parquet" in line and "id 'b'" in line, line
 
 
-def test_corrupt_parquet_pages_name_the_file(planted, tmp_path):
+def test_corrupt_parquet_pages_name_the_file(planted, tmp_path, capsys):
     folder, _ = planted
     bad = tmp_path / "in"
     bad.mkdir()
@@ -213,8 +222,8 @@ def test_corrupt_parquet_pages_name_the_file(planted, tmp_path):
     data = bytearray(victim.read_bytes())
     data[200:4000] = os.urandom(3800)  # the data pages; the footer stays readable
     victim.write_bytes(bytes(data))
-    line = one_line_error(cli("run", "--input-embeddings-path", bad, "--output-path",
-                              tmp_path / "out", "--n-clusters", 4))
+    line = one_line_error(cli_here(capsys, "run", "--input-embeddings-path", bad, "--output-path",
+                                   tmp_path / "out", "--n-clusters", 4))
     assert str(victim) in line and "corrupt parquet data" in line, line
     assert not (tmp_path / "out").exists()
 
@@ -242,3 +251,194 @@ def test_full_disk_is_one_line_and_leaves_no_partial_files(planted, clean, tmp_p
         assert os.listdir(disk) == []  # the spill folder went with the failed run
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+# -- S3 faults ------------------------------------------------------------------------------------
+class FaultProxy:
+    """An HTTP proxy in front of the S3 API server that breaks requests on purpose: `plan(n,
+    method)` says what to do with the n-th request: None (forward it), "500" (an S3
+    InternalError), "403" (AccessDenied), "drop" (close the connection unanswered) or "cut"
+    (forward it, then close after half the response body)."""
+
+    def __init__(self, target: str, plan):
+        import http.client
+        import http.server
+        import threading
+        from urllib.parse import urlparse
+
+        self.plan, self.count, self.faults = plan, 0, []
+        lock = threading.Lock()
+        host = urlparse(target).netloc
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    data = b""
+                    while (size := int(self.rfile.readline().split(b";")[0], 16)):
+                        data += self.rfile.read(size)
+                        self.rfile.readline()
+                    self.rfile.readline()
+                    return data
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _error(self, status: int, code: str) -> None:
+                body = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+                        f"<Message>injected {code}</Message></Error>").encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _any(self) -> None:
+                body = self._body()
+                with lock:
+                    proxy.count += 1
+                    fault = proxy.plan(proxy.count, self.command)
+                if fault:
+                    proxy.faults.append(fault)
+                if fault == "500":
+                    return self._error(500, "InternalError")
+                if fault == "403":
+                    return self._error(403, "AccessDenied")
+                if fault == "drop":
+                    self.close_connection = True
+                    return
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("transfer-encoding", "connection")}
+                headers["Content-Length"] = str(len(body))
+                conn = http.client.HTTPConnection(host, timeout=30)
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = b"" if self.command == "HEAD" else resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length",
+                                         "server", "date"):
+                        self.send_header(k, v)
+                length = resp.getheader("Content-Length") if self.command == "HEAD" \
+                    else str(len(data))
+                self.send_header("Content-Length", length or "0")
+                self.end_headers()
+                conn.close()
+                if fault == "cut" and len(data) > 64:
+                    self.wfile.write(data[: len(data) // 2])
+                    self.close_connection = True
+                    return
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def s3_keys(client, bucket, prefix=""):
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"]: o["Size"] for p in pages for o in p.get("Contents", [])}
+
+
+def test_s3_faults_are_retried_to_the_same_output(planted, clean, s3_client, s3_endpoint,
+                                                  aws_profile):
+    """500s, dropped connections and cut bodies through the whole pipeline, input and output on
+    S3, plus a stale multipart upload left by a killed run and an earlier run with other
+    settings: the output is a clean run's, with no folder keys and no unfinished uploads."""
+    from tests.conftest import upload_folder
+
+    folder, _ = planted
+    s3_client.create_bucket(Bucket="faulty")
+    upload_folder(s3_client, "faulty", "in", folder)
+    stale = s3_client.create_multipart_upload(Bucket="faulty", Key="out/clustering_results/x")
+    s3_client.upload_part(Bucket="faulty", Key="out/clustering_results/x", PartNumber=1,
+                          UploadId=stale["UploadId"], Body=b"x" * 100)
+    base = dict(input_embeddings_path="s3://faulty/in", output_path="s3://faulty/out",
+                n_clusters=12, eps_to_extract=[0.01, 0.005], aws_profile=aws_profile)
+    run_pipeline(make_config(**{**base, "n_clusters": 5, "eps_to_extract": [0.1]},
+                             aws_endpoint_url=s3_endpoint))
+
+    def plan(n, method):  # about one request in seven fails
+        if n % 17 == 3:
+            return "500"
+        if n % 19 == 5:
+            return "drop"
+        if method == "GET" and n % 23 == 8:
+            return "cut"
+        return None
+
+    proxy = FaultProxy(s3_endpoint, plan)
+    try:
+        run_pipeline(make_config(**base, aws_endpoint_url=proxy.url))
+    finally:
+        proxy.close()
+    assert {"500", "drop", "cut"} <= set(proxy.faults)
+    keys = s3_keys(s3_client, "faulty", "out/")
+    assert not [k for k in keys if k.endswith("/")]  # no zero-byte "folder" keys
+    assert s3_client.list_multipart_uploads(Bucket="faulty").get("Uploads", []) == []
+    want = {rel: digest for rel, digest in clean[0].items() if rel != layout.RUN_RECORD}
+    got = {k[len("out/"):] for k in keys} - {layout.RUN_RECORD}
+    assert got == set(want)
+    for rel in ("clustering_results/kmeans_centroids.npy", "extraction/dedup_summary_0.005.csv"):
+        body = s3_client.get_object(Bucket="faulty", Key="out/" + rel)["Body"].read()
+        assert body == (clean[2] / rel).read_bytes()
+
+
+def test_s3_faults_that_do_not_pass_are_one_line(planted, s3_client, s3_endpoint, aws_profile,
+                                                capsys, caplog, monkeypatch):
+    from tests.conftest import free_port
+
+    folder, _ = planted
+    s3_client.create_bucket(Bucket="in1")
+    from tests.conftest import upload_folder
+
+    upload_folder(s3_client, "in1", "d", folder)
+    common = ["--n-clusters", 4, "--aws-profile", aws_profile]
+
+    def run(inp, out, endpoint=s3_endpoint, *extra):
+        return cli_here(capsys, "run", "--input-embeddings-path", inp, "--output-path", out,
+                        "--aws-endpoint-url", endpoint, *common, *extra)
+
+    # A missing output bucket fails before the scan.
+    caplog.set_level("INFO")
+    line = one_line_error(run("s3://in1/d", "s3://no-such-bucket/out"))
+    assert "s3://no-such-bucket/out" in line and "bucket does not exist" in line, line
+    assert "scan: started" not in caplog.text
+    # Access denied, on the output and on the input.
+    proxy = FaultProxy(s3_endpoint, lambda n, method: "403")
+    try:
+        line = one_line_error(run("s3://in1/d", "s3://in1/out", proxy.url))
+        assert "s3://in1/out" in line and "access denied" in line, line
+        line = one_line_error(cli_here(capsys, "run", "--input-embeddings-path", "s3://in1/d",
+                                  "--output-path", "/nonexistent-out", "--aws-endpoint-url",
+                                  proxy.url, *common))
+        assert "s3://in1/d" in line and "access denied" in line, line
+    finally:
+        proxy.close()
+    # Retries exhausted: every request fails (two attempts each, to keep the test short).
+    proxy = FaultProxy(s3_endpoint, lambda n, method: "500")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    try:
+        line = one_line_error(run("s3://in1/d", "s3://in1/out", proxy.url))
+        assert "s3://in1/out" in line and "gave up after retries" in line, line
+    finally:
+        proxy.close()
+    # An endpoint nobody listens on.
+    line = one_line_error(run("s3://in1/d", "s3://in1/out", f"http://127.0.0.1:{free_port()}"))
+    assert "s3://in1/out" in line and "cannot reach the storage endpoint" in line, line
+    # An unknown profile.
+    line = one_line_error(cli_here(capsys, "run", "--input-embeddings-path", "s3://in1/d",
+                                   "--output-path", "s3://in1/out", "--n-clusters", 4,
+                                   "--aws-profile", "nobody"))
+    assert "aws_profile 'nobody'" in line, line
+    assert not [k for k in s3_keys(s3_client, "in1") if not k.startswith("d/")]
