@@ -8,6 +8,7 @@ input again for the assignment; memory is a few batches, never the whole input.
 import functools
 import json
 import posixpath
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -22,6 +23,8 @@ from semdedup_core.threads import LATENCY_BOUND_THREADS, chain_ahead, host_threa
 
 NORM_FLOOR = 1e-12
 READ_BUFFER_BYTES = 8 << 20
+GROUP_FILES = 64  # small files decoded into one batch by one thread
+RELEASE_BYTES = 1 << 20  # batches at least this large hand their pages back to the OS
 _FLOAT_TYPES = (pa.float16(), pa.float32(), pa.float64())
 
 
@@ -44,13 +47,19 @@ def normalize(emb: np.ndarray, norms: np.ndarray | None = None) -> np.ndarray:
 
 @dataclass
 class Batch:
-    """One decoded slice of one input file; `emb` is float32 (rows, dim), not yet normalised."""
+    """One decoded slice of one input file, or several whole small files in a row; `emb` is
+    float32 (rows, dim), not yet normalised."""
 
-    file: str  # user-facing address, for messages
+    files: list[tuple[int, str]]  # (first row in the batch, user-facing address), for messages
     start_row: int  # global row number of the first row
     ids: pa.Array
     emb: np.ndarray
     norms: np.ndarray  # float64 (rows,): `row_norms(emb)`, computed on the read thread
+
+    def where(self, row: int) -> str:
+        """The file holding row `row` of the batch."""
+        starts = [start for start, _ in self.files]
+        return self.files[int(np.searchsorted(starts, row, side="right")) - 1][1]
 
 
 @dataclass
@@ -59,6 +68,7 @@ class InputFile:
     rows: int
     size: int = 0
     mtime: float | None = None  # None where not known or not a property of the data (a zip's)
+    meta: pq.FileMetaData | None = field(default=None, repr=False)  # the footer, read once
 
 
 @dataclass
@@ -104,11 +114,17 @@ class EmbeddingSource:
             raise InputError(f"{storage.display()}: no parquet files found")
         src = cls(storage, [], id_column, embedding_column, batch_rows)
 
+        checked = threading.local()  # the last schema this thread checked: most inputs share one
+
         def footer(rel: str) -> InputFile:
             try:
                 with storage.open_input(rel) as f:
-                    meta = pq.ParquetFile(f)
-                    schema, rows, size = meta.schema_arrow, meta.metadata.num_rows, f.size()
+                    footer_meta, size = pq.read_metadata(f), f.size()
+                    known = getattr(checked, "schema", None)
+                    if known is None or not footer_meta.schema.equals(known):
+                        src._check_schema(storage.display(rel),
+                                          footer_meta.schema.to_arrow_schema())
+                        checked.schema = footer_meta.schema
             except FileNotFoundError:
                 raise InputError(f"{storage.display(rel)}: listed in summary.json but missing") \
                     from None
@@ -118,8 +134,8 @@ class EmbeddingSource:
                                      f"({describe_fault(exc)})") from None
                 raise StorageError(f"{storage.display(rel)}: cannot read: "
                                    f"{describe_fault(exc)}") from None
-            src._check_schema(storage.display(rel), schema)
-            return InputFile(rel, rows, size, listed.get(rel, (size, None))[1])
+            return InputFile(rel, footer_meta.num_rows, size, listed.get(rel, (size, None))[1],
+                             footer_meta)
 
         # Footers are read on threads (on S3 each is a round trip; many small files are
         # mostly footers); errors still come in file order.
@@ -152,41 +168,88 @@ class EmbeddingSource:
         """Every row, file by file. Later files are decoded ahead on host threads (one batch
         buffered per file), so decoding overlaps the caller's work. Each of the T threads
         decodes batch_rows / T rows at a time, so about 2 x batch_rows rows are in memory
-        whatever the thread count."""
+        whatever the thread count. Runs of small files are decoded by one thread into one
+        batch, so an input of many tiny files costs little more than one file."""
         start = 0
         threads = host_threads()
         rows = -(-self.batch_rows // threads)
-        producers = [functools.partial(self._decode_file, f, rows) for f in self.files]
-        for where, ids, emb, norms in chain_ahead(producers, threads):
+        producers = [functools.partial(self._decode_files, group, rows)
+                     for group in self._groups(rows)]
+        for files, ids, emb, norms in chain_ahead(producers, threads):
             if self.dim is None and len(emb):
                 self.dim = emb.shape[1]
             elif len(emb) and emb.shape[1] != self.dim:
-                raise InputError(f"{where}: embeddings have {emb.shape[1]} dimensions, but "
+                raise InputError(f"{files[0][1]}: embeddings have {emb.shape[1]} dimensions, but "
                                  f"earlier files have {self.dim}; all files must share one "
                                  "dimension")
-            yield Batch(where, start, ids, emb, norms)
+            yield Batch(files, start, ids, emb, norms)
             start += len(emb)
 
+    def _groups(self, rows: int) -> Iterator[list[InputFile]]:
+        """The files in order, consecutive small ones grouped (together at most `rows` rows
+        and GROUP_FILES files, so that several threads still share the work)."""
+        group: list[InputFile] = []
+        total = 0
+        for f in self.files:
+            if group and (total + f.rows > rows or len(group) == GROUP_FILES):
+                yield group
+                group, total = [], 0
+            group.append(f)
+            total += f.rows
+        if group:
+            yield group
+
+    def _decode_files(self, group: list[InputFile], batch_rows: int
+                      ) -> Iterator[tuple[list[tuple[int, str]], pa.Array, np.ndarray,
+                                          np.ndarray]]:
+        """A file's batches, or a group of small files as one batch."""
+        if len(group) == 1:
+            yield from self._decode_file(group[0], batch_rows)
+            return
+        files, ids, embs, norms = [], [], [], []
+        n = 0
+        for f in group:
+            for part_files, part_ids, emb, part_norms in self._decode_file(f, batch_rows):
+                if embs and len(emb) and emb.shape[1] != embs[0].shape[1]:
+                    raise InputError(f"{part_files[0][1]}: embeddings have {emb.shape[1]} "
+                                     f"dimensions, but earlier files have {embs[0].shape[1]}; "
+                                     "all files must share one dimension")
+                files.append((n, part_files[0][1]))
+                ids.append(part_ids.cast(pa.string()))
+                embs.append(emb)
+                norms.append(part_norms)
+                n += len(emb)
+        yield (files, pa.concat_arrays(ids), np.concatenate(embs), np.concatenate(norms))
+
     def _decode_file(self, f: InputFile, batch_rows: int
-                     ) -> Iterator[tuple[str, pa.Array, np.ndarray, np.ndarray]]:
-        """(file, ids, embeddings, row norms) per batch, decoded on the read thread. Normalising
-        stays with the consumer: a float32 copy per batch made on read threads cost ~0.2 GiB
-        more peak RSS at 1M x 512 (glibc keeps freed blocks in per-thread heaps) and no time."""
+                     ) -> Iterator[tuple[list[tuple[int, str]], pa.Array, np.ndarray,
+                                         np.ndarray]]:
+        """([(0, file)], ids, embeddings, row norms) per batch, decoded on the read thread.
+        Normalising stays with the consumer: a float32 copy per batch made on read threads cost
+        ~0.2 GiB more peak RSS at 1M x 512 (glibc keeps freed blocks in per-thread heaps) and no
+        time."""
         where = self.storage.display(f.rel)
+        columns = [self.id_column, self.embedding_column]
         try:
             with self.storage.open_input(f.rel) as handle:
                 # A buffered stream decodes page by page instead of loading whole column chunks,
                 # so memory follows batch_rows, not the writer's row-group size.
-                reader = pq.ParquetFile(handle, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
-                for rb in reader.iter_batches(batch_size=batch_rows, use_threads=False,
-                                              columns=[self.id_column, self.embedding_column]):
-                    ids = rb.column(self.id_column)
-                    emb = self._decode(where, ids, rb.column(self.embedding_column))
-                    yield where, ids, emb, row_norms(emb)
-                    # Hand freed pages back now: mimalloc otherwise keeps ~2 batches mapped
-                    # (measured: 0.36 GiB RSS streaming 1M x 512, against 0.57 GiB).
-                    del rb, ids, emb
-                    pa.default_memory_pool().release_unused()
+                reader = pq.ParquetFile(handle, metadata=f.meta, buffer_size=READ_BUFFER_BYTES,
+                                        pre_buffer=False)
+                if f.rows <= batch_rows:  # one read, no batch iterator (many small files)
+                    table = reader.read(columns=columns, use_threads=False)
+                    batches = [tuple(table.column(c).combine_chunks() for c in columns)]
+                else:
+                    batches = (tuple(rb.column(c) for c in columns) for rb in reader.iter_batches(
+                        batch_size=batch_rows, use_threads=False, columns=columns))
+                for ids, col in batches:
+                    emb = self._decode(where, ids, col)
+                    yield [(0, where)], ids, emb, row_norms(emb)
+                    if emb.nbytes >= RELEASE_BYTES:
+                        # Hand freed pages back now: mimalloc otherwise keeps ~2 batches mapped
+                        # (measured: 0.36 GiB RSS streaming 1M x 512, against 0.57 GiB).
+                        del ids, col, emb
+                        pa.default_memory_pool().release_unused()
         except (pa.ArrowException, OSError) as exc:  # corrupt pages, or the storage failed
             if self.storage.local or isinstance(exc, pa.ArrowInvalid):
                 raise InputError(f"{where}: corrupt parquet data ({describe_fault(exc)})") \
@@ -308,11 +371,11 @@ def scan_input(source: EmbeddingSource, sample_size: int, seed: int,
         bad_rows = ~np.isfinite(norms)
         if bad_rows.any():
             bad = int(np.flatnonzero(bad_rows)[0])
-            raise InputError(f"{batch.file}: embedding of id {batch.ids[bad].as_py()!r} contains "
+            raise InputError(f"{batch.where(bad)}: embedding of id {batch.ids[bad].as_py()!r} contains "
                              "NaN or inf")
         if (norms < NORM_FLOOR).any():
             bad = int(np.flatnonzero(norms < NORM_FLOOR)[0])
-            raise InputError(f"{batch.file}: embedding of id {batch.ids[bad].as_py()!r} is all "
+            raise InputError(f"{batch.where(bad)}: embedding of id {batch.ids[bad].as_py()!r} is all "
                              f"zeros (or its norm is below {NORM_FLOOR:g}); it has no direction "
                              "to compare")
         lo, hi = batch.start_row, batch.start_row + rows
@@ -344,10 +407,11 @@ def _check_unique_ids(source: EmbeddingSource, fingerprints: np.ndarray) -> None
     seen: dict[str, str] = {}
     for batch in source.iter_batches():
         ids = batch.ids.to_pylist()
-        for s, fp in zip(ids, _fingerprints(ids)):
+        for row, (s, fp) in enumerate(zip(ids, _fingerprints(ids))):
             if fp in suspects:
+                here = batch.where(row)
                 if s in seen:
-                    where = batch.file if seen[s] == batch.file else f"{seen[s]} and {batch.file}"
+                    where = here if seen[s] == here else f"{seen[s]} and {here}"
                     raise InputError(f"{where}: duplicate id {s!r}; ids must be unique across "
                                      "the input")
-                seen[s] = batch.file
+                seen[s] = here

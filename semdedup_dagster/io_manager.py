@@ -55,11 +55,12 @@ class LayoutIOManager(ConfigurableIOManager):
                 "materialised yet")
         meta = records[0].asset_materialization.metadata
         name = key.to_user_string()
-        any_path = next(v.value for k, v in sorted(meta.items()) if k.startswith("path"))
-        reason = run_record.incomplete_reason(
-            self.layout_storage.location(layout.output_root_of(any_path)))
-        if reason is not None:  # a half-written folder must not feed downstream assets
-            raise Failure(description=reason)
+        any_path = next((v.value for k, v in sorted(meta.items()) if k.startswith("path")), None)
+        if any_path is not None:  # a half-written folder must not feed downstream assets
+            reason = run_record.incomplete_reason(
+                self.layout_storage.location(layout.output_root_of(any_path)))
+            if reason is not None:
+                raise Failure(description=reason)
         if name == "unique_ids":
             return {k[len("path_"):]: self._table(meta[k].value)
                     for k in sorted(meta) if k.startswith("path_")}

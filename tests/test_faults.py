@@ -16,6 +16,7 @@ import pytest
 from semdedup_core import layout, run_record
 from semdedup_core.cli import main as cli_main
 from semdedup_core.config import make_config
+from semdedup_core.errors import InputError
 from semdedup_core.pipeline import run_pipeline
 from semdedup_core.storage import Storage
 from tests.test_end_to_end import tree
@@ -442,3 +443,40 @@ def test_s3_faults_that_do_not_pass_are_one_line(planted, s3_client, s3_endpoint
                                    "--aws-profile", "nobody"))
     assert "aws_profile 'nobody'" in line, line
     assert not [k for k in s3_keys(s3_client, "in1") if not k.startswith("d/")]
+
+
+def test_many_small_files_read_like_one_file_and_errors_name_the_file(tmp_path):
+    """300 files of two rows are decoded in groups (one batch per group): same output as one
+    file with the same rows, and a bad clip is still traced to its own file."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(1)
+    emb = rng.standard_normal((600, 16)).astype(np.float32)
+    ids = [f"c{i:04d}" for i in range(600)]
+
+    def table(rows):
+        return pa.table({"id": [ids[i] for i in rows],
+                         "embedding": pa.array(list(emb[rows]), pa.list_(pa.float32()))})
+
+    many, one = tmp_path / "many", tmp_path / "one"
+    many.mkdir(), one.mkdir()
+    for f in range(300):
+        pq.write_table(table([2 * f, 2 * f + 1]), many / f"part-{f:04d}.parquet")
+    pq.write_table(table(list(range(600))), one / "all.parquet")
+    for name in ("many", "one"):
+        run_pipeline(make_config(input_embeddings_path=str(tmp_path / name),
+                                 output_path=str(tmp_path / f"out-{name}"), n_clusters=5))
+    assert tree(tmp_path / "out-many") == tree(tmp_path / "out-one")
+
+    emb[301] = np.nan  # clip c0301, in part-0150
+    pq.write_table(table([300, 301]), many / "part-0150.parquet")
+    with pytest.raises(InputError, match=r"part-0150\.parquet: embedding of id 'c0301'"):
+        run_pipeline(make_config(input_embeddings_path=str(many),
+                                 output_path=str(tmp_path / "o"), n_clusters=5))
+    pq.write_table(table([1, 300]), many / "part-0150.parquet")  # c0001 again (as in part-0000)
+    with pytest.raises(InputError, match=r"part-0000\.parquet and .*part-0150\.parquet: "
+                                         r"duplicate id 'c0001'"):
+        run_pipeline(make_config(input_embeddings_path=str(many),
+                                 output_path=str(tmp_path / "o"), n_clusters=5))
