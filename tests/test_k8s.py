@@ -131,7 +131,7 @@ def k8s_run(planted, s3_endpoint, tmp_path_factory):
         instance_yaml(values, cluster.kubeconfig, str(root / "database"))))
     (home / "values.yaml").write_text(yaml.safe_dump(values))
     args = {"input_embeddings_path": "s3://curation/incoming/day1.zip",
-            "output_path": "s3://curation/dedup/day1", "n_clusters": 6,
+            "output_path": "s3://curation/dedup/k8s-day1", "n_clusters": 6,
             "eps_to_extract": [0.01, 0.1], "backend": "cpu", "centroids_per_step": 3}
     # The launching process (the webserver, with the code location's definitions): the
     # deployment's env and secrets.
@@ -253,4 +253,5 @@ def test_steps_share_only_s3_and_equal_semdedup_run(k8s_run, tmp_path):
                           "--n-clusters", "6", "--eps-to-extract", "0.01", "0.1",
                           "--backend", "cpu"], capture_output=True, text=True, env=env)
     assert cli.returncode == 0, cli.stderr
-    assert s3_tree(s3, "curation", "dedup/day1/", tmp_path / "k8s") == tree(tmp_path / "cli")
+    # (Its own prefix: test_deploy writes dedup/day1/iv2_embd_parquet/ into the same bucket.)
+    assert s3_tree(s3, "curation", "dedup/k8s-day1/", tmp_path / "k8s") == tree(tmp_path / "cli")
