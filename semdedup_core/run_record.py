@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import posixpath
 import socket
 import threading
 import time
@@ -312,22 +313,28 @@ def counts(clips: int, dim: int, clusters: list[int], summary: dict[float, dict]
             "removed": {eps_text(e): r["removed"] for e, r in summary.items()}}
 
 
-def write_record(out: Storage, lock: OutputLock, cfg: DedupConfig, counts: dict) -> dict:
+def write_record(out: Storage, lock: OutputLock, cfg: DedupConfig, counts: dict) -> None:
     """Write the completion record (last, while the lock is still ours)."""
     lock.check()
+    out.write_bytes(RECORD, record_bytes(cfg, counts, lock.owner, lock.started,
+                                         lock.fingerprint))
+
+
+def record_bytes(cfg: DedupConfig, counts: dict, run_id: str, started: str,
+                 fingerprint: str | None) -> bytes:
+    """The completion record's content (also what a corpus writes into each drop it commits)."""
     record = {
         "format": RECORD_FORMAT,
-        "run_id": lock.owner,
-        "started": lock.started,
+        "run_id": run_id,
+        "started": started,
         "finished": _now_text(),
         "host": socket.gethostname(),
         "config": cfg.model_dump(mode="json"),
-        "input": {"path": cfg.input_embeddings_path, "fingerprint": lock.fingerprint},
+        "input": {"path": cfg.input_embeddings_path, "fingerprint": fingerprint},
         "counts": counts,
         "versions": versions(),
     }
-    out.write_bytes(RECORD, json.dumps(record, indent=1, sort_keys=True).encode())
-    return record
+    return json.dumps(record, indent=1, sort_keys=True).encode()
 
 
 def read_record(out: Storage) -> dict | None:
@@ -342,7 +349,7 @@ def read_record(out: Storage) -> dict | None:
 def incomplete_reason(out: Storage, own: OutputLock | None = None) -> str | None:
     """None when the folder holds a finished run; else one line saying what is going on.
     `own`: the caller's lock, if it holds the folder (its own lock says nothing)."""
-    if read_record(out) is not None:
+    if read_record(out) is not None or _committed_corpus_drop(out):
         return None
     holder = read_holder(out)
     if holder is not None and own is not None and holder.owner == own.owner:
@@ -358,6 +365,21 @@ def incomplete_reason(out: Storage, own: OutputLock | None = None) -> str | None
                f"({holder.describe()})"
     return f"{where}: incomplete: a run started at {holder.started} did not finish " \
            f"({holder.describe()}); run it again"
+
+
+def _committed_corpus_drop(out: Storage) -> bool:
+    """A drop folder of a corpus (`<corpus>/drops/<name>`) is complete once the corpus's
+    manifest, its commit, lists it (semdedup_core/corpus.py)."""
+    drops = out.parent()
+    corpus = drops.parent() if drops is not None else None
+    if corpus is None or posixpath.basename(drops.root.rstrip("/")) != layout.DROPS:
+        return False
+    try:
+        manifest = json.loads(corpus.read_bytes(layout.CORPUS_MANIFEST))
+    except (FileNotFoundError, IsADirectoryError, ValueError):
+        return False
+    name = posixpath.basename(out.root.rstrip("/"))
+    return any(d.get("name") == name for d in manifest.get("drops", []))
 
 
 def require_complete(out: Storage, own: OutputLock | None = None) -> dict:

@@ -324,9 +324,9 @@ class Storage:
         if self.local:
             shutil.rmtree(self.path(rel), ignore_errors=True)
             return
-        bucket, prefix = self.path(rel).rstrip("/").split("/", 1)
+        bucket, _, prefix = self.path(rel).rstrip("/").partition("/")
         paginator = self.client().get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix + "/"):
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix + "/" if prefix else ""):
             keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
             if keys:
                 self.client().delete_objects(Bucket=bucket, Delete={"Objects": keys,

@@ -480,3 +480,14 @@ def test_many_small_files_read_like_one_file_and_errors_name_the_file(tmp_path):
                                          r"duplicate id 'c0001'"):
         run_pipeline(make_config(input_embeddings_path=str(many),
                                  output_path=str(tmp_path / "o"), n_clusters=5))
+
+
+def test_inspect_reads_a_committed_corpus_drop(tmp_path, capsys, planted):
+    """A corpus drop's layout is complete once the corpus manifest lists it (its commit)."""
+    folder, _ = planted
+    corpus = tmp_path / "corpus"
+    assert cli_here(capsys, "corpus", "add", corpus, "--input-embeddings-path", folder,
+                    "--drop-name", "d0", "--n-clusters", 4).returncode == 0
+    assert cli_here(capsys, "inspect", corpus / "drops/d0").returncode == 0
+    line = one_line_error(cli_here(capsys, "inspect", corpus / "drops/nope"))
+    assert "no semdedup output here" in line
