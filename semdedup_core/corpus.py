@@ -348,6 +348,7 @@ class AddReport:
     mean_cosine_dist: float
     fit_mean_cosine_dist: float
     fitted: bool
+    cluster_sizes: np.ndarray  # int64 (n_clusters,): the drop's clips per cluster
     timer: PhaseTimer = field(default_factory=PhaseTimer)
 
     @property
@@ -534,7 +535,7 @@ def add_source(corpus: Storage, manifest: dict | None, name: str, cfg: DedupConf
         corpus.delete_file(layout.CORPUS_PENDING)
     return AddReport(corpus.display(), name, index, n, dim, len(clusters), earlier_read,
                      {e: entry["eps"][eps_text(e)] for e in cfg.eps_to_extract}, mean_cos,
-                     new_manifest["drops"][0]["mean_cosine_dist"], fit is not None, timer)
+                     new_manifest["drops"][0]["mean_cosine_dist"], fit is not None, sizes, timer)
 
 
 def open_corpus(uri: str, args: dict[str, Any], s3: S3Options | None = None) -> Storage:

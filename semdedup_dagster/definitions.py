@@ -7,6 +7,7 @@ from dagster import Definitions
 
 from semdedup_dagster.assets import ASSETS
 from semdedup_dagster.assets import IO_MANAGER
+from semdedup_dagster.corpus import corpora_definitions, corpus_specs_from_env
 from semdedup_dagster.io_manager import LayoutIOManager
 from semdedup_dagster.jobs import JOBS
 from semdedup_dagster.resources import (
@@ -24,10 +25,13 @@ if OP_OUTPUTS is None and os.environ.get("SEMDEDUP_EXECUTOR") == "k8s":
     raise ValueError(f"SEMDEDUP_EXECUTOR=k8s runs every step in its own pod: set "
                      f"{OP_OUTPUT_PATH_ENV}=s3://bucket/prefix for the outputs they pass on")
 
+# A corpus per watched folder (SEMDEDUP_CORPORA, see semdedup_dagster/corpus.py).
+CORPORA = corpora_definitions(corpus_specs_from_env(os.environ))
+
 defs = Definitions(
-    assets=ASSETS,
-    jobs=JOBS,
-    sensors=[embedding_drop_sensor],
+    assets=ASSETS + CORPORA["assets"],
+    jobs=JOBS + CORPORA["jobs"],
+    sensors=[embedding_drop_sensor, *CORPORA["sensors"]],
     schedules=[semdedup_schedule],
     resources={"layout_storage": LAYOUT_STORAGE,
                IO_MANAGER: LayoutIOManager(layout_storage=LAYOUT_STORAGE),

@@ -57,9 +57,29 @@ def summary_plots(score_histogram: np.ndarray, sizes: np.ndarray, eps_grid: list
            title="Similarity to the best earlier-ranked clip")
     out["score_distribution"] = _png_markdown(fig, "score distribution")
 
+    out["removed_vs_eps_plot"] = removed_vs_eps_png(eps_grid, removed_fractions)
+    return out
+
+
+def removed_vs_eps_png(eps_grid: list[float], removed_fractions: list[float],
+                       title: str = "Removed vs eps") -> MetadataValue:
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot(eps_grid, removed_fractions, marker="o", color="#c44e52")
-    ax.set(xscale="log", xlabel="eps", ylabel="removed fraction", title="Removed vs eps")
+    ax.set(xscale="log", xlabel="eps", ylabel="removed fraction", title=title)
     ax.grid(True, alpha=0.3)
-    out["removed_vs_eps_plot"] = _png_markdown(fig, "removed vs eps")
-    return out
+    return _png_markdown(fig, "removed vs eps")
+
+
+def corpus_growth_png(drops: list[str], clips: list[int], kept: list[int],
+                      eps: str) -> MetadataValue:
+    """Clips in the corpus after each drop, and those kept at one eps."""
+    fig, ax = plt.subplots(figsize=(6, 3))
+    x = np.arange(1, len(drops) + 1)
+    ax.plot(x, np.cumsum(clips), marker="o", color="#4c72b0", label="clips")
+    ax.plot(x, np.cumsum(kept), marker="o", color="#55a868", label=f"kept at eps {eps}")
+    ax.set(xlabel="drops", ylabel="clips", title="Corpus growth")
+    if len(drops) <= 12:
+        ax.set_xticks(x, drops, rotation=30, ha="right", fontsize=7)
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+    return _png_markdown(fig, "corpus growth")

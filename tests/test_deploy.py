@@ -47,7 +47,7 @@ def test_dagster_yaml_passes_dagster_validation(monkeypatch):
     assert "postgres" in config["storage"]
     assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
     limits = {item["key"] for item in config["concurrency"]["runs"]["tag_concurrency_limits"]}
-    assert limits == {"semdedup/drop", "semdedup/output", "semdedup/backend"}
+    assert limits == {"semdedup/drop", "semdedup/output", "semdedup/corpus", "semdedup/backend"}
     assert config["compute_logs"]["class"] == "S3ComputeLogManager"
 
 
