@@ -2,7 +2,7 @@
 
     <corpus>/
       _corpus.json                       the manifest: settings, committed drops in order (the commit)
-      _corpus.lock                       held by the add in progress
+      _semdedup.lock                     held by the add in progress (run_record's lock)
       clustering_results/kmeans_centroids.npy    fitted on the first drop, never re-fitted
       drops/<name>/...                   a complete standard output layout per drop
       store/cluster_<k>/<first>-<last>-<token>.parquet   every committed clip of cluster k, unit
@@ -21,15 +21,10 @@ wrote is visible (store files carry the add's token, which only the manifest mak
 crash leaves the corpus as it was and the same add can simply be retried.
 """
 
-import contextlib
 import datetime
-import fcntl
 import json
 import logging
-import os
 import re
-import socket
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -42,13 +37,14 @@ from semdedup_core import layout
 from semdedup_core.backends import Backend, get_backend
 from semdedup_core.config import DedupConfig, eps_text, make_config
 from semdedup_core.embeddings import EmbeddingSource, InputFile, scan_input
-from semdedup_core.errors import ConfigError, InputError, SemdedupError
+from semdedup_core.errors import ConfigError, InputError
 from semdedup_core.extraction import removed_mask, summarize, write_removed
 from semdedup_core.pairwise import max_similarity_to_earlier, pairwise_flops
 from semdedup_core.parquet import read_table, write_table
 from semdedup_core.pipeline import (PhaseTimer, RankedShard, assign, fit_centroids,
                                     list_column_to_numpy, open_source, ranked_shard)
 from semdedup_core.shards import load_centroids, save_centroids
+from semdedup_core.run_record import OutputLock, new_run_id, take_output
 from semdedup_core.storage import S3Options, Storage
 from semdedup_core.threads import host_threads, ordered_map
 
@@ -59,13 +55,7 @@ MANIFEST_FORMAT = 1
 FIXED_SETTINGS = ("n_clusters", "sim_metric", "which_to_keep", "random_state")
 FIT_SETTINGS = ("max_iter", "kmeans_sample_per_cluster", "kmeans_tol", "gpu_kmeans")
 STORE_MAX_FILES = 8  # store files per cluster before an add merges them into one
-LEASE_S = 60.0  # an S3 lock whose holder stopped renewing it this long ago is taken over
-WAIT_POLL_S = 1.0
 _DROP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,127}$")
-
-
-class CorpusBusy(SemdedupError):
-    """Another add holds the corpus."""
 
 
 def check_drop_name(name: str) -> None:
@@ -96,177 +86,12 @@ def _json_bytes(doc: Any) -> bytes:
 
 
 # -- the lock ------------------------------------------------------------------------------------
-# TODO(#10): swap for run_record's output-folder lock once it is on main; this one has the same
-# shape (an OS lock locally; on S3 a conditional PUT with a lease renewed by a heartbeat).
-def _holder_text(raw: bytes) -> str:
-    try:
-        h = json.loads(raw)
-        return f"{h['owner']} (host {h['host']}, pid {h['pid']}, since {h['started']})"
-    except (ValueError, KeyError, TypeError):
-        return "another add"
-
-
-class CorpusLock:
-    """One add at a time per corpus. Locally an flock on `_corpus.lock` (released by the OS when
-    the process dies, so a killed add never blocks the retry). On S3 the lock object is created
-    with a conditional PUT (If-None-Match) and renewed with If-Match every LEASE_S / 4; a lock
-    whose lease ran out, or whose pid is dead on this host, is taken over."""
-
-    def __init__(self, corpus: Storage, wait: bool, lease_s: float = LEASE_S):
-        self.corpus, self.wait, self.lease_s = corpus, wait, lease_s
-        self.owner = f"add-{uuid.uuid4().hex[:12]}"
-        self.started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        self._fd: int | None = None
-        self._etag: str | None = None
-        self._client = None
-        self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
-        self.lost: str | None = None
-
-    def _content(self) -> bytes:
-        return _json_bytes({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
-                            "started": self.started, "expires": time.time() + self.lease_s})
-
-    def busy(self, holder: str) -> CorpusBusy:
-        return CorpusBusy(f"{self.corpus.display()}: another add holds this corpus: {holder}; "
-                          "wait for it (--wait) or retry later")
-
-    # local
-    def _take_local(self) -> None:
-        os.makedirs(self.corpus.root, exist_ok=True)
-        path = self.corpus.path(layout.CORPUS_LOCK)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if not self.wait:
-                    raise self.busy(_holder_text(os.pread(fd, 4096, 0))) from None
-                log.info("waiting for the corpus lock: %s", _holder_text(os.pread(fd, 4096, 0)))
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, self._content(), 0)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-
-    # S3
-    def _s3(self):
-        if self._client is None:
-            self._client = self.corpus.s3.client()
-        bucket, key = self.corpus.path(layout.CORPUS_LOCK).split("/", 1)
-        return self._client, bucket, key
-
-    def _put(self, condition: dict) -> str | None:
-        from botocore.exceptions import ClientError
-
-        client, bucket, key = self._s3()
-        try:
-            return client.put_object(Bucket=bucket, Key=key, Body=self._content(),
-                                     **condition)["ETag"]
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "412",
-                        "409"):
-                return None
-            raise
-
-    def _current(self) -> tuple[dict | None, str | None, bytes]:
-        from botocore.exceptions import ClientError
-
-        client, bucket, key = self._s3()
-        try:
-            got = client.get_object(Bucket=bucket, Key=key)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return None, None, b""
-            raise
-        raw = got["Body"].read()
-        try:
-            holder = json.loads(raw)
-        except ValueError:
-            holder = {}
-        return holder, got["ETag"], raw
-
-    def _take_s3(self) -> None:
-        while True:
-            etag = self._put({"IfNoneMatch": "*"})
-            if etag is None:
-                holder, current, raw = self._current()
-                if holder is None:
-                    continue  # released meanwhile
-                if _stale(holder):
-                    etag = self._put({"IfMatch": current})
-                    if etag is None:
-                        continue  # someone else took it over first: look again
-                elif not self.wait:
-                    raise self.busy(_holder_text(raw))
-                else:
-                    time.sleep(WAIT_POLL_S)
-                    continue
-            self._etag = etag
-            break
-        self._beat = threading.Thread(target=self._heartbeat, name="semdedup-corpus-lease",
-                                      daemon=True)
-        self._beat.start()
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(self.lease_s / 4):
-            with contextlib.suppress(Exception):  # a failed renewal is retried next beat
-                self.renew()
-
-    def renew(self) -> None:
-        if self._etag is None or self.lost:
-            return
-        etag = self._put({"IfMatch": self._etag})
-        if etag is None:
-            self.lost = "its lease ran out and another add took it over"
-        else:
-            self._etag = etag
-
-    def check(self) -> None:
-        """Right before the commit: the lock must still be ours."""
-        if not self.corpus.local:
-            self.renew()
-        if self.lost:
-            raise CorpusBusy(f"{self.corpus.display()}: this add lost the corpus lock ({self.lost});"
-                             " nothing was committed; retry the add")
-
-    def __enter__(self) -> "CorpusLock":
-        if self.corpus.local:
-            self._take_local()
-        else:
-            self._take_s3()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-            os.close(self._fd)  # drops the flock
-            self._fd = None
-        if self._beat is not None:
-            self._stop.set()
-            self._beat.join()
-            self._beat = None
-        if self._etag is not None and not self.lost:
-            client, bucket, key = self._s3()
-            with contextlib.suppress(Exception):  # a left lock expires with its lease
-                client.delete_object(Bucket=bucket, Key=key, IfMatch=self._etag)
-            self._etag = None
-
-
-def _stale(holder: dict) -> bool:
-    if time.time() > float(holder.get("expires", 0)):
-        return True
-    if holder.get("host") == socket.gethostname():
-        try:
-            os.kill(int(holder.get("pid", 0)), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError, OverflowError):
-            return False
-    return False
+def lock_corpus(corpus: Storage, wait: bool):
+    """One add at a time: the output-folder lock of run_record (`_semdedup.lock` at the corpus
+    root; a conditional write locally and on S3, a lease renewed by a heartbeat, a dead or
+    expired holder taken over), checked again right before the commit."""
+    return take_output(corpus, owner=f"corpus-add-{new_run_id()}", wait=wait,
+                       advice="wait for it (--wait) or retry the add later")
 
 
 # -- the store of earlier clips ------------------------------------------------------------------
@@ -411,7 +236,7 @@ def _clean_pending(corpus: Storage, manifest: dict | None) -> None:
 
 
 def add_source(corpus: Storage, manifest: dict | None, name: str, cfg: DedupConfig,
-               source: EmbeddingSource, backend: Backend, lock: CorpusLock,
+               source: EmbeddingSource, backend: Backend, lock: OutputLock,
                timer: PhaseTimer | None = None, fit_source: EmbeddingSource | None = None,
                input_label: str | None = None, fit_on: list[str] | None = None) -> AddReport:
     """Add one drop (the corpus is locked and `name` is not committed). The first add fits the
@@ -554,7 +379,7 @@ def add_drop(corpus_uri: str, name: str, args: dict[str, Any], s3: S3Options | N
     output_path); the first add needs n_clusters."""
     check_drop_name(name)
     corpus = open_corpus(corpus_uri, args, s3)
-    with CorpusLock(corpus, wait) as lock:
+    with lock_corpus(corpus, wait) as lock:
         manifest = read_manifest(corpus)
         drops = manifest["drops"] if manifest else []
         for i, d in enumerate(drops):
@@ -593,7 +418,7 @@ def rebuild(corpus_uri: str, into_uri: str, args: dict[str, Any],
                                        for f in src.files], batch_rows=cfg0.read_batch_rows)
     backend = get_backend(cfg0.backend)
     reports = []
-    with CorpusLock(new, wait=False) as lock:
+    with lock_corpus(new, wait=False) as lock:
         current = read_manifest(new)
         if current is not None:
             raise ConfigError(f"{new.display()}: already holds a corpus; rebuild into a new folder")

@@ -60,9 +60,8 @@ def summary_csv(eps: float) -> str:
 
 # A corpus of drops (semdedup_core.corpus): the centroids at its root (CENTROIDS), one complete
 # layout as above per committed drop under DROPS/<name>/, the store of every committed clip by
-# cluster, and the manifest (written last: the commit) and lock, `_`-prefixed so readers skip them.
+# cluster, and the manifest (written last: the commit), `_`-prefixed so readers skip it.
 CORPUS_MANIFEST = "_corpus.json"
-CORPUS_LOCK = "_corpus.lock"
 CORPUS_PENDING = "_corpus_pending.json"  # the add in progress, for clean-up after a crash
 DROPS = "drops"
 STORE = "store"

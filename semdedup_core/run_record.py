@@ -204,8 +204,11 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
+BUSY_ADVICE = "wait for it (--wait) or choose another output_path"
+
+
 def acquire(out: Storage, owner: str, pid: int | None = None, wait: bool = False,
-            lease_s: float = LEASE_S, progress=None) -> OutputLock:
+            lease_s: float = LEASE_S, progress=None, advice: str = BUSY_ADVICE) -> OutputLock:
     """Take the output folder for `owner`, or raise OutputBusy naming its holder (with `wait`,
     poll until it is free). The lock write is also the check that the output can be written
     (S3: the bucket exists, the credentials may write), so a wrong bucket fails in seconds."""
@@ -213,8 +216,7 @@ def acquire(out: Storage, owner: str, pid: int | None = None, wait: bool = False
     while (holder := _try_take(lock)) is not None:
         if not wait:
             raise OutputBusy(f"{out.display()}: another run is writing this output folder: "
-                             f"{holder.describe()}; wait for it (--wait) or choose another "
-                             "output_path")
+                             f"{holder.describe()}; {advice}")
         if progress is not None:
             progress(holder)
         time.sleep(WAIT_POLL_S)
@@ -224,12 +226,12 @@ def acquire(out: Storage, owner: str, pid: int | None = None, wait: bool = False
 
 @contextlib.contextmanager
 def take_output(out: Storage, owner: str | None = None, wait: bool = False,
-                lease_s: float = LEASE_S) -> Iterator[OutputLock]:
+                lease_s: float = LEASE_S, advice: str = BUSY_ADVICE) -> Iterator[OutputLock]:
     """The folder for the length of the block (one process; heartbeat included). On the way in,
     unfinished multipart uploads of crashed runs under the prefix are aborted. A local output
     folder this run created is removed again if the run wrote nothing into it."""
     created = out.local and not os.path.isdir(out.root)
-    lock = acquire(out, owner or new_run_id(), os.getpid(), wait, lease_s)
+    lock = acquire(out, owner or new_run_id(), os.getpid(), wait, lease_s, advice=advice)
     ok = False
     try:
         out.abort_multipart_uploads()

@@ -23,13 +23,14 @@ from semdedup_core import corpus as corpus_mod
 from semdedup_core import layout
 from semdedup_core.backends import CpuBackend
 from semdedup_core.config import eps_text
-from semdedup_core.corpus import CorpusLock, add_drop, read_manifest
+from semdedup_core.corpus import add_drop, lock_corpus, read_manifest
 from semdedup_core.embeddings import normalize
 from semdedup_core.errors import ConfigError
 from semdedup_core.extraction import removed_mask
 from semdedup_core.kmeans import centroid_distances, nearest_centroid
 from semdedup_core.pairwise import max_similarity_to_earlier
 from semdedup_core.ranking import rank_order
+from semdedup_core.run_record import LOCK, OutputBusy
 from semdedup_core.storage import S3Options, Storage
 
 CPU = CpuBackend()
@@ -283,7 +284,7 @@ def test_kill_mid_add_then_retry(drops, tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the add finished before it could be killed"
     after = tree_digest(corpus)
     for rel, digest in before.items():
-        if rel != layout.CORPUS_LOCK:
+        if rel != LOCK:
             assert after.get(rel) == digest, rel  # every committed file as it was
     assert read_manifest(Storage(str(corpus))) == read_manifest(Storage(str(clean))) | {
         "drops": read_manifest(Storage(str(clean)))["drops"][:1]}
@@ -314,11 +315,11 @@ def test_two_adds_at_once(drops, tmp_path, capsys):
     add_all(corpus, drops, ["d0"])
     # A held lock refuses an add at once, naming the holder, and changes nothing.
     before = tree_digest(corpus)
-    with CorpusLock(Storage(corpus), wait=False) as lock:
+    with lock_corpus(Storage(corpus), wait=False) as lock:
         code, _, err = run_cli(capsys, "corpus", "add", corpus, "--input-embeddings-path",
                                drops["d1"], "--drop-name", "d1")
         assert code == 1
-        assert f"another add holds this corpus: {lock.owner} (host" in err
+        assert f"run {lock.owner} (host" in err and "retry the add later" in err
         assert err.count("semdedup: error:") == 1
     assert tree_digest(corpus) == before
     # Two adds started together with --wait: one after the other, each against the other's
@@ -371,10 +372,10 @@ def test_s3_corpus_equals_local(drops, tmp_path, s3_client, s3_endpoint, aws_pro
         assert store.read_bytes(rel) == Storage(local).read_bytes(rel), rel
     s3_drops = read_manifest(store)["drops"]
     assert [d["eps"] for d in s3_drops] == [d["eps"] for d in read_manifest(Storage(local))["drops"]]
-    assert not store.exists(layout.CORPUS_LOCK)  # released
+    assert not store.exists(LOCK)  # released
     # The S3 lock: a held lock refuses a second add with the holder's name.
-    with CorpusLock(store, wait=False) as lock:
-        with pytest.raises(corpus_mod.CorpusBusy, match=lock.owner):
+    with lock_corpus(store, wait=False) as lock:
+        with pytest.raises(OutputBusy, match=lock.owner):
             add_drop(uri, "d2", {"input_embeddings_path": drops["d2"], **args})
     assert [d["name"] for d in read_manifest(store)["drops"]] == ["d0", "d1"]
     assert json.loads(store.read_bytes(layout.CORPUS_MANIFEST))["format"] == 1
