@@ -5,6 +5,7 @@
 input again for the assignment; memory is a few batches, never the whole input.
 """
 
+import contextlib
 import functools
 import json
 import posixpath
@@ -58,8 +59,7 @@ class Batch:
 
     def where(self, row: int) -> str:
         """The file holding row `row` of the batch."""
-        starts = [start for start, _ in self.files]
-        return self.files[int(np.searchsorted(starts, row, side="right")) - 1][1]
+        return _file_of(self.files, row)
 
 
 @dataclass
@@ -202,24 +202,50 @@ class EmbeddingSource:
     def _decode_files(self, group: list[InputFile], batch_rows: int
                       ) -> Iterator[tuple[list[tuple[int, str]], pa.Array, np.ndarray,
                                           np.ndarray]]:
-        """A file's batches, or a group of small files as one batch."""
+        """A file's batches, or a group of small files as one batch: their columns are joined
+        and decoded at once when they share their types (the per-file work is then one read)."""
         if len(group) == 1:
             yield from self._decode_file(group[0], batch_rows)
             return
-        files, ids, embs, norms = [], [], [], []
-        n = 0
-        for f in group:
-            for part_files, part_ids, emb, part_norms in self._decode_file(f, batch_rows):
-                if embs and len(emb) and emb.shape[1] != embs[0].shape[1]:
-                    raise InputError(f"{part_files[0][1]}: embeddings have {emb.shape[1]} "
-                                     f"dimensions, but earlier files have {embs[0].shape[1]}; "
-                                     "all files must share one dimension")
-                files.append((n, part_files[0][1]))
-                ids.append(part_ids.cast(pa.string()))
-                embs.append(emb)
-                norms.append(part_norms)
-                n += len(emb)
-        yield (files, pa.concat_arrays(ids), np.concatenate(embs), np.concatenate(norms))
+        raw = [self._read_whole(f) for f in group]
+        if any(ids.type != raw[0][1].type or col.type != raw[0][2].type
+               for _, ids, col in raw):  # mixed encodings: decode file by file, then join
+            parts = [next(self._decode_file(f, batch_rows)) for f in group]
+            for (_, where), (_, _, emb, _) in zip([p[0][0] for p in parts], parts):
+                if len(emb) and emb.shape[1] != parts[0][2].shape[1]:
+                    raise InputError(f"{where}: embeddings have {emb.shape[1]} dimensions, but "
+                                     f"earlier files have {parts[0][2].shape[1]}; all files "
+                                     "must share one dimension")
+            raw = [(p[0][0][1], p[1].cast(pa.string()), p[2], p[3]) for p in parts]
+            files = _file_starts([(where, len(ids)) for where, ids, _, _ in raw])
+            yield (files, pa.concat_arrays([r[1] for r in raw]),
+                   np.concatenate([r[2] for r in raw]), np.concatenate([r[3] for r in raw]))
+            return
+        files = _file_starts([(where, len(ids)) for where, ids, _ in raw])
+        ids = pa.concat_arrays([r[1] for r in raw])
+        emb = self._decode(files, ids, pa.concat_arrays([r[2] for r in raw]))
+        yield files, ids, emb, row_norms(emb)
+
+    def _read_whole(self, f: InputFile) -> tuple[str, pa.Array, pa.Array]:
+        """(file, ids, embedding column) of a small file, read at once."""
+        where = self.storage.display(f.rel)
+        with self._reading(where):
+            with self.storage.open_input(f.rel) as handle:
+                reader = pq.ParquetFile(handle, metadata=f.meta, pre_buffer=False)
+                table = reader.read(columns=[self.id_column, self.embedding_column],
+                                    use_threads=False)
+        return (where, table.column(self.id_column).combine_chunks(),
+                table.column(self.embedding_column).combine_chunks())
+
+    @contextlib.contextmanager
+    def _reading(self, where: str) -> Iterator[None]:
+        try:
+            yield
+        except (pa.ArrowException, OSError) as exc:  # corrupt pages, or the storage failed
+            if self.storage.local or isinstance(exc, pa.ArrowInvalid):
+                raise InputError(f"{where}: corrupt parquet data ({describe_fault(exc)})") \
+                    from None
+            raise StorageError(f"{where}: cannot read: {describe_fault(exc)}") from None
 
     def _decode_file(self, f: InputFile, batch_rows: int
                      ) -> Iterator[tuple[list[tuple[int, str]], pa.Array, np.ndarray,
@@ -229,42 +255,44 @@ class EmbeddingSource:
         ~0.2 GiB more peak RSS at 1M x 512 (glibc keeps freed blocks in per-thread heaps) and no
         time."""
         where = self.storage.display(f.rel)
+        files = [(0, where)]
+        if f.rows <= batch_rows:  # one read, no batch iterator (many small files)
+            _, ids, col = self._read_whole(f)
+            emb = self._decode(files, ids, col)
+            yield files, ids, emb, row_norms(emb)
+            return
         columns = [self.id_column, self.embedding_column]
-        try:
-            with self.storage.open_input(f.rel) as handle:
-                # A buffered stream decodes page by page instead of loading whole column chunks,
-                # so memory follows batch_rows, not the writer's row-group size.
-                reader = pq.ParquetFile(handle, metadata=f.meta, buffer_size=READ_BUFFER_BYTES,
-                                        pre_buffer=False)
-                if f.rows <= batch_rows:  # one read, no batch iterator (many small files)
-                    table = reader.read(columns=columns, use_threads=False)
-                    batches = [tuple(table.column(c).combine_chunks() for c in columns)]
-                else:
-                    batches = (tuple(rb.column(c) for c in columns) for rb in reader.iter_batches(
-                        batch_size=batch_rows, use_threads=False, columns=columns))
-                for ids, col in batches:
-                    emb = self._decode(where, ids, col)
-                    yield [(0, where)], ids, emb, row_norms(emb)
-                    if emb.nbytes >= RELEASE_BYTES:
-                        # Hand freed pages back now: mimalloc otherwise keeps ~2 batches mapped
-                        # (measured: 0.36 GiB RSS streaming 1M x 512, against 0.57 GiB).
-                        del ids, col, emb
-                        pa.default_memory_pool().release_unused()
-        except (pa.ArrowException, OSError) as exc:  # corrupt pages, or the storage failed
-            if self.storage.local or isinstance(exc, pa.ArrowInvalid):
-                raise InputError(f"{where}: corrupt parquet data ({describe_fault(exc)})") \
-                    from None
-            raise StorageError(f"{where}: cannot read: {describe_fault(exc)}") from None
+        with self._reading(where), self.storage.open_input(f.rel) as handle:
+            # A buffered stream decodes page by page instead of loading whole column chunks,
+            # so memory follows batch_rows, not the writer's row-group size.
+            reader = pq.ParquetFile(handle, metadata=f.meta, buffer_size=READ_BUFFER_BYTES,
+                                    pre_buffer=False)
+            for rb in reader.iter_batches(batch_size=batch_rows, use_threads=False,
+                                          columns=columns):
+                ids = rb.column(self.id_column)
+                emb = self._decode(files, ids, rb.column(self.embedding_column))
+                yield files, ids, emb, row_norms(emb)
+                # Hand freed pages back now: mimalloc otherwise keeps ~2 batches mapped
+                # (measured: 0.36 GiB RSS streaming 1M x 512, against 0.57 GiB).
+                del rb, ids, emb
+                pa.default_memory_pool().release_unused()
 
-    def _decode(self, where: str, ids: pa.Array, col: pa.Array) -> np.ndarray:
+    def _decode(self, files: list[tuple[int, str]], ids: pa.Array, col: pa.Array) -> np.ndarray:
         """The embedding column as float32 (rows, dim); checks nulls, empty and ragged lists
-        (dimensions across files are checked in `iter_batches`, in file order)."""
+        (dimensions across batches are checked in `iter_batches`, in file order). `files`:
+        which rows come from which file, for messages."""
         n = len(col)
+
+        def where(row: int) -> str:
+            return _file_of(files, row)
+
         if ids.null_count:
-            raise InputError(f"{where}: {ids.null_count} null value(s) in column {self.id_column!r}")
+            row = int(pc.index(pc.is_null(ids), True).as_py())
+            raise InputError(f"{where(row)}: {ids.null_count} null value(s) in column "
+                             f"{self.id_column!r}")
         if col.null_count:
             row = int(pc.index(pc.is_null(col), True).as_py())
-            raise InputError(f"{where}: null embedding for id {ids[row].as_py()!r}")
+            raise InputError(f"{where(row)}: null embedding for id {ids[row].as_py()!r}")
         if pa.types.is_fixed_size_list(col.type):
             dim = col.type.list_size
         else:
@@ -272,10 +300,15 @@ class EmbeddingSource:
             dim = int(lengths[0]) if n else 0
             if n and (lengths != dim).any():
                 row = int(np.flatnonzero(lengths != dim)[0])
-                raise InputError(f"{where}: ragged embeddings: id {ids[row].as_py()!r} has "
+                first_of_file = max(start for start, _ in files if start <= row)
+                if first_of_file > 0 and lengths[first_of_file] == lengths[row]:
+                    raise InputError(f"{where(row)}: embeddings have {lengths[row]} dimensions, "
+                                     f"but earlier files have {dim}; all files must share one "
+                                     "dimension")
+                raise InputError(f"{where(row)}: ragged embeddings: id {ids[row].as_py()!r} has "
                                  f"{lengths[row]} values, id {ids[0].as_py()!r} has {dim}")
         if n and dim == 0:
-            raise InputError(f"{where}: embeddings are empty lists")
+            raise InputError(f"{where(0)}: embeddings are empty lists")
         values = col.flatten()
         if values.null_count:
             first = int(pc.index(pc.is_null(values), True).as_py())
@@ -284,9 +317,23 @@ class EmbeddingSource:
             else:  # the list whose value range holds it
                 offsets = col.offsets.to_numpy(zero_copy_only=False) - col.offsets[0].as_py()
                 row = int(np.searchsorted(offsets, first, side="right")) - 1
-            raise InputError(f"{where}: null values inside the embedding of id "
+            raise InputError(f"{where(row)}: null values inside the embedding of id "
                              f"{ids[row].as_py()!r}")
         return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, dim)
+
+
+def _file_starts(sizes: list[tuple[str, int]]) -> list[tuple[int, str]]:
+    """[(first row, file)] of files of these sizes laid end to end."""
+    starts, n = [], 0
+    for where, rows in sizes:
+        starts.append((n, where))
+        n += rows
+    return starts
+
+
+def _file_of(files: list[tuple[int, str]], row: int) -> str:
+    """The file holding `row`, given each file's first row (ascending)."""
+    return files[int(np.searchsorted([s for s, _ in files], row, side="right")) - 1][1]
 
 
 SUMMARY_JSON = "summary.json"
