@@ -268,10 +268,13 @@ class Storage:
         and the names of the folders directly under it, both sorted."""
         selector = pafs.FileSelector(self.path(rel), recursive=recursive, allow_not_found=True)
         files, dirs, base = [], [], posixpath.normpath(self.path(rel))
+        prefix = posixpath.normpath(self.root).rstrip("/") + "/"
         for i in self.fs.get_file_info(selector):
             if i.type == pafs.FileType.File:
-                files.append((posixpath.relpath(i.path, self.root), i.size or 0,
-                              i.mtime.timestamp() if i.mtime else 0.0))
+                # A prefix cut, not posixpath.relpath: 80 us a file, 1.7 s at 20,000 files.
+                path = i.path[len(prefix):] if i.path.startswith(prefix) \
+                    else posixpath.relpath(i.path, self.root)
+                files.append((path, i.size or 0, i.mtime.timestamp() if i.mtime else 0.0))
             elif i.type == pafs.FileType.Directory and posixpath.dirname(i.path) == base:
                 dirs.append(posixpath.basename(i.path))
         return sorted(files), sorted(dirs)
