@@ -54,7 +54,7 @@ MANIFEST_FORMAT = 1
 # Settings fixed by the fit: every later add uses the corpus's (a rebuild changes them).
 FIXED_SETTINGS = ("n_clusters", "sim_metric", "which_to_keep", "random_state")
 FIT_SETTINGS = ("max_iter", "kmeans_sample_per_cluster", "kmeans_tol", "gpu_kmeans")
-STORE_MAX_FILES = 8  # store files per cluster before an add merges them into one
+STORE_MAX_FILES = 4  # store files per cluster before an add merges them into one
 _DROP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,127}$")
 
 
@@ -158,6 +158,8 @@ class ClusterAdd:
     flops: int
     earlier: int  # committed clips of the cluster read from the store
     done_with: list[str]  # store files to delete once the drop is committed
+    ids: pa.Array  # the drop's clips of the cluster, rank order
+    max_drop: pa.Array  # the drop of each one's max_id
 
 
 @dataclass
@@ -296,9 +298,7 @@ def add_source(corpus: Storage, manifest: dict | None, name: str, cfg: DedupConf
         pruning = pa.table({layout.ID: ranked.ids, layout.MAX_ID: all_ids.take(take),
                             layout.SCORE: pa.array(s, type=pa.float32())})
         write_table(out, layout.pruning_table(k), pruning)
-        write_table(out, layout.max_drop_table(k), pa.table({
-            layout.ID: ranked.ids,
-            layout.MAX_DROP: pa.array(names[all_drops[match]].tolist(), pa.string())}))
+        max_drop = pa.array(names[all_drops[match]].tolist(), pa.string())
         write_removed(out, pruning, ranked.cosine_dist, k, cfg.eps_to_extract)
         inside, before = {}, {}
         for eps in cfg.eps_to_extract:
@@ -314,11 +314,12 @@ def add_source(corpus: Storage, manifest: dict | None, name: str, cfg: DedupConf
             write_table(corpus, layout.store_file(k, index, index, token),
                         store_table(ranked.ids.cast(pa.string()), ranked.emb, all_drops[m:]))
         return ClusterAdd(k, n, inside, before, float(ranked.cosine_dist.astype(np.float64).sum()),
-                          flops, m, done_with)
+                          flops, m, done_with, ranked.ids, max_drop)
 
     removed_inside = dict.fromkeys(cfg.eps_to_extract, 0)
     removed_earlier = dict.fromkeys(cfg.eps_to_extract, 0)
     cos_sum, flops, earlier_read, done_with = 0.0, 0, 0, []
+    owners: dict[str, list] = {layout.CLUSTER: [], layout.ID: [], layout.MAX_DROP: []}
     workers = host_threads()
     with timer.phase("prune"):
         loaded = ordered_map(load, clusters, workers)
@@ -331,6 +332,13 @@ def add_source(corpus: Storage, manifest: dict | None, name: str, cfg: DedupConf
             flops += result.flops
             earlier_read += result.earlier
             done_with += result.done_with
+            owners[layout.CLUSTER].append(np.full(result.size, result.cluster, np.int64))
+            owners[layout.ID].append(result.ids)
+            owners[layout.MAX_DROP].append(result.max_drop)
+        write_table(out, layout.MAX_DROP_TABLE, pa.table({
+            layout.CLUSTER: pa.array(np.concatenate(owners[layout.CLUSTER])),
+            layout.ID: pa.concat_arrays([a.cast(pa.string()) for a in owners[layout.ID]]),
+            layout.MAX_DROP: pa.concat_arrays(owners[layout.MAX_DROP])}))
     timer.flops["prune"] = float(flops)
     n = int(sizes.sum())
     removed = {e: removed_inside[e] + removed_earlier[e] for e in cfg.eps_to_extract}

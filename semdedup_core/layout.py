@@ -65,18 +65,15 @@ CORPUS_MANIFEST = "_corpus.json"
 CORPUS_PENDING = "_corpus_pending.json"  # the add in progress, for clean-up after a crash
 DROPS = "drops"
 STORE = "store"
-# Beside a drop's pruning tables: for each row (same order), the drop of its max_id's clip.
-MAX_DROP_TABLES = f"{EXTRACTION}/_corpus_max_drop"
+# In a drop's layout: for every row of its pruning tables (cluster by cluster, rank order), the
+# drop of its max_id's clip. One file per drop, not per cluster: an add writes few files.
+MAX_DROP_TABLE = f"{EXTRACTION}/_corpus_max_drop.parquet"
 MAX_DROP = "max_drop"
 DROP = "drop"  # store column: the drop's position in the manifest
 
 
 def drop_dir(name: str) -> str:
     return f"{DROPS}/{name}"
-
-
-def max_drop_table(cluster: int) -> str:
-    return f"{MAX_DROP_TABLES}/cluster_{cluster}.parquet"
 
 
 def store_dir(cluster: int) -> str:

@@ -34,8 +34,10 @@ def write_table(out: Storage, rel: str, table: pa.Table) -> None:
 
 
 def read_table(out: Storage, rel: str, columns: list[str] | None = None) -> pa.Table:
+    # ParquetFile.read, not pq.read_table: the latter goes through the dataset machinery,
+    # ~0.5 ms more per file (measured), which adds up over one small file per cluster.
     with out.open_input(rel) as f:
-        return pq.read_table(f, columns=columns)
+        return pq.ParquetFile(f).read(columns=columns)
 
 
 def row_count(out: Storage, rel: str) -> int:

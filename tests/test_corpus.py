@@ -117,15 +117,20 @@ def assert_equals_batch(corpus: str, folders: dict):
     for name in names:
         drop = out.child(layout.drop_dir(name))
         assert np.array_equal(np.load(drop.path(layout.CENTROIDS)), centroids)
-        for rel in drop.list_files(layout.PRUNING_TABLES):
-            k = layout.cluster_of_pruning_table(rel.rsplit("/", 1)[-1])
-            table = pq.read_table(drop.path(rel))
-            max_drop = pq.read_table(drop.path(layout.max_drop_table(k)))
+        owners = pq.read_table(drop.path(layout.MAX_DROP_TABLE))
+        clusters = sorted(layout.cluster_of_pruning_table(rel.rsplit("/", 1)[-1])
+                          for rel in drop.list_files(layout.PRUNING_TABLES))
+        assert owners.column("cluster").to_pylist() == [
+            k for k in clusters for _ in range(len(ref[(name, k)][0]))]
+        at = 0
+        for k in clusters:
+            table = pq.read_table(drop.path(layout.pruning_table(k)))
             ids, max_id, owner, score = ref[(name, k)]
             assert table.column("id").to_pylist() == ids
             assert table.column("max_id").to_pylist() == max_id
-            assert max_drop.column("id").to_pylist() == ids
-            assert max_drop.column("max_drop").to_pylist() == owner
+            assert owners.column("id").to_pylist()[at:at + len(ids)] == ids
+            assert owners.column("max_drop").to_pylist()[at:at + len(ids)] == owner
+            at += len(ids)
             got = table.column("cosine_sim_score").to_numpy()
             assert got.tobytes() == score.tobytes()  # bit for bit
             np.testing.assert_allclose(got, brute[(name, k)], atol=1e-5)
@@ -197,7 +202,7 @@ def test_redelivered_drop_is_removed_whole(drops, tmp_path):
         part_ids = pq.read_table(os.path.join(corpus, "drops", "d3",
                                               layout.unique_ids_dir(eps))).column("id")
         assert sorted(part_ids.to_pylist()) == sorted(read_drop_input(drops["d3"])[0].to_pylist())
-    owners = pq.read_table(os.path.join(corpus, "drops", "d3", layout.MAX_DROP_TABLES))
+    owners = pq.read_table(os.path.join(corpus, "drops", "d3", layout.MAX_DROP_TABLE))
     assert set(owners.column("max_drop").to_pylist()) == {"d0"}
     assert_equals_batch(corpus, drops)
 
