@@ -108,7 +108,6 @@ class OutputLock:
     def __init__(self, out: Storage, owner: str, pid: int | None, lease_s: float):
         self.out, self.owner, self.pid, self.lease_s = out, owner, pid, lease_s
         self.started = _now_text()
-        self.started_at = time.time()
         self._version: str | None = None
         self._mutex = threading.Lock()
         self._stop = threading.Event()

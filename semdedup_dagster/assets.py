@@ -55,7 +55,7 @@ DAGSTER_LEASE_S = 300.0
 
 
 def run_owner(context) -> str:
-    return context.run.root_run_id or context.run_id
+    return context.run.root_run_id or context.run.run_id
 
 
 @contextlib.contextmanager
