@@ -32,6 +32,8 @@ def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] =
         elif name == "eps_to_extract":
             kwargs.update(type=float, nargs="+", action="extend", metavar="EPS")
             default = " (default: 0.01; several allowed)"
+        elif ann is bool:
+            kwargs.update(action="store_const", const=True)
         elif ann is int:
             kwargs["type"] = int
         elif ann is float:
@@ -139,6 +141,13 @@ def format_report(report) -> str:
         pct = 100.0 * row["removed"] / row["total"] if row["total"] else 0.0
         lines.append(f"{eps_text(eps):>8} {row['total']:>12,} {row['kept']:>12,} "
                      f"{row['removed']:>12,} {pct:>9.2f}%")
+    if report.audit:
+        lines += ["", "audit: near-duplicate pairs left among kept clips (estimated from a sample "
+                      "of kept clips; extraction/audit.json)",
+                  f"{'eps':>8} {'sampled':>9} {'estimate':>10} {'95% interval':>22}"]
+        for a in report.audit:
+            lines.append(f"{eps_text(a.eps):>8} {a.sampled:>9,} {a.estimated_pairs:>10,.0f} "
+                         f"{f'[{a.low:,.0f}, {a.high:,.0f}]':>22}")
     lines += ["", f"{'phase':<12} {'seconds':>9} {'GFLOP/s':>9}"]
     for name, secs in report.timer.seconds.items():
         g = report.timer.gflops(name)

@@ -52,6 +52,18 @@ class DedupConfig(BaseModel):
         description="Seed for K-means and the random ranking, in [0, 2**32) (a 32-bit seed, "
                     "as cuML and numpy's generators take).")
 
+    # Extensions (SPEC.md "Extensions beyond the seed"; off by default, layout unchanged).
+    cross_cluster: bool = Field(
+        default=False,
+        description="Also remove a clip when a clip of another cluster that comes earlier in "
+                    "the global order is within eps of it (writes "
+                    "extraction/semdedup_cross_cluster_tables).")
+    cross_cluster_max_probes: int = Field(
+        default=3, ge=0,
+        description="With cross_cluster: how many neighbouring clusters each clip is compared "
+                    "with, nearest bisector first (0: every cluster that the distance bound "
+                    "cannot rule out, i.e. exact, and slow).")
+
     # Engine settings (documented in the README; not in SPEC's table).
     backend: Literal["auto", "cpu", "gpu"] = Field(
         default="auto", description="Compute backend: auto picks the GPU when CuPy runs a kernel "

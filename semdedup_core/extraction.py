@@ -7,6 +7,7 @@ import pyarrow.compute as pc
 from semdedup_core import layout, run_record
 from semdedup_core.config import eps_text
 from semdedup_core.errors import InputError
+from semdedup_core.cross_cluster import read_cross_table
 from semdedup_core.parquet import read_table, row_count, write_table
 from semdedup_core.storage import Storage
 from semdedup_core.threads import LATENCY_BOUND_THREADS, host_threads, ordered_map
@@ -17,11 +18,20 @@ def removed_mask(score: np.ndarray, eps: float) -> np.ndarray:
     return np.asarray(score, dtype=np.float64) >= 1.0 - eps
 
 
+def removed_rows(pruning: pa.Table, cross: pa.Table | None, eps: float) -> np.ndarray:
+    """Whether each clip (rank order) is removed at eps: its pruning score, or with
+    cross_cluster its cross-cluster score (same rows, same order), is >= 1 - eps."""
+    removed = removed_mask(pruning.column(layout.SCORE).to_numpy(), eps)
+    if cross is not None:
+        removed |= removed_mask(cross.column(layout.SCORE).to_numpy(), eps)
+    return removed
+
+
 def removed_table(pruning: pa.Table, cosine_dist: np.ndarray, cluster: int,
-                  eps: float) -> pa.Table:
+                  eps: float, cross: pa.Table | None = None) -> pa.Table:
     """`id, cosine_dist_to_cent, cluster` of the removed clips, in rank order.
     `cosine_dist` is aligned with the pruning table's rows."""
-    keep_rows = np.flatnonzero(removed_mask(pruning.column(layout.SCORE).to_numpy(), eps))
+    keep_rows = np.flatnonzero(removed_rows(pruning, cross, eps))
     rows = pa.array(keep_rows, type=pa.int64())
     return pa.table({
         layout.ID: pruning.column(layout.ID).take(rows),
@@ -31,12 +41,12 @@ def removed_table(pruning: pa.Table, cosine_dist: np.ndarray, cluster: int,
 
 
 def write_removed(out: Storage, pruning: pa.Table, cosine_dist: np.ndarray, cluster: int,
-                  eps_list: list[float]) -> dict[float, int]:
+                  eps_list: list[float], cross: pa.Table | None = None) -> dict[float, int]:
     """Write `unique_ids_<eps>.parquet/part.<cluster>.parquet` for each eps (zero rows when
     nothing is removed). Returns removed counts per eps."""
     counts = {}
     for eps in eps_list:
-        table = removed_table(pruning, cosine_dist, cluster, eps)
+        table = removed_table(pruning, cosine_dist, cluster, eps, cross)
         write_table(out, layout.unique_ids_part(eps, cluster), table)
         counts[eps] = table.num_rows
     return counts
@@ -46,6 +56,10 @@ def extract_from_tables(out: Storage, cluster: int, eps_list: list[float]) -> di
     """Write one cluster's `unique_ids_<eps>` parts from its pruning table and shard on storage
     (no embeddings read, no ranking redone: the shard only supplies cosine_dist_to_cent)."""
     pruning = read_table(out, layout.pruning_table(cluster))
+    cross = read_cross_table(out, cluster)
+    if cross is not None and not cross.column(layout.ID).equals(pruning.column(layout.ID)):
+        raise InputError(f"{out.display(layout.cross_table(cluster))} does not list the clips of "
+                         f"{out.display(layout.pruning_table(cluster))} in its order; re-run")
     shard = pa.concat_tables(
         read_table(out, f, columns=[layout.ID, layout.COSINE_DIST])
         for f in out.list_files(layout.shard_dir(cluster)))
@@ -55,7 +69,7 @@ def extract_from_tables(out: Storage, cluster: int, eps_list: list[float]) -> di
         raise InputError(f"{out.display(layout.pruning_table(cluster))} lists ids missing from the "
                          f"shard of cluster {cluster}; re-materialise its pruning table")
     cosine = shard.column(layout.COSINE_DIST).combine_chunks().take(where).to_numpy()
-    return write_removed(out, pruning, cosine, cluster, eps_list)
+    return write_removed(out, pruning, cosine, cluster, eps_list, cross)
 
 
 def pruned_clusters(out: Storage) -> list[int]:

@@ -10,6 +10,9 @@ CENTROIDS = f"{CLUSTERING}/kmeans_centroids.npy"
 SHARDS = f"{CLUSTERING}/embs_by_nearest_center"
 EXTRACTION = "extraction"
 PRUNING_TABLES = f"{EXTRACTION}/semdedup_pruning_tables"
+CROSS_TABLES = f"{EXTRACTION}/semdedup_cross_cluster_tables"  # only with cross_cluster
+AUDIT = f"{EXTRACTION}/audit.json"  # the kept-pairs audit of the last run or sweep
+
 # Beside the layout (names starting with `_`, which dataset readers skip): semdedup_core/run_record.py
 RUN_LOCK = "_semdedup.lock"  # who is writing the folder now
 RUN_RECORD = "_semdedup_run.json"  # written last: the folder holds one finished run
@@ -23,7 +26,8 @@ def output_root_of(uri: str) -> str:
     return uri
 
 # Columns. Shards: ID, EMBEDDING, L2_DIST, COSINE_DIST. Pruning tables: ID, MAX_ID, SCORE.
-# unique_ids parts: ID, COSINE_DIST, CLUSTER. Summaries: SUMMARY_COLUMNS.
+# Cross-cluster tables: ID, MAX_ID, MAX_CLUSTER, SCORE. unique_ids parts: ID, COSINE_DIST,
+# CLUSTER. Summaries: SUMMARY_COLUMNS.
 ID = "id"
 EMBEDDING = "embedding"
 L2_DIST = "l2_dist_to_cent"
@@ -31,6 +35,7 @@ COSINE_DIST = "cosine_dist_to_cent"
 MAX_ID = "max_id"
 SCORE = "cosine_sim_score"
 CLUSTER = "cluster"
+MAX_CLUSTER = "max_cluster"
 SUMMARY_COLUMNS = ("eps", "kept", "removed", "total")
 
 
@@ -44,6 +49,10 @@ def shard_file(cluster: int, sha: str) -> str:
 
 def pruning_table(cluster: int) -> str:
     return f"{PRUNING_TABLES}/cluster_{cluster}.parquet"
+
+
+def cross_table(cluster: int) -> str:
+    return f"{CROSS_TABLES}/cluster_{cluster}.parquet"
 
 
 def unique_ids_dir(eps: float) -> str:

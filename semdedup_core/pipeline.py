@@ -3,9 +3,10 @@
 
     scan+fit  -> clustering_results/kmeans_centroids.npy
     assign    -> clustering_results/embs_by_nearest_center/nearest_cent=<k>/<sha>.parquet
+    cross     -> extraction/semdedup_cross_cluster_tables/cluster_<k>.parquet (cross_cluster only)
     prune(k)  -> extraction/semdedup_pruning_tables/cluster_<k>.parquet
                  extraction/unique_ids_<eps>.parquet/part.<k>.parquet
-    summary   -> extraction/dedup_summary_<eps>.csv
+    summary   -> extraction/dedup_summary_<eps>.csv, extraction/audit.json
 """
 
 import contextlib
@@ -24,11 +25,12 @@ from semdedup_core.backends import Backend, get_backend
 from semdedup_core.config import DedupConfig
 from semdedup_core.embeddings import EmbeddingSource, scan_input
 from semdedup_core.errors import InputError
-from semdedup_core.extraction import summarize, write_removed
-from semdedup_core.shards import assign_to_shards, read_shard, save_centroids
+from semdedup_core.audit import EpsAudit, KeptPairsAudit, audit_rate, write_audit
+from semdedup_core.cross_cluster import cross_cluster_tables, read_cross_table
+from semdedup_core.extraction import removed_rows, summarize, write_removed
+from semdedup_core.shards import RankedShard, assign_to_shards, ranked_shard, save_centroids
 from semdedup_core.pairwise import max_similarity_to_earlier, pairwise_flops
 from semdedup_core.parquet import write_table
-from semdedup_core.ranking import rank_order
 from semdedup_core.storage import S3Options, Storage, open_input_location
 from semdedup_core.threads import host_threads, ordered_map
 
@@ -153,35 +155,8 @@ class ClusterResult:
     flops: int
     max_score: float
     pruning: pa.Table  # as written, so callers (Dagster metadata) need not read it back
-
-
-def list_column_to_numpy(col) -> np.ndarray:
-    """A list<float>/fixed_size_list column as float32 (rows, dim)."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    n = len(arr)
-    values = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    return values.reshape(n, len(values) // n if n else 0)
-
-
-@dataclass
-class RankedShard:
-    cluster: int
-    ids: pa.Array  # in rank order
-    emb: np.ndarray  # unit float32 (n, d), rank order
-    cosine_dist: np.ndarray  # float32 (n,), rank order
-
-
-def ranked_shard(cfg: DedupConfig, out: Storage, cluster: int) -> RankedShard | None:
-    """One cluster's shard in rank order; None when the cluster has no shard."""
-    shard = read_shard(out, cluster)
-    if shard is None:
-        return None
-    ids = shard.column(layout.ID).combine_chunks()
-    cos = shard.column(layout.COSINE_DIST).to_numpy()
-    order = rank_order(ids, shard.column(layout.L2_DIST).to_numpy(), cos, cfg.sim_metric,
-                       cfg.which_to_keep, cfg.random_state, cluster)
-    emb = list_column_to_numpy(shard.column(layout.EMBEDDING))[order]
-    return RankedShard(cluster, ids.take(pa.array(order)), emb, cos[order])
+    cross: pa.Table | None = None  # the cluster's cross-cluster table (cross_cluster only)
+    emb: np.ndarray | None = None  # unit rows in rank order, for the audit
 
 
 @dataclass
@@ -210,11 +185,12 @@ def write_cluster_outputs(cfg: DedupConfig, out: Storage, scored: ScoredShard,
     pruning = pa.table({layout.ID: ranked.ids, layout.MAX_ID: ranked.ids.take(pa.array(scored.match)),
                         layout.SCORE: pa.array(scored.score, type=pa.float32())})
     write_table(out, layout.pruning_table(ranked.cluster), pruning)
+    cross = read_cross_table(out, ranked.cluster) if cfg.cross_cluster else None
     removed = write_removed(out, pruning, ranked.cosine_dist, ranked.cluster,
-                            cfg.eps_to_extract) if extract else {}
+                            cfg.eps_to_extract, cross) if extract else {}
     n = len(ranked.ids)
     return ClusterResult(ranked.cluster, n, removed, scored.flops,
-                         float(scored.score.max()) if n else 0.0, pruning)
+                         float(scored.score.max()) if n else 0.0, pruning, cross, ranked.emb)
 
 
 def prune_clusters(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Backend,
@@ -240,10 +216,32 @@ def prune_cluster(cfg: DedupConfig, out: Storage, cluster: int, backend: Backend
         return next(results)
 
 
+def cross_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Backend,
+              timer: PhaseTimer | None = None, show_progress: bool = False) -> None:
+    """With cross_cluster, write every cluster's cross table (without it, those of an earlier
+    run are removed with the other leftovers at the end: `run_record.remove_leftovers`)."""
+    if not cfg.cross_cluster:
+        return
+    timer = timer or PhaseTimer()
+    flops = 0
+    with timer.phase("cross"), _bar(len(clusters), "cross-cluster", "cluster",
+                                    show_progress) as bar:
+        for result in cross_cluster_tables(cfg, out, clusters, backend):
+            flops += result.flops
+            bar.update(1)
+    timer.flops["cross"] = float(flops)
+
+
+def cluster_removed(cfg: DedupConfig, result: ClusterResult) -> dict[float, np.ndarray]:
+    """Which clips (rank order) each eps removes: pruning score or cross score >= 1 - eps."""
+    return {e: removed_rows(result.pruning, result.cross, e) for e in cfg.eps_to_extract}
+
+
 def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Backend,
-              timer: PhaseTimer | None = None, show_progress: bool = False) -> dict[float, int]:
-    """Prune and extract every cluster (results are not kept: memory stays at a few clusters).
-    Returns the clips removed per eps."""
+              timer: PhaseTimer | None = None, show_progress: bool = False,
+              audit: KeptPairsAudit | None = None) -> dict[float, int]:
+    """Prune and extract every cluster (results are not kept: memory stays at a few clusters),
+    feeding each to `audit` in cluster order. Returns the clips removed per eps."""
     timer = timer or PhaseTimer()
     flops = 0
     removed = dict.fromkeys(cfg.eps_to_extract, 0)
@@ -253,9 +251,20 @@ def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Back
                 flops += result.flops
                 for eps, n in result.removed.items():
                     removed[eps] += n
+                if audit is not None:
+                    with timer.phase("audit"):
+                        audit.add_cluster(result.cluster, result.emb, cluster_removed(cfg, result))
             bar.update(1)
+    timer.seconds["prune"] -= timer.seconds.get("audit", 0.0)  # counted once, as audit
     timer.flops["prune"] = float(flops)
     return removed
+
+
+def run_audit(cfg: DedupConfig, backend: Backend, n_rows: int, dim: int,
+              run_flops: float) -> KeptPairsAudit:
+    """The audit for a run whose own GEMM work is `run_flops`."""
+    return KeptPairsAudit(backend, cfg.eps_to_extract, audit_rate(n_rows, dim, run_flops),
+                          cfg.random_state)
 
 
 # -- all stages ----------------------------------------------------------------------------------
@@ -271,6 +280,7 @@ class RunReport:
     cluster_sizes: np.ndarray
     summary: dict[float, dict]
     timer: PhaseTimer
+    audit: list[EpsAudit] = field(default_factory=list)
 
 
 def run_pipeline(cfg: DedupConfig, show_progress: bool = False,
@@ -290,11 +300,15 @@ def run_pipeline(cfg: DedupConfig, show_progress: bool = False,
                 save_centroids(out, fit.centroids)
             sizes = assign(cfg, source, fit.centroids, out, backend, timer, show_progress)
         clusters = [int(c) for c in np.flatnonzero(sizes)]
-        removed = prune_all(cfg, out, clusters, backend, timer, show_progress)
+        cross_all(cfg, out, clusters, backend, timer, show_progress)
+        audit = run_audit(cfg, backend, sizes, fit.dim)
+        removed = prune_all(cfg, out, clusters, backend, timer, show_progress, audit)
         with timer.phase("summary"):
             summary = summarize(out, cfg.eps_to_extract, clusters, int(sizes.sum()), removed)
+            audited = audit.result()
+            write_audit(out, audit.rate, cfg.random_state, cfg.cross_cluster, audited)
             run_record.remove_leftovers(out, cfg, clusters)
             run_record.write_record(out, lock, cfg,
                                     run_record.counts(fit.n_rows, fit.dim, clusters, summary))
     return RunReport(out.display(), backend.name, fit.n_rows, fit.dim, cfg.n_clusters,
-                     fit.iterations, fit.sample_rows, sizes, summary, timer)
+                     fit.iterations, fit.sample_rows, sizes, summary, timer, audited)

@@ -288,6 +288,9 @@ def remove_leftovers(out: Storage, cfg: DedupConfig, clusters: list[int],
     wanted |= {layout.pruning_table(c) for c in clusters}
     wanted |= {layout.unique_ids_part(e, c) for e in eps for c in clusters}
     wanted |= {layout.summary_csv(e) for e in eps}
+    wanted.add(layout.AUDIT)
+    if cfg.cross_cluster:  # without it, cross tables of an earlier run go (sweep would use them)
+        wanted |= {layout.cross_table(c) for c in clusters}
     shard_dirs = {layout.shard_dir(c) for c in clusters}
     gone = []
     for rel in out.list_files():

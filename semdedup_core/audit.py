@@ -1,0 +1,140 @@
+"""The audit, on every run: how many near-duplicate pairs are still left among the KEPT clips,
+estimated from a seeded sample of kept clips checked exactly against all kept clips.
+
+Clusters are visited in ascending order, clips in rank order. Each clip kept at the smallest
+eps (the largest kept set) joins the sample with probability `rate`, drawn from a generator
+seeded with (random_state, AUDIT_STREAM, cluster). A sampled clip u counts c_u, the clips v
+visited after it with u.v >= 1 - eps, u and v both kept at that eps. Every kept pair is counted
+once, by its first member, so T / rate, with T the sum of c_u over the sample, estimates the
+pairs left without bias (Horvitz-Thompson). The 95% interval is the wider of a normal interval
+on that estimator's variance, (1 - rate) / rate^2 * sum c_u^2, and an exact Poisson (Garwood)
+interval on T scaled by 1 / rate, which stays honest when the sample finds few or no pairs.
+With rate 1 (small runs) every kept clip is checked and the count is exact.
+
+Cost: the sample is sized (`audit_rate`) so that its GEMMs, sample x kept clips, are at most
+AUDIT_FLOP_SHARE of the run's own GEMM work, and the pipeline feeds it the clusters it already
+holds in memory during pruning, so it reads nothing more.
+"""
+
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.stats import chi2
+
+from semdedup_core import layout
+from semdedup_core.backends.base import Backend
+from semdedup_core.config import eps_text
+
+AUDIT_FLOP_SHARE = 0.02
+AUDIT_MIN_SAMPLE = 200  # below this the interval says little; tiny runs afford it
+AUDIT_STREAM = 0xA0D17  # keeps the sample's draws apart from the random ranking's
+AUDIT_TILE = 4096  # kept clips per GEMM: (sample x tile) float32 scratch
+
+
+def audit_rate(n_clips: int, dim: int, run_flops: float) -> float:
+    """The sampling rate: a sampled clip meets half of the clips on average, so a sample of m
+    costs m x clips x dim FLOPs; that is kept within AUDIT_FLOP_SHARE of `run_flops`."""
+    if n_clips == 0:
+        return 1.0
+    sample = max(AUDIT_MIN_SAMPLE, AUDIT_FLOP_SHARE * run_flops / (n_clips * dim))
+    return min(1.0, sample / n_clips)
+
+
+@dataclass
+class EpsAudit:
+    eps: float
+    kept: int
+    sampled: int  # sampled clips kept at this eps
+    pairs_in_sample: int  # T
+    estimated_pairs: float
+    low: float
+    high: float
+
+
+class KeptPairsAudit:
+    """Feed clusters in ascending order (`add_cluster`), then read `result`."""
+
+    def __init__(self, backend: Backend, eps_list: list[float], rate: float, seed: int):
+        self.backend = backend
+        self.eps = sorted(eps_list)
+        self.rate = rate
+        self.seed = seed
+        self.kept = np.zeros(len(self.eps), np.int64)
+        self._sample = None  # backend (m, d) float32
+        self._sample_kept = np.zeros((0, len(self.eps)), bool)
+        self._counts = np.zeros((0, len(self.eps)), np.int64)
+
+    def add_cluster(self, cluster: int, emb: np.ndarray, removed: dict[float, np.ndarray]) -> None:
+        """`emb`: the cluster's unit rows in rank order; `removed[eps]`: which are removed."""
+        xp = self.backend.xp
+        kept = np.stack([~removed[e] for e in self.eps], axis=1)  # (n, n_eps)
+        self.kept += kept.sum(axis=0)
+        rows = np.flatnonzero(kept[:, 0])
+        kept = kept[rows]
+        if not len(rows):
+            return
+        vecs = emb[rows]
+        draw = np.random.default_rng([self.seed, AUDIT_STREAM, cluster]).random(len(rows))
+        picked = np.flatnonzero(draw < self.rate)
+        if self._sample is not None:
+            self._counts += self._count(self._sample, vecs, kept, None)
+        if len(picked):
+            mine = self.backend.asarray(vecs[picked])
+            counts = self._count(mine, vecs, kept, picked)
+            self._sample = mine if self._sample is None else xp.concatenate([self._sample, mine])
+            self._sample_kept = np.concatenate([self._sample_kept, kept[picked]])
+            self._counts = np.concatenate([self._counts, counts])
+
+    def _count(self, sample, vecs: np.ndarray, kept: np.ndarray, after) -> np.ndarray:
+        """(m, n_eps): per sampled clip, the kept clips of `vecs` within each eps; with `after`
+        (the sample's own positions in `vecs`) only those after it."""
+        xp = self.backend.xp
+        counts = xp.zeros((sample.shape[0], len(self.eps)), dtype=xp.int64)
+        for s in range(0, len(vecs), AUDIT_TILE):
+            sims = sample @ self.backend.asarray(vecs[s:s + AUDIT_TILE]).T
+            if after is not None:
+                cols = xp.arange(s, s + sims.shape[1])
+                sims = xp.where(cols[None, :] > self.backend.asarray(after)[:, None], sims, -1)
+            for j, eps in enumerate(self.eps):
+                hit = (sims >= np.float32(1 - eps)) & self.backend.asarray(kept[s:s + AUDIT_TILE, j])[None, :]
+                counts[:, j] += hit.sum(axis=1)
+        return self.backend.to_numpy(counts).astype(np.int64)
+
+    def result(self) -> list[EpsAudit]:
+        rows = []
+        for j, eps in enumerate(self.eps):
+            mine = self._sample_kept[:, j]
+            c = self._counts[mine, j]
+            t = int(c.sum())
+            if self.rate >= 1:
+                low = high = est = float(t)
+            else:
+                est = t / self.rate
+                half = 1.96 * float(np.sqrt((1 - self.rate) * float((c.astype(float) ** 2).sum()))) \
+                    / self.rate
+                p_low = chi2.ppf(0.025, 2 * t) / 2 if t else 0.0
+                p_high = chi2.ppf(0.975, 2 * t + 2) / 2
+                low = max(0.0, min(est - half, p_low / self.rate))
+                high = max(est + half, p_high / self.rate)
+            rows.append(EpsAudit(eps, int(self.kept[j]), int(mine.sum()), t, est, low, high))
+        return rows
+
+
+def audit_json(rate: float, seed: int, cross_cluster: bool, rows: list[EpsAudit]) -> bytes:
+    doc = {"what": "near-duplicate pairs (cosine >= 1 - eps) with both clips kept, estimated "
+                   "from a seeded sample of kept clips checked against all kept clips",
+           "sample_rate": rate, "seed": seed, "cross_cluster": cross_cluster,
+           "eps": {eps_text(r.eps): asdict(r) for r in rows}}
+    return (json.dumps(doc, indent=2) + "\n").encode()
+
+
+def write_audit(out, rate: float, seed: int, cross_cluster: bool, rows: list[EpsAudit]) -> None:
+    out.write_bytes(layout.AUDIT, audit_json(rate, seed, cross_cluster, rows))
+
+
+def read_audit(out) -> dict | None:
+    """The audit file of an output, or None when it has none (outputs from before the audit)."""
+    if not out.exists(layout.AUDIT):
+        return None
+    return json.loads(out.read_bytes(layout.AUDIT))

@@ -1,0 +1,168 @@
+"""Cross-cluster duplicates against a brute-force global reference (real and synthetic clips,
+duplicates straddling cluster boundaries), the cross tables' schema and order, sweep and
+inspect on such an output, and the audit's interval against the true residual."""
+
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from semdedup_core import layout
+from semdedup_core.backends import CpuBackend
+from semdedup_core.config import make_config
+from semdedup_core.embeddings import normalize
+from semdedup_core.kmeans import lloyd
+from semdedup_core.pipeline import run_pipeline
+from semdedup_core.ranking import rank_order
+from semdedup_core.storage import Storage
+
+REAL = "/work/shared/data/pypi_minilm_embd_parquet/part-00000.parquet"
+
+
+def write_clips(folder, ids, emb):
+    folder.mkdir(parents=True, exist_ok=True)
+    n, d = emb.shape
+    offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
+    table = pa.table({"id": pa.array(ids),
+                      "embedding": pa.ListArray.from_arrays(offsets, pa.array(emb.reshape(-1)))})
+    pq.write_table(table, folder / "part-0.parquet")
+    return folder
+
+
+def near_copies(rng, emb, count, low=0.95, high=0.99, toward=None):
+    """Copies of `count` rows at cosine low..high in random directions. With `toward`
+    (centroids of the clips), the copied rows are those nearest a cluster boundary and the
+    direction leans toward the second-nearest centroid, so that copies straddle boundaries
+    (real text vectors in 384-d seldom do so by chance at test sizes)."""
+    noise = rng.standard_normal((len(emb), emb.shape[1])) / np.sqrt(emb.shape[1])
+    if toward is None:
+        src = rng.choice(len(emb), count, replace=False)
+        u = noise[src]
+    else:
+        d2 = ((emb[:, None, :] - toward[None]) ** 2).sum(-1)
+        near2 = np.argsort(d2, axis=1)[:, :2]
+        margin = np.diff(np.take_along_axis(d2, near2, axis=1), axis=1)[:, 0]
+        src = np.argsort(margin, kind="stable")[:count]
+        u = toward[near2[src, 1]] - toward[near2[src, 0]]
+        u = u / np.linalg.norm(u, axis=1, keepdims=True) + 0.5 * noise[src]
+    cos = rng.uniform(low, high, count)
+    u -= (u * emb[src]).sum(1, keepdims=True) * emb[src]
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    return normalize((emb[src] * cos[:, None] + u * np.sqrt(1 - cos**2)[:, None])
+                     .astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def real_clips(tmp_path_factory):
+    """1,500 real MiniLM vectors (a seeded subset) and 500 near-copies of them, made to
+    straddle cluster boundaries."""
+    rng = np.random.default_rng(12)
+    table = pq.read_table(REAL)
+    rows = np.sort(rng.choice(table.num_rows, 1500, replace=False))
+    table = table.take(pa.array(rows))
+    emb = normalize(np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+                    .astype(np.float32))
+    ids = table.column("id").to_pylist()
+    centroids, _ = lloyd(CpuBackend(), emb, 12, 100, 1e-4, 0)
+    copies = near_copies(rng, emb, 500, 0.95, 0.995, toward=centroids)
+    ids += [f"copy:{i}" for i in range(len(copies))]
+    return write_clips(tmp_path_factory.mktemp("real") / "clips", ids,
+                       np.concatenate([emb, copies]))
+
+
+@pytest.fixture(scope="module")
+def synthetic_clips(tmp_path_factory):
+    """1,200 random 32-d clips and 600 near-copies (cosine 0.95-0.995)."""
+    rng = np.random.default_rng(4)
+    emb = normalize(rng.standard_normal((1200, 32)).astype(np.float32))
+    copies = near_copies(rng, emb, 600, 0.95, 0.995)
+    ids = [f"s{i:05d}" for i in range(1800)]
+    return write_clips(tmp_path_factory.mktemp("syn") / "clips", ids,
+                       np.concatenate([emb, copies]))
+
+
+def load_output(out_dir, cfg):
+    """Every clip of an output: ids, unit rows, cluster, and its global-order position,
+    computed here from the shards by the rule in the README (not by the engine's code)."""
+    out = Storage(str(out_dir))
+    ids, embs, clusters, keys = [], [], [], []
+    for name in out.list_dirs(layout.SHARDS):
+        c = layout.cluster_of_shard_dir(name)
+        shard = pa.concat_tables(pq.read_table(out.path(f)) for f in
+                                 out.list_files(layout.shard_dir(c)))
+        cid = shard.column("id").combine_chunks()
+        cos = shard.column("cosine_dist_to_cent").to_numpy()
+        l2 = shard.column("l2_dist_to_cent").to_numpy()
+        order = rank_order(cid, l2, cos, cfg.sim_metric, cfg.which_to_keep, cfg.random_state, c)
+        dist = (cos if cfg.sim_metric == "cosine" else l2)
+        for rank, row in enumerate(order):
+            i = cid[int(row)].as_py()
+            if cfg.which_to_keep == "random":
+                keys.append(((rank + 0.5) / len(order), c))
+            else:
+                keys.append((float(dist[row]), i))
+            ids.append(i)
+            clusters.append(c)
+        embs.append(np.stack(shard.column("embedding").to_numpy(zero_copy_only=False))[order])
+    n = len(ids)
+    position = np.empty(n, np.int64)
+    reverse = cfg.which_to_keep == "hard"
+    position[sorted(range(n), key=lambda j: keys[j], reverse=reverse)] = np.arange(n)
+    return ids, np.concatenate(embs).astype(np.float64), np.array(clusters), position
+
+
+def removed_ids(out_dir, eps):
+    folder = out_dir / "extraction" / f"unique_ids_{eps}.parquet"
+    return set(pq.read_table(folder).column("id").to_pylist())
+
+
+def reference(ids, emb, clusters, position):
+    """Brute force, in float64: per clip, the best similarity to an earlier clip of another
+    cluster (cross) and to any earlier clip (the exact global rule's score)."""
+    sims = emb @ emb.T
+    earlier = position[:, None] < position[None, :]  # [i, j]: i comes before j
+    cross = np.where(earlier & (clusters[:, None] != clusters[None, :]), sims, -np.inf).max(0)
+    best = np.where(earlier, sims, -np.inf).max(0)
+    return np.clip(cross, 0, 1), np.clip(best, 0, 1), sims
+
+
+def on_threshold(values, eps, tol=2e-5):
+    """Scores so close to 1 - eps that float32 rounding may decide either way."""
+    return np.abs(np.asarray(values) - (1 - eps)) < tol
+
+
+@pytest.mark.parametrize("which", ["hard", "easy", "random"])
+@pytest.mark.parametrize("data", ["real_clips", "synthetic_clips"])
+def test_exact_search_equals_the_global_rule(which, data, request, tmp_path):
+    folder = request.getfixturevalue(data)
+    eps_list = [0.01, 0.05]
+    cfg = make_config(input_embeddings_path=str(folder), output_path=str(tmp_path / "out"),
+                      n_clusters=12, eps_to_extract=eps_list, which_to_keep=which,
+                      cross_cluster=True, cross_cluster_max_probes=0, backend="cpu")
+    report = run_pipeline(cfg)
+    ids, emb, clusters, position = load_output(tmp_path / "out", cfg)
+    cross, best, sims = reference(ids, emb, clusters, position)
+    got = {}
+    for c in np.unique(clusters):
+        got.update(zip(*(pq.read_table(tmp_path / "out" / layout.cross_table(int(c)))
+                         .column(k).to_pylist() for k in ("id", "cosine_sim_score"))))
+    scores = np.array([got[i] for i in ids])
+    # Exact wherever a clip could be removed (>= 1 - the largest eps); below that the bound
+    # rules clusters out, so a score is the best among the clips searched.
+    high = cross >= 1 - max(eps_list) - 1e-3
+    np.testing.assert_allclose(scores[high], cross[high], atol=2e-5)
+    assert (scores <= cross + 2e-5).all()
+    straddling = (sims >= 0.95) & (clusters[:, None] != clusters[None, :])
+    assert straddling.sum() // 2 > 20  # duplicates do straddle the boundaries here
+    for e in eps_list:
+        out_removed = removed_ids(tmp_path / "out", e)
+        exact = {ids[j] for j in np.flatnonzero(best >= 1 - e)}
+        assert exact  # something to remove
+        index = {i: j for j, i in enumerate(ids)}
+        assert all(on_threshold(best[index[i]], e) for i in out_removed ^ exact)
+        assert report.summary[e]["removed"] == len(out_removed)
+        kept = np.array([i not in out_removed for i in ids])
+        pair = (sims >= 1 - e) & kept[:, None] & kept[None, :]
+        np.fill_diagonal(pair, False)
+        assert on_threshold(sims[pair], e).all()  # no kept pair within eps
