@@ -1,14 +1,15 @@
 """The audit, on every run: how many near-duplicate pairs are still left among the KEPT clips,
 estimated from a seeded sample of kept clips checked exactly against all kept clips.
 
-Clusters are visited in ascending order, clips in rank order. Each clip kept at the smallest
-eps (the largest kept set) joins the sample with probability `rate`, drawn from a generator
-seeded with (random_state, AUDIT_STREAM, cluster). A sampled clip u counts c_u, the clips v
-visited after it with u.v >= 1 - eps, u and v both kept at that eps. Every kept pair is counted
-once, by its first member, so T / rate, with T the sum of c_u over the sample, estimates the
-pairs left without bias (Horvitz-Thompson). The 95% interval is the wider of a normal interval
-on that estimator's variance, (1 - rate) / rate^2 * sum c_u^2, and an exact Poisson (Garwood)
-interval on T scaled by 1 / rate, which stays honest when the sample finds few or no pairs.
+Clusters are visited in ascending order, clips in rank order. Each clip is drawn into the
+sample with probability `rate` by a generator seeded with (random_state, AUDIT_STREAM,
+cluster), so the draw does not depend on eps; the drawn clips that are kept are checked. A
+sampled clip u counts c_u, the clips v visited after it with u.v >= 1 - eps, u and v both kept
+at that eps. Every kept pair is counted once, by its first member, so T / rate, with T the sum
+of c_u over the sample, estimates the pairs left without bias (Horvitz-Thompson). The 95%
+interval is the wider of a normal interval on that estimator's variance,
+(1 - rate) / rate^2 * sum c_u^2, and an exact Poisson (Garwood) interval on T scaled by
+1 / rate, which stays honest when the sample finds few or no pairs.
 With rate 1 (small runs) every kept clip is checked and the count is exact.
 
 Cost: the sample is sized (`audit_rate`) so that its GEMMs, sample x kept clips, are at most
@@ -70,13 +71,14 @@ class KeptPairsAudit:
         xp = self.backend.xp
         kept = np.stack([~removed[e] for e in self.eps], axis=1)  # (n, n_eps)
         self.kept += kept.sum(axis=0)
-        rows = np.flatnonzero(kept[:, 0])
-        kept = kept[rows]
+        drawn = np.random.default_rng([self.seed, AUDIT_STREAM, cluster]).random(len(kept)) \
+            < self.rate
+        rows = np.flatnonzero(kept[:, 0])  # kept at the smallest eps: kept at any
+        kept, drawn = kept[rows], drawn[rows]
         if not len(rows):
             return
         vecs = emb[rows]
-        draw = np.random.default_rng([self.seed, AUDIT_STREAM, cluster]).random(len(rows))
-        picked = np.flatnonzero(draw < self.rate)
+        picked = np.flatnonzero(drawn)
         if self._sample is not None:
             self._counts += self._count(self._sample, vecs, kept, None)
         if len(picked):

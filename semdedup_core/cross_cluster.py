@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 
 from semdedup_core import layout
 from semdedup_core.backends.base import Backend
-from semdedup_core.config import DedupConfig
+from semdedup_core.config import DedupConfig, eps_text
 from semdedup_core.kmeans import ASSIGN_CHUNK
 from semdedup_core.pairwise import TIE_TOL
 from semdedup_core.parquet import read_table, write_table
@@ -198,18 +198,29 @@ def _resolve_ties(backend: Backend, which_to_keep: str, earlier, tied, cand: Can
     return earlier
 
 
-def cross_table(ranked: RankedShard, cand: Candidates, score: np.ndarray,
-                match: np.ndarray) -> pa.Table:
+SEARCHED_EPS_KEY = b"semdedup.cross_cluster.searched_eps"
+
+
+def cross_table(ranked: RankedShard, cand: Candidates, score: np.ndarray, match: np.ndarray,
+                searched_eps: float) -> pa.Table:
     """`id, max_id, max_cluster, cosine_sim_score` in the cluster's rank order; a clip with no
-    earlier candidate gets score 0, its own id and its own cluster."""
+    earlier candidate gets score 0, its own id and its own cluster. The schema metadata
+    records the eps the search was bounded by (scores at or above 1 - it are exact)."""
     found = match >= 0
     at = pa.array(np.where(found, match, 0))
     max_id = pc.if_else(pa.array(found), cand.ids.take(at) if len(cand.ids) else ranked.ids,
                         ranked.ids)
     max_cluster = np.where(found, cand.source[match] if len(cand.source) else 0, ranked.cluster)
-    return pa.table({layout.ID: ranked.ids, layout.MAX_ID: max_id,
-                     layout.MAX_CLUSTER: pa.array(max_cluster.astype(np.int64)),
-                     layout.SCORE: pa.array(score, type=pa.float32())})
+    table = pa.table({layout.ID: ranked.ids, layout.MAX_ID: max_id,
+                      layout.MAX_CLUSTER: pa.array(max_cluster.astype(np.int64)),
+                      layout.SCORE: pa.array(score, type=pa.float32())})
+    return table.replace_schema_metadata({SEARCHED_EPS_KEY: eps_text(searched_eps).encode()})
+
+
+def searched_eps(table: pa.Table) -> float | None:
+    """The largest eps a cross table's search covered (see `cross_table`)."""
+    meta = table.schema.metadata or {}
+    return float(meta[SEARCHED_EPS_KEY]) if SEARCHED_EPS_KEY in meta else None
 
 
 @dataclass
@@ -261,7 +272,8 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
                 flops = 2 * ranked.emb.shape[1] * sum(
                     int((targets == a).sum()) * int((cand.source == a).sum())
                     for a in np.unique(cand.source).tolist())
-                yield CrossResult(ranked.cluster, cross_table(ranked, cand, score, match),
+                table = cross_table(ranked, cand, score, match, max(cfg.eps_to_extract))
+                yield CrossResult(ranked.cluster, table,
                                   len(cand.ids), flops)
 
         yield from ordered_map(write, scored(), workers)

@@ -1,5 +1,7 @@
 """From pruning tables to removals: per eps, the ids to remove per cluster, and the summary."""
 
+import logging
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -7,10 +9,15 @@ import pyarrow.compute as pc
 from semdedup_core import layout, run_record
 from semdedup_core.config import eps_text
 from semdedup_core.errors import InputError
-from semdedup_core.cross_cluster import read_cross_table
+from semdedup_core.audit import EpsAudit, KeptPairsAudit, read_audit, write_audit
+from semdedup_core.backends import Backend, get_backend
+from semdedup_core.cross_cluster import read_cross_table, searched_eps
 from semdedup_core.parquet import read_table, row_count, write_table
+from semdedup_core.shards import list_column_to_numpy
 from semdedup_core.storage import Storage
 from semdedup_core.threads import LATENCY_BOUND_THREADS, host_threads, ordered_map
+
+log = logging.getLogger(__name__)
 
 
 def removed_mask(score: np.ndarray, eps: float) -> np.ndarray:
@@ -72,6 +79,29 @@ def extract_from_tables(out: Storage, cluster: int, eps_list: list[float]) -> di
     return write_removed(out, pruning, cosine, cluster, eps_list, cross)
 
 
+def audit_output(out: Storage, clusters: list[int], eps_list: list[float], backend: Backend,
+                 rate: float, seed: int, cross_cluster: bool) -> list[EpsAudit]:
+    """The audit as a pass of its own over a finished output's shards and tables (Dagster's
+    summary step, `sweep`), in cluster order; writes `extraction/audit.json`."""
+    audit = KeptPairsAudit(backend, eps_list, rate, seed)
+
+    def load(c: int):
+        pruning = read_table(out, layout.pruning_table(c), [layout.ID, layout.SCORE])
+        cross = read_cross_table(out, c)
+        shard = pa.concat_tables(read_table(out, f, columns=[layout.ID, layout.EMBEDDING])
+                                 for f in out.list_files(layout.shard_dir(c)))
+        where = pc.index_in(pruning.column(layout.ID).combine_chunks(),
+                            value_set=shard.column(layout.ID).combine_chunks())
+        emb = list_column_to_numpy(shard.column(layout.EMBEDDING))[where.to_numpy()]
+        return c, emb, {e: removed_rows(pruning, cross, e) for e in eps_list}
+
+    for c, emb, removed in ordered_map(load, clusters, host_threads()):
+        audit.add_cluster(c, emb, removed)
+    rows = audit.result()
+    write_audit(out, rate, seed, cross_cluster, rows)
+    return rows
+
+
 def pruned_clusters(out: Storage) -> list[int]:
     """The clusters that have a pruning table on storage, ascending."""
     names = (rel.rsplit("/", 1)[-1] for rel in out.list_files(layout.PRUNING_TABLES))
@@ -79,16 +109,25 @@ def pruned_clusters(out: Storage) -> list[int]:
 
 
 def sweep(out: Storage, eps_list: list[float], progress=None, owner: str | None = None,
-          wait: bool = False) -> dict[float, dict]:
-    """New eps from existing pruning tables: writes `unique_ids_<eps>` and the summaries,
-    recomputing nothing else. Only a finished output is swept (it has a completion record,
-    which then lists the swept eps); the folder is held for the sweep like for a run."""
+          wait: bool = False, backend: Backend | None = None) -> dict[float, dict]:
+    """New eps from existing pruning (and cross-cluster) tables: writes `unique_ids_<eps>`, the
+    summaries and the audit, recomputing nothing else. Only a finished output is swept (it has
+    a completion record, which then lists the swept eps); the folder is held for the sweep like
+    for a run."""
     with run_record.take_output(out, owner, wait) as lock:
         run_record.require_complete(out, lock)
         clusters = pruned_clusters(out)
         if not clusters:
             raise InputError(f"{out.display(layout.PRUNING_TABLES)}: no pruning tables; run the "
                              "pipeline first")
+        cross = read_cross_table(out, clusters[0])
+        covered = searched_eps(cross) if cross is not None else None
+        if covered is not None and max(eps_list) > covered:
+            log.warning("%s: the cross-cluster search covered eps up to %s; near-duplicates "
+                        "across clusters between that and eps %s are not searched (re-run with "
+                        "cross_cluster at the larger eps to search them)",
+                        out.display(layout.CROSS_TABLES), eps_text(covered),
+                        eps_text(max(eps_list)))
         removed = dict.fromkeys(eps_list, 0)
         for counts in ordered_map(lambda c: extract_from_tables(out, c, eps_list), clusters,
                                   host_threads()):
@@ -97,6 +136,12 @@ def sweep(out: Storage, eps_list: list[float], progress=None, owner: str | None 
             if progress is not None:
                 progress(1)
         rows = summarize(out, eps_list, clusters, removed_by_eps=removed)
+        # The audit again, for these eps, with the run's sample rate and seed (as a fresh run
+        # with these eps would write it); outputs from before the audit have none to follow.
+        previous = read_audit(out)
+        if previous is not None:
+            audit_output(out, clusters, eps_list, backend or get_backend("auto"),
+                         previous["sample_rate"], previous["seed"], previous["cross_cluster"])
         run_record.add_swept_eps(out, lock, eps_list, rows)
     return rows
 

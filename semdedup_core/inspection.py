@@ -6,6 +6,7 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from semdedup_core import layout
@@ -59,17 +60,40 @@ class ScoreStats:
         return sum(self.sizes.values())
 
 
+def has_cross_tables(out: Storage) -> bool:
+    """Whether the output was made with cross_cluster (it has cross-cluster tables)."""
+    return bool(out.list_files(layout.CROSS_TABLES))
+
+
+def removal_scores(out: Storage, cluster: int, columns: list[str], cross: bool):
+    """A cluster's pruning table (`columns`) and the score that decides its removals: the
+    pruning score or, with cross tables, the larger of it and the cross score (a clip is
+    removed at eps when either is >= 1 - eps). Returns (table, scores, from_cross mask)."""
+    table = read_table(out, layout.pruning_table(cluster), columns)
+    scores = table.column(layout.SCORE).to_numpy()
+    if not cross:
+        return table, scores, np.zeros(len(scores), bool)
+    other = read_table(out, layout.cross_table(cluster), columns)
+    cross_scores = other.column(layout.SCORE).to_numpy()
+    from_cross = cross_scores > scores
+    return table.set_column(table.schema.get_field_index(layout.MAX_ID), layout.MAX_ID,
+                            pc.if_else(pa.array(from_cross), other.column(layout.MAX_ID),
+                                       table.column(layout.MAX_ID))) \
+        if layout.MAX_ID in columns else table, np.maximum(scores, cross_scores), from_cross
+
+
 def score_stats(out: Storage, clusters: list[int] | None = None, eps_grid=EPS_GRID,
                 examples_eps: float | None = None) -> ScoreStats:
-    """One pass over the pruning tables (read on I/O threads: on S3 each is a round trip):
-    sizes, removed counts per eps, a score histogram and, with `examples_eps`, the
-    EXAMPLES_PER_CLUSTER lowest-scoring removed clips of each cluster."""
+    """One pass over the pruning tables, and the cross tables where the output has them (read
+    on I/O threads: on S3 each is a round trip): sizes, removed counts per eps, a histogram of
+    the deciding score and, with `examples_eps`, the EXAMPLES_PER_CLUSTER lowest-scoring
+    removed clips of each cluster."""
     clusters = _clusters(out) if clusters is None else clusters
     columns = [layout.SCORE] + ([layout.ID, layout.MAX_ID] if examples_eps is not None else [])
+    cross = has_cross_tables(out)
 
     def one(c: int):
-        table = read_table(out, layout.pruning_table(c), columns)
-        scores = table.column(layout.SCORE).to_numpy()
+        table, scores, _ = removal_scores(out, c, columns, cross)
         examples = []
         if examples_eps is not None:
             inside = np.flatnonzero(removed_mask(scores, examples_eps))
@@ -98,24 +122,41 @@ class ClipReport:
     cluster_size: int
     max_id: str
     score: float
-    removed: dict[float, bool]  # per eps with outputs
+    removed: dict[float, str | None]  # per eps with outputs: the rule that removes it, or None
+    # With cross_cluster: the closest earlier clip of another cluster, its cluster and score.
+    cross_max_id: str | None = None
+    cross_max_cluster: int | None = None
+    cross_score: float | None = None
 
 
 def find_clip(out: Storage, clip_id: str) -> ClipReport | None:
-    """Where a clip landed, the clip it duplicates (if any) and whether each eps removes it."""
+    """Where a clip landed, the clips it duplicates (if any) and which rule, if any, removes it
+    at each eps ("in-cluster", "cross-cluster", or both)."""
     eps_list = [r["eps"] for r in summaries(out)]
+    cross = has_cross_tables(out)
 
     def look(c: int):
         table = read_table(out, layout.pruning_table(c))
         return c, table, pc.index(table.column(layout.ID), clip_id).as_py()
 
+    def rules(score: float, cross_score: float | None, eps: float) -> str | None:
+        hit = [name for name, s in (("in-cluster", score), ("cross-cluster", cross_score))
+               if s is not None and removed_mask(np.array([s], np.float32), eps)[0]]
+        return " and ".join(hit) or None
+
     # Tables are searched on I/O threads, in cluster order; the first hit stops the search.
     for c, table, pos in ordered_map(look, _clusters(out), LATENCY_BOUND_THREADS):
         if pos is not None and pos >= 0:
             score = float(table.column(layout.SCORE)[pos].as_py())
-            return ClipReport(clip_id, c, pos, table.num_rows, table.column(layout.MAX_ID)[pos].as_py(),
-                              score, {e: bool(removed_mask(np.array([score], np.float32), e)[0])
-                                      for e in eps_list})
+            report = ClipReport(clip_id, c, pos, table.num_rows,
+                                table.column(layout.MAX_ID)[pos].as_py(), score, {})
+            if cross:
+                row = read_table(out, layout.cross_table(c)).slice(pos, 1).to_pylist()[0]
+                report.cross_max_id, report.cross_max_cluster = row[layout.MAX_ID], \
+                    row[layout.MAX_CLUSTER]
+                report.cross_score = row[layout.SCORE]
+            report.removed = {e: rules(score, report.cross_score, e) for e in eps_list}
+            return report
     return None
 
 
@@ -133,7 +174,8 @@ def format_inspection(out: Storage, ids: list[str], top: int = 10,
                   f"{r['removed']:>12,}" for r in rows]
         lines.append("")
     stats = score_stats(out)  # one pass for the curve and the cluster sizes
-    lines.append("removed fraction by eps (from the pruning tables):")
+    lines.append("removed fraction by eps (from the pruning tables"
+                 + (" and the cross-cluster tables):" if has_cross_tables(out) else "):"))
     lines.append(f"{'eps':>8} {'removed':>12} {'fraction':>9}")
     for e, removed in stats.removed.items():
         lines.append(f"{eps_text(e):>8} {removed:>12,} {removed / max(stats.total, 1):>9.4f}")
@@ -148,9 +190,21 @@ def format_inspection(out: Storage, ids: list[str], top: int = 10,
             continue
         lines.append(f"id {rep.id}: cluster {rep.cluster}, rank {rep.rank} of {rep.cluster_size}")
         if rep.rank == 0:
-            lines.append("  ranked first in its cluster: never a duplicate")
+            lines.append("  ranked first in its cluster: no earlier clip in its cluster")
         else:
-            lines.append(f"  closest earlier clip: {rep.max_id} (cosine similarity {rep.score:.6f})")
-        for e, gone in rep.removed.items():
-            lines.append(f"  eps {eps_text(e)}: {'REMOVED' if gone else 'kept'}")
+            lines.append(f"  closest earlier clip in its cluster: {rep.max_id} "
+                         f"(cosine similarity {rep.score:.6f})")
+        if rep.cross_score is not None:
+            if rep.cross_max_cluster == rep.cluster:
+                lines.append("  no earlier clip of another cluster among those searched")
+            else:
+                lines.append(f"  closest earlier clip of another cluster: {rep.cross_max_id} in "
+                             f"cluster {rep.cross_max_cluster} (cosine similarity "
+                             f"{rep.cross_score:.6f})")
+        for e, rule in rep.removed.items():
+            match = "" if rule is None else f" by the {rule} rule" + (
+                f" (matching {rep.cross_max_id} of cluster {rep.cross_max_cluster})"
+                if rule == "cross-cluster" else f" (matching {rep.max_id})"
+                if rule == "in-cluster" else "")
+            lines.append(f"  eps {eps_text(e)}: {'REMOVED' + match if rule else 'kept'}")
     return "\n".join(lines)

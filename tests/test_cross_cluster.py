@@ -3,6 +3,9 @@ duplicates straddling cluster boundaries), the cross tables' schema and order, s
 inspect on such an output, and the audit's interval against the true residual."""
 
 
+import json
+import shutil
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,7 +14,9 @@ import pytest
 from semdedup_core import layout
 from semdedup_core.backends import CpuBackend
 from semdedup_core.config import make_config
+from semdedup_core.cli import main
 from semdedup_core.embeddings import normalize
+from semdedup_core.inspection import find_clip
 from semdedup_core.kmeans import lloyd
 from semdedup_core.pipeline import run_pipeline
 from semdedup_core.ranking import rank_order
@@ -166,3 +171,169 @@ def test_exact_search_equals_the_global_rule(which, data, request, tmp_path):
         pair = (sims >= 1 - e) & kept[:, None] & kept[None, :]
         np.fill_diagonal(pair, False)
         assert on_threshold(sims[pair], e).all()  # no kept pair within eps
+
+
+@pytest.fixture(scope="module")
+def capped_output(real_clips, tmp_path_factory):
+    """The real clips with cross_cluster at the default cap, and the same run without it."""
+    root = tmp_path_factory.mktemp("capped")
+    args = {"input_embeddings_path": str(real_clips), "n_clusters": 12, "backend": "cpu",
+            "eps_to_extract": [0.01, 0.05]}
+    on = run_pipeline(make_config(output_path=str(root / "on"), cross_cluster=True, **args))
+    off = run_pipeline(make_config(output_path=str(root / "off"), **args))
+    return root, on, off
+
+
+def test_cross_tables_schema_order_and_union(capped_output):
+    root, on, off = capped_output
+    assert not (root / "off" / layout.CROSS_TABLES).exists()
+    clusters = sorted(int(p.name.split("_")[1].split(".")[0])
+                      for p in (root / "on" / layout.PRUNING_TABLES).iterdir())
+    assert sorted(p.name for p in (root / "on" / layout.CROSS_TABLES).iterdir()) == \
+        sorted(f"cluster_{c}.parquet" for c in clusters)
+    cluster_of = {}
+    for c in clusters:
+        cluster_of.update({i: c for i in pq.read_table(
+            root / "on" / layout.pruning_table(c)).column("id").to_pylist()})
+    matched = 0
+    for c in clusters:
+        pruning = pq.read_table(root / "on" / layout.pruning_table(c))
+        cross = pq.read_table(root / "on" / layout.cross_table(c))
+        assert cross.column_names == ["id", "max_id", "max_cluster", "cosine_sim_score"]
+        assert [str(t) for t in cross.schema.types] == ["string", "string", "int64", "float"]
+        assert cross.column("id").to_pylist() == pruning.column("id").to_pylist()
+        # the pruning tables are those of the run without the option
+        assert pruning.equals(pq.read_table(root / "off" / layout.pruning_table(c)))
+        for row in cross.to_pylist():
+            if row["max_cluster"] == c:  # no earlier clip of another cluster searched
+                assert (row["max_id"], row["cosine_sim_score"]) == (row["id"], 0)
+            else:
+                matched += 1
+                assert cluster_of[row["max_id"]] == row["max_cluster"]
+        for e in (0.01, 0.05):
+            part = pq.read_table(root / "on" / layout.unique_ids_part(e, c))
+            union = (pruning.column("cosine_sim_score").to_numpy() >= 1 - e) | \
+                (cross.column("cosine_sim_score").to_numpy() >= 1 - e)
+            assert part.column("id").to_pylist() == [
+                i for i, r in zip(pruning.column("id").to_pylist(), union) if r]
+    assert matched > 0
+    for e in (0.01, 0.05):
+        assert on.summary[e]["removed"] >= off.summary[e]["removed"]
+    assert on.summary[0.05]["removed"] > off.summary[0.05]["removed"]
+
+
+def cross_only_clip(out_dir, eps):
+    """A clip removed at eps by the cross rule alone: (id, its match, the match's cluster)."""
+    for p in sorted((out_dir / layout.CROSS_TABLES).iterdir()):
+        cross = pq.read_table(p).to_pylist()
+        pruning = pq.read_table(out_dir / layout.PRUNING_TABLES / p.name).to_pylist()
+        for row, own in zip(cross, pruning):
+            if row["cosine_sim_score"] >= 1 - eps > own["cosine_sim_score"]:
+                return row["id"], row["max_id"], row["max_cluster"]
+    raise AssertionError("no clip is removed by the cross rule alone")
+
+
+def test_sweep_and_inspect_use_both_tables(capped_output, capsys, caplog, tmp_path):
+    root, on, _ = capped_output
+    out = tmp_path / "on"
+    shutil.copytree(root / "on", out)
+    assert main(["sweep", str(out), "--eps", "0.03", "0.1"]) == 0
+    assert "cross-cluster search covered eps up to 0.05" in caplog.text  # 0.1 > 0.05
+    assert list(json.loads((out / layout.AUDIT).read_text())["eps"]) == ["0.03", "0.1"]
+    for e in (0.03, 0.1):
+        expected = set()
+        for p in (out / layout.CROSS_TABLES).iterdir():
+            cross = pq.read_table(p)
+            pruning = pq.read_table(out / layout.PRUNING_TABLES / p.name)
+            gone = np.maximum(cross.column("cosine_sim_score").to_numpy(),
+                              pruning.column("cosine_sim_score").to_numpy()) >= 1 - e
+            expected |= {i for i, g in zip(cross.column("id").to_pylist(), gone) if g}
+        assert removed_ids(out, e) == expected
+    clip, match, match_cluster = cross_only_clip(out, 0.05)
+    rep = find_clip(Storage(str(out)), clip)
+    assert (rep.cross_max_id, rep.cross_max_cluster) == (match, match_cluster)
+    assert rep.removed[0.05] == "cross-cluster"
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--id", clip]) == 0
+    text = capsys.readouterr().out
+    assert f"eps 0.05: REMOVED by the cross-cluster rule (matching {match} of cluster " \
+           f"{match_cluster})" in text
+    assert "and the cross-cluster tables" in text
+
+
+def test_cap_finds_nearly_what_exact_search_finds(real_clips, capped_output, tmp_path):
+    """The default cap against the exact search (max_probes 0) on the same clustering: never
+    more removals (the cap only leaves pairs unsearched), and on these copies, made to sit at
+    cluster corners, nearly all of them."""
+    _, on, _ = capped_output
+    exact = run_pipeline(make_config(
+        input_embeddings_path=str(real_clips), output_path=str(tmp_path / "exact"),
+        n_clusters=12, backend="cpu", eps_to_extract=[0.01, 0.05], cross_cluster=True,
+        cross_cluster_max_probes=0))
+    for e in (0.01, 0.05):
+        assert exact.summary[e]["removed"] * 0.95 <= on.summary[e]["removed"] \
+            <= exact.summary[e]["removed"]
+
+
+def kept_pairs_left(out_dir, cfg):
+    """Brute force: near-duplicate pairs with both clips kept, per eps."""
+    ids, emb, _, _ = load_output(out_dir, cfg)
+    sims = np.triu(emb @ emb.T, 1)
+    truth = {}
+    for e in cfg.eps_to_extract:
+        gone = removed_ids(out_dir, e)
+        kept = np.array([i not in gone for i in ids])
+        truth[e] = int(((sims >= 1 - e) & kept[:, None] & kept[None, :]).sum())
+    return truth
+
+
+def cluster_inputs(out_dir, cfg):
+    """(cluster, unit rows in rank order, removed masks per eps) of every cluster, in order."""
+    from semdedup_core.extraction import removed_rows
+    from semdedup_core.shards import ranked_shard
+
+    out = Storage(str(out_dir))
+    rows = []
+    for c in sorted(map(layout.cluster_of_shard_dir, out.list_dirs(layout.SHARDS))):
+        pruning = pq.read_table(out.path(layout.pruning_table(c)))
+        rows.append((c, ranked_shard(cfg, out, c).emb,
+                     {e: removed_rows(pruning, None, e) for e in cfg.eps_to_extract}))
+    return rows
+
+
+def feed_audit(clusters, eps_list, rate, seed):
+    from semdedup_core.audit import KeptPairsAudit
+
+    audit = KeptPairsAudit(CpuBackend(), eps_list, rate, seed)
+    for c, emb, removed in clusters:
+        audit.add_cluster(c, emb, removed)
+    return {a.eps: a for a in audit.result()}
+
+
+def test_audit_interval_covers_the_pairs_left(capped_output):
+    """Without cross_cluster, near-duplicate pairs across clusters are left among the kept
+    clips; the audit's interval (written on every run) covers the true count, and a full
+    sample (rate 1) counts it exactly."""
+    root, on, off = capped_output
+    cfg = make_config(input_embeddings_path="-", output_path=str(root / "off"), n_clusters=12,
+                      eps_to_extract=[0.01, 0.05])
+    truth = kept_pairs_left(root / "off", cfg)
+    assert truth[0.05] > 50
+    doc = json.loads((root / "off" / layout.AUDIT).read_text())
+    assert doc["cross_cluster"] is False and 0 < doc["sample_rate"] < 1
+    for e in (0.01, 0.05):
+        row = doc["eps"][str(e)]
+        assert row["low"] <= truth[e] <= row["high"], (e, truth[e], row)
+        assert row["kept"] == off.summary[e]["kept"]
+        assert {a.eps: a for a in off.audit}[e].estimated_pairs == row["estimated_pairs"]
+    clusters = cluster_inputs(root / "off", cfg)
+    full = feed_audit(clusters, cfg.eps_to_extract, 1.0, 0)
+    assert {e: full[e].estimated_pairs for e in truth} == truth
+    # Over independent seeds the 95% interval covers the truth nearly always.
+    covered = [a.low <= truth[0.05] <= a.high
+               for a in (feed_audit(clusters, [0.05], 0.1, s)[0.05] for s in range(20))]
+    assert sum(covered) >= 17
+    # With cross_cluster the exact pairs left are few, and the audit says so.
+    left = kept_pairs_left(root / "on", cfg.model_copy(update={"output_path": str(root / "on")}))
+    row = json.loads((root / "on" / layout.AUDIT).read_text())["eps"]["0.05"]
+    assert left[0.05] < truth[0.05] / 5 and row["low"] <= left[0.05] <= row["high"]

@@ -53,7 +53,8 @@ def test_layout_is_exact(run_once):
     cfg, report, out, _ = run_once
     files = sorted(tree(out))
     clusters = [int(c) for c in np.flatnonzero(report.cluster_sizes)]
-    expected = {"clustering_results/kmeans_centroids.npy"}
+    # audit.json: the kept-pairs audit that every run writes (README, "The audit")
+    expected = {"clustering_results/kmeans_centroids.npy", "extraction/audit.json"}
     expected |= {f"extraction/semdedup_pruning_tables/cluster_{k}.parquet" for k in clusters}
     for eps in ("0.01", "0.005", "0.1"):
         expected |= {f"extraction/unique_ids_{eps}.parquet/part.{k}.parquet" for k in clusters}
