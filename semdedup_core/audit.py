@@ -13,8 +13,9 @@ interval is the wider of a normal interval on that estimator's variance,
 With rate 1 (small runs) every kept clip is checked and the count is exact.
 
 Cost: the sample is sized (`audit_rate`) so that its GEMMs, sample x kept clips, are at most
-AUDIT_FLOP_SHARE of the run's own GEMM work, and the pipeline feeds it the clusters it already
-holds in memory during pruning, so it reads nothing more.
+AUDIT_FLOP_SHARE of the run's own GEMM work (assignment and pruning, from the cluster sizes, so
+every door and backend draws the same sample), and the pipeline feeds it the clusters it
+already holds in memory during pruning, so it reads nothing more.
 """
 
 import json
@@ -33,11 +34,16 @@ AUDIT_STREAM = 0xA0D17  # keeps the sample's draws apart from the random ranking
 AUDIT_TILE = 4096  # kept clips per GEMM: (sample x tile) float32 scratch
 
 
-def audit_rate(n_clips: int, dim: int, run_flops: float) -> float:
-    """The sampling rate: a sampled clip meets half of the clips on average, so a sample of m
-    costs m x clips x dim FLOPs; that is kept within AUDIT_FLOP_SHARE of `run_flops`."""
+def audit_rate(sizes, dim: int, n_clusters: int) -> float:
+    """The sampling rate for clusters of `sizes`. The run's GEMM work is assignment,
+    2 x clips x k x dim, and pruning, about sizes^2 x dim; a sampled clip meets half of the
+    clips on average, so a sample of m costs m x clips x dim. The sample takes
+    AUDIT_FLOP_SHARE of the run's work, and at least AUDIT_MIN_SAMPLE clips."""
+    sizes = np.asarray(sizes, np.float64)
+    n_clips = float(sizes.sum())
     if n_clips == 0:
         return 1.0
+    run_flops = 2.0 * n_clips * n_clusters * dim + float((sizes**2).sum()) * dim
     sample = max(AUDIT_MIN_SAMPLE, AUDIT_FLOP_SHARE * run_flops / (n_clips * dim))
     return min(1.0, sample / n_clips)
 

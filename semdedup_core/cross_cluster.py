@@ -88,23 +88,29 @@ def probe_targets(backend: Backend, emb: np.ndarray, cluster: int, centroids: np
     C = backend.asarray(centroids.astype(np.float32))
     c_sq = (C * C).sum(axis=1)
     minus_2ct = xp.ascontiguousarray((-2 * C).T)
-    probes = k - 1 if max_probes == 0 else min(max_probes, k - 1)
+    bound = -(radius + BOUND_SLACK)
     rows_out, targets_out = [], []
     for s in range(0, emb.shape[0], ASSIGN_CHUNK):
         x = backend.asarray(emb[s:s + ASSIGN_CHUNK])
         d2 = x @ minus_2ct + c_sq  # |x - c|^2 - 1
         h = (d2[:, cluster:cluster + 1] - d2) * inv_d
         h = xp.where(possible_d[None, :], h, -xp.inf)
-        if probes < k - 1:
-            top = xp.argpartition(-h, probes - 1, axis=1)[:, :probes]
-            h_top = xp.take_along_axis(h, top, axis=1)
+        if max_probes == 0 or max_probes >= k - 1:  # every cluster the bound leaves
+            r, t = np.nonzero(backend.to_numpy(h >= bound))
         else:
-            top = xp.broadcast_to(xp.arange(k)[None, :], h.shape)
-            h_top = h
-        ok = h_top >= -(radius + BOUND_SLACK)
-        r, j = xp.nonzero(ok)
-        rows_out.append(backend.to_numpy(r).astype(np.int64) + s)
-        targets_out.append(backend.to_numpy(top[r, j]).astype(np.int64))
+            # The nearest bisectors by repeated argmax (first maximum on both backends, so
+            # ties resolve alike): max_probes passes over (rows, k), cheaper than a sort.
+            tops, oks = [], []
+            for _ in range(max_probes):
+                top = h.argmax(axis=1)[:, None]
+                oks.append(xp.take_along_axis(h, top, axis=1) >= bound)
+                tops.append(top)
+                h[xp.arange(h.shape[0])[:, None], top] = -xp.inf
+            top, ok = (backend.to_numpy(xp.concatenate(v, axis=1)) for v in (tops, oks))
+            r, j = np.nonzero(ok)
+            t = top[r, j]
+        rows_out.append(r.astype(np.int64) + s)
+        targets_out.append(t.astype(np.int64))
     if not rows_out:
         return np.empty(0, np.int64), np.empty(0, np.int64)
     rows, targets = np.concatenate(rows_out), np.concatenate(targets_out)
@@ -158,7 +164,7 @@ def cross_scores(cfg: DedupConfig, backend: Backend, ranked: RankedShard, cand: 
                 kx = backend.asarray(cand.key[c])
                 earlier = kx[None, :] < ky[:, None]
                 tied = kx[None, :] == ky[:, None]
-                if bool(tied.any()):
+                if int(tied.sum()):
                     earlier = _resolve_ties(backend, cfg.which_to_keep, earlier, tied, cand, c,
                                             ranked, r)
                 sims = xp.where(earlier, sims, -xp.inf)
@@ -189,7 +195,7 @@ def cross_scores(cfg: DedupConfig, backend: Backend, ranked: RankedShard, cand: 
 def _resolve_ties(backend: Backend, which_to_keep: str, earlier, tied, cand: Candidates,
                   cols: np.ndarray, ranked: RankedShard, rows: np.ndarray):
     """Equal keys (rare: equal float32 distances) are decided by `earlier_on_tie`, on the host."""
-    i, j = (backend.to_numpy(v) for v in backend.xp.nonzero(tied))
+    i, j = np.nonzero(backend.to_numpy(tied))
     values = np.array([earlier_on_tie(which_to_keep, cand.ids[int(cols[jj])].as_py(),
                                       int(cand.source[cols[jj]]), ranked.ids[int(rows[ii])].as_py(),
                                       ranked.cluster) for ii, jj in zip(i, j)], dtype=bool)
@@ -232,11 +238,16 @@ class CrossResult:
 
 
 def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Backend,
+                         targets: list[int] | None = None,
                          scratch: str | None = None) -> Iterator[CrossResult]:
     """Write `semdedup_cross_cluster_tables/cluster_<k>.parquet` for every cluster in
-    `clusters` (those with a shard), yielding results in cluster order. Memory: a few
+    `targets` (default: all of `clusters`, the clusters with a shard), yielding results in
+    that order. Every cluster's clips are routed, those bound for a target kept. Memory: a few
     clusters, the spill buffer, and each clip's probes (16 bytes per probe)."""
+    targets = clusters if targets is None else targets
     centroids = load_centroids(out)
+    wanted = np.zeros(centroids.shape[0], bool)  # routes to empty clusters are dropped too
+    wanted[targets] = True
     radius = probe_radius(cfg.eps_to_extract)
     workers = host_threads()
     spill = Spill(scratch, centroids.shape[1], int(cfg.spill_buffer_mb * 2**20), meta=2)
@@ -246,12 +257,14 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
         for ranked in ordered_map(lambda c: ranked_shard(cfg, out, c), clusters, workers):
             if ranked is None:
                 continue
-            rows, targets = probe_targets(backend, ranked.emb, ranked.cluster, centroids, radius,
-                                          cfg.cross_cluster_max_probes)
-            probes[ranked.cluster] = (rows, targets)
+            rows, to = probe_targets(backend, ranked.emb, ranked.cluster, centroids, radius,
+                                     cfg.cross_cluster_max_probes)
+            if wanted[ranked.cluster]:
+                probes[ranked.cluster] = (rows, to)
+            rows, to = rows[wanted[to]], to[wanted[to]]
             keys = order_keys(cfg.which_to_keep, ranked.rank_dist, len(ranked.ids))
             meta = np.stack([keys[rows], np.full(len(rows), ranked.cluster, np.float64)], axis=1)
-            spill.add(targets, ranked.ids.take(pa.array(rows)), ranked.emb[rows], meta)
+            spill.add(to, ranked.ids.take(pa.array(rows)), ranked.emb[rows], meta)
         spill.finish()
 
         # Pull: every cluster against the clips routed to it.
@@ -264,17 +277,16 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
             return result
 
         def scored() -> Iterator[CrossResult]:
-            for ranked, cand in ordered_map(load, clusters, workers):
+            for ranked, cand in ordered_map(load, targets, workers):
                 if ranked is None:
                     continue
-                rows, targets = probes.pop(ranked.cluster)
-                score, match = cross_scores(cfg, backend, ranked, cand, rows, targets)
+                rows, to = probes.pop(ranked.cluster)
+                score, match = cross_scores(cfg, backend, ranked, cand, rows, to)
                 flops = 2 * ranked.emb.shape[1] * sum(
-                    int((targets == a).sum()) * int((cand.source == a).sum())
+                    int((to == a).sum()) * int((cand.source == a).sum())
                     for a in np.unique(cand.source).tolist())
                 table = cross_table(ranked, cand, score, match, max(cfg.eps_to_extract))
-                yield CrossResult(ranked.cluster, table,
-                                  len(cand.ids), flops)
+                yield CrossResult(ranked.cluster, table, len(cand.ids), flops)
 
         yield from ordered_map(write, scored(), workers)
     finally:

@@ -260,10 +260,9 @@ def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Back
     return removed
 
 
-def run_audit(cfg: DedupConfig, backend: Backend, n_rows: int, dim: int,
-              run_flops: float) -> KeptPairsAudit:
-    """The audit for a run whose own GEMM work is `run_flops`."""
-    return KeptPairsAudit(backend, cfg.eps_to_extract, audit_rate(n_rows, dim, run_flops),
+def run_audit(cfg: DedupConfig, backend: Backend, sizes: np.ndarray, dim: int) -> KeptPairsAudit:
+    """The audit of a run with clusters of `sizes`."""
+    return KeptPairsAudit(backend, cfg.eps_to_extract, audit_rate(sizes, dim, cfg.n_clusters),
                           cfg.random_state)
 
 

@@ -19,7 +19,9 @@ from dagster import (
 from semdedup_core import layout, run_record
 from semdedup_core.backends import get_backend
 from semdedup_core.config import DedupConfig, eps_text
-from semdedup_core.extraction import extract_from_tables, removed_mask, summarize
+from semdedup_core.audit import audit_rate
+from semdedup_core.cross_cluster import cross_cluster_tables, drop_cross_tables
+from semdedup_core.extraction import audit_output, extract_from_tables, removed_mask, summarize
 from semdedup_core.inspection import EPS_GRID, score_stats
 from semdedup_core.shards import load_centroids, save_centroids
 from semdedup_core.pipeline import (
@@ -41,6 +43,7 @@ GROUP = "semdedup"
 KMEANS_CENTROIDS = "kmeans_centroids"
 EMBS_BY_NEAREST_CENTER = "embs_by_nearest_center"
 PRUNING_TABLES = "semdedup_pruning_tables"
+CROSS_TABLES = "semdedup_cross_cluster_tables"
 UNIQUE_IDS = "unique_ids"
 DEDUP_SUMMARY = "dedup_summary"
 
@@ -113,6 +116,41 @@ def assign_stage(context, cfg: DedupConfig, storage: LayoutStorage, only: set[in
     return sizes, out
 
 
+def cross_stage(cfg: DedupConfig, out: Storage, backend, targets: list[int] | None = None):
+    """With cross_cluster, write the cross tables of `targets` (default: every non-empty
+    cluster), yielding (cluster, metadata) per table; without it, remove any left by an
+    earlier run and yield nothing."""
+    clusters = nonempty_clusters(out)
+    if not cfg.cross_cluster:
+        drop_cross_tables(out)
+        return
+    last = time.perf_counter()
+    for result in cross_cluster_tables(cfg, out, clusters, backend, targets):
+        secs, last = time.perf_counter() - last, time.perf_counter()
+        scores = result.table.column(layout.SCORE).to_numpy()
+        meta = {"path": MetadataValue.path(out.display(layout.cross_table(result.cluster))),
+                "rows": len(scores), "candidates_compared": result.candidates,
+                "max_cross_score": round(float(scores.max()) if len(scores) else 0.0, 6),
+                "seconds": round(secs, 3)}
+        meta.update({f"cross_removed_{eps_text(e)}": int(removed_mask(scores, e).sum())
+                     for e in cfg.eps_to_extract})
+        yield result.cluster, meta
+    if targets is None:
+        drop_cross_tables(out, clusters)
+
+
+def audit_metadata(rows) -> dict:
+    """The audit as dedup_summary metadata: a table, and the estimate and interval per eps."""
+    table = "| eps | kept | sampled | pairs left (estimate) | 95% interval |\n|---|---|---|---|---|\n"
+    table += "".join(f"| {eps_text(a.eps)} | {a.kept:,} | {a.sampled:,} | "
+                     f"{a.estimated_pairs:,.0f} | [{a.low:,.0f}, {a.high:,.0f}] |\n" for a in rows)
+    meta = {"kept_pairs_audit": MetadataValue.md(table)}
+    for a in rows:
+        meta[f"kept_pairs_left_{eps_text(a.eps)}"] = float(a.estimated_pairs)
+        meta[f"kept_pairs_left_{eps_text(a.eps)}_high"] = float(a.high)
+    return meta
+
+
 def shard_metadata(out: Storage, cluster: int, size: int) -> dict:
     return {"path": MetadataValue.path(out.display(layout.shard_dir(cluster))), "rows": int(size)}
 
@@ -178,6 +216,12 @@ def summary_stage(context, cfg: DedupConfig, storage: LayoutStorage) -> dict:
             f"| {c} | {i} | {m} | {sc:.6f} |\n" for sc, c, i, m in stats.examples[:10]))
     meta.update(summary_plots(stats.histogram, sizes_arr, EPS_GRID,
                               [stats.removed[e] / max(total, 1) for e in EPS_GRID]))
+    # The audit, as `semdedup run` does it, as a pass of its own (the pruning ran in other steps).
+    rate = audit_rate([stats.sizes[c] for c in clusters], load_centroids(out).shape[1],
+                      cfg.n_clusters)
+    meta.update(audit_metadata(audit_output(out, clusters, cfg.eps_to_extract,
+                                            get_backend(cfg.backend), rate, cfg.random_state,
+                                            cfg.cross_cluster)))
     return meta
 
 
@@ -228,6 +272,31 @@ def embs_by_nearest_center(context: AssetExecutionContext, config: SemdedupConfi
         "path": MetadataValue.path(out.display(layout.SHARDS))})
 
 
+@asset(name=CROSS_TABLES, group_name=GROUP, partitions_def=CENTROIDS, io_manager_key=IO_MANAGER,
+       deps=[EMBS_BY_NEAREST_CENTER], backfill_policy=BackfillPolicy.single_run(),
+       kinds={"parquet"},
+       description="With cross_cluster: per cluster, each clip's best match among the clips of "
+                   "other clusters earlier in the global order "
+                   "(semdedup_cross_cluster_tables/cluster_{k}.parquet). The selected partitions "
+                   "are searched in one pass over the shards they may draw candidates from.")
+def cross_cluster_tables_asset(context: AssetExecutionContext, config: SemdedupConfig,
+                               layout_storage: LayoutStorage) -> MaterializeResult:
+    cfg = to_engine(config)
+    out = layout_storage.output(cfg)
+    present = set(nonempty_clusters(out))
+    targets = sorted(k for k in map(int, context.partition_keys) if k in present)
+    done = dict(cross_stage(cfg, out, get_backend(cfg.backend), targets))
+    for k, meta in done.items():
+        context.log.info(f"cluster {k}: " + ", ".join(f"{n} {v}" for n, v in meta.items()
+                                                      if n.startswith("cross_removed_")))
+    return MaterializeResult(metadata={
+        "cross_cluster": cfg.cross_cluster, "partitions": len(done),
+        "path": MetadataValue.path(out.display(layout.CROSS_TABLES)),
+        **{f"cross_removed_{eps_text(e)}": sum(m[f"cross_removed_{eps_text(e)}"]
+                                               for m in done.values())
+           for e in cfg.eps_to_extract}})
+
+
 @multi_asset(
     name="cluster_dedup", group_name=GROUP, partitions_def=CENTROIDS, can_subset=True,
     specs=[
@@ -235,7 +304,8 @@ def embs_by_nearest_center(context: AssetExecutionContext, config: SemdedupConfi
                   skippable=True, kinds={"parquet"}, metadata={"dagster/io_manager_key": IO_MANAGER},
                   description="Per cluster, rank order with each clip's best earlier match "
                               "(semdedup_pruning_tables/cluster_{k}.parquet)."),
-        AssetSpec(UNIQUE_IDS, deps=[PRUNING_TABLES], partitions_def=CENTROIDS, skippable=True,
+        AssetSpec(UNIQUE_IDS, deps=[PRUNING_TABLES, CROSS_TABLES], partitions_def=CENTROIDS,
+                  skippable=True,
                   kinds={"parquet"}, metadata={"dagster/io_manager_key": IO_MANAGER},
                   description="The clips to REMOVE per eps (unique_ids_{eps}.parquet/part.{k})."),
     ])
@@ -266,4 +336,5 @@ def dedup_summary(context: AssetExecutionContext, config: SemdedupConfig,
     return MaterializeResult(metadata=summary_stage(context, to_engine(config), layout_storage))
 
 
-ASSETS = [kmeans_centroids, embs_by_nearest_center, cluster_dedup, dedup_summary]
+ASSETS = [kmeans_centroids, embs_by_nearest_center, cross_cluster_tables_asset, cluster_dedup,
+          dedup_summary]

@@ -31,6 +31,7 @@ from semdedup_core.extraction import sweep
 from semdedup_core.pipeline import prune_clusters
 from semdedup_core.sample import DEMO_ARGS
 from semdedup_dagster.assets import (
+    CROSS_TABLES,
     DEDUP_SUMMARY,
     EMBS_BY_NEAREST_CENTER,
     KMEANS_CENTROIDS,
@@ -38,6 +39,7 @@ from semdedup_dagster.assets import (
     UNIQUE_IDS,
     assign_stage,
     cluster_metadata,
+    cross_stage,
     fit_stage,
     holding_output,
     removed_metadata,
@@ -85,6 +87,9 @@ def assign_shards(context: OpExecutionContext, run: dict, layout_storage: Layout
     for k in clusters:
         context.log_event(AssetMaterialization(EMBS_BY_NEAREST_CENTER, partition=str(k),
                                                metadata=shard_metadata(out, k, sizes[k])))
+    # With cross_cluster, the cross tables come before any cluster's removals (their union).
+    for k, meta in cross_stage(cfg, out, get_backend(cfg.backend)):
+        context.log_event(AssetMaterialization(CROSS_TABLES, partition=str(k), metadata=meta))
     step = run["centroids_per_step"]
     for i in range(0, len(clusters), step):
         batch = clusters[i:i + step]

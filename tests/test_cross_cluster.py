@@ -337,3 +337,24 @@ def test_audit_interval_covers_the_pairs_left(capped_output):
     left = kept_pairs_left(root / "on", cfg.model_copy(update={"output_path": str(root / "on")}))
     row = json.loads((root / "on" / layout.AUDIT).read_text())["eps"]["0.05"]
     assert left[0.05] < truth[0.05] / 5 and row["low"] <= left[0.05] <= row["high"]
+
+
+@pytest.mark.parametrize("which, expected", [("hard", "c"), ("easy", "a")])
+def test_equal_keys_across_clusters_are_ordered_by_id(which, expected):
+    """Clips of different clusters with the same distance key: hard puts the larger id first,
+    easy the smaller (the ranking's own tie rule, extended to all clips)."""
+    from semdedup_core.cross_cluster import cross_scores, sort_candidates
+    from semdedup_core.shards import RankedShard
+
+    e0 = np.eye(4, dtype=np.float32)[0]
+    c = normalize(np.array([[0.9, 0.3, 0.3, 0.0]], np.float32))[0]
+    dist = np.float32(0.4)
+    key = -float(dist) if which == "hard" else float(dist)
+    ranked = RankedShard(1, pa.array(["b"]), e0[None, :], np.array([dist]), np.array([dist]))
+    cand = sort_candidates(which, pa.array(["a", "c"]), np.stack([e0, c]),
+                           np.array([[key, 0.0], [key, 0.0]]))
+    cfg = make_config(input_embeddings_path="-", output_path="-", n_clusters=2,
+                      which_to_keep=which, cross_cluster=True)
+    score, match = cross_scores(cfg, CpuBackend(), ranked, cand, np.array([0]), np.array([0]))
+    assert cand.ids[int(match[0])].as_py() == expected
+    assert score[0] == pytest.approx(1.0 if expected == "a" else float(c @ e0), abs=1e-6)

@@ -58,7 +58,7 @@ def test_whole_definitions_load():
     assert {j.name for j in defs.resolve_all_job_defs()} >= {"semdedup", "semdedup_centroid"}
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     assert keys == {"kmeans_centroids", "embs_by_nearest_center", "semdedup_pruning_tables",
-                    "unique_ids", "dedup_summary"}
+                    "semdedup_cross_cluster_tables", "unique_ids", "dedup_summary"}
     assert defs.resolve_sensor_def("embedding_drop_sensor")
     assert defs.resolve_schedule_def("semdedup_schedule")
 
