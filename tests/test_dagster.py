@@ -397,3 +397,43 @@ def test_schedule_runs_the_configured_job_spec(tmp_path, monkeypatch):
         "n_clusters": 50}}}}
     assert request.run_key.startswith("2026-11-26T02:00")
     assert defs.resolve_schedule_def("semdedup_schedule").default_status.value == "STOPPED"
+
+
+def test_cross_cluster_job_and_partition_equal_engine(planted, tmp_path):
+    """With cross_cluster, the `semdedup` job writes the cross tables (one materialisation per
+    centroid partition, with its metadata) and the same output as `semdedup run`; one
+    partition of the cross-table asset re-materialised alone comes back byte for byte."""
+    from semdedup_dagster.assets import cross_cluster_tables_asset
+
+    folder, _ = planted
+    args = args_for(folder, tmp_path / "out", cross_cluster=True, eps_to_extract=[0.1, 0.3])
+    run_pipeline(make_config(**{**args, "output_path": str(tmp_path / "ref")}))
+    reference = tree(tmp_path / "ref")
+    assert any(k.startswith("extraction/semdedup_cross_cluster_tables/") for k in reference)
+    instance = DagsterInstance.ephemeral()
+    result = defs.resolve_job_def("semdedup").execute_in_process(
+        run_config=run_config_for(args), instance=instance)
+    assert result.success
+    assert tree(tmp_path / "out") == reference
+    mats = [e.step_materialization_data.materialization for e in result.all_events
+            if e.event_type_value == "ASSET_MATERIALIZATION"]
+    cross = [m for m in mats if m.asset_key.to_user_string() == "semdedup_cross_cluster_tables"]
+    assert sorted(int(m.partition) for m in cross) == list(range(7))
+    for m in cross:
+        table = pq.read_table(tmp_path / "out" / "extraction/semdedup_cross_cluster_tables" /
+                              f"cluster_{m.partition}.parquet")
+        scores = table.column("cosine_sim_score").to_numpy()
+        assert m.metadata["rows"].value == table.num_rows
+        assert m.metadata["max_cross_score"].value == round(float(scores.max()), 6)
+        assert m.metadata["cross_removed_0.3"].value == int((scores >= 0.7).sum())
+        assert m.metadata["candidates_compared"].value >= 0
+    summary = next(m for m in mats if m.asset_key.to_user_string() == "dedup_summary")
+    assert "| eps | kept | sampled |" in summary.metadata["kept_pairs_audit"].value
+    victim = tmp_path / "out" / "extraction/semdedup_cross_cluster_tables/cluster_3.parquet"
+    victim.unlink()
+    resources = {"layout_storage": LayoutStorage(),
+                 "semdedup_layout": LayoutIOManager(layout_storage=LayoutStorage())}
+    assert materialize([cross_cluster_tables_asset], partition_key="3", instance=instance,
+                       run_config={"ops": {"semdedup_cross_cluster_tables": {"config": args}}},
+                       resources=resources).success
+    assert tree(tmp_path / "out") == reference
