@@ -1,0 +1,169 @@
+"""Cross-cluster duplicates on real embeddings, against exact all-pairs search.
+
+    python bench/cross_cluster.py                      # the 80k MiniLM set + 25% near-copies
+    python bench/cross_cluster.py --rows 20000 --clusters 40    # a quick check
+
+Data: /work/shared/data/pypi_minilm_embd_parquet (80,000 MiniLM-384 vectors of real text) plus
+near-copies of a seeded fraction of them at cosine 0.95-0.99 in random directions (so some land
+across cluster boundaries). Runs `semdedup run` without and with `cross_cluster` on the same
+clustering (same seed), then an exact blocked all-pairs search, and prints per eps:
+- pairs >= 1 - eps found by all-pairs search, and how many end with both clips kept, without and
+  with the option (target with it: <= 0.05% of the pairs);
+- removals without / with the option / by the exact global rule (every earlier clip of any
+  cluster, in the same global order; target: with the option <= 1.02x the exact rule);
+- the audit's estimate of kept pairs and its 95% interval, against the true count;
+- wall time of the two runs (target: <= 1.3x) and the seconds of each phase.
+"""
+
+import argparse
+import glob
+import os
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from semdedup_core import layout
+from semdedup_core.config import make_config
+from semdedup_core.embeddings import normalize
+from semdedup_core.pipeline import run_pipeline
+from semdedup_core.ranking import rank_order
+from semdedup_core.storage import Storage
+
+DATA = "/work/shared/data/pypi_minilm_embd_parquet"
+
+
+def make_input(folder: str, rows: int | None, copies: float, seed: int) -> int:
+    table = pa.concat_tables(pq.read_table(f) for f in sorted(glob.glob(f"{DATA}/*.parquet")))
+    rng = np.random.default_rng(seed)
+    if rows and rows < table.num_rows:
+        table = table.take(pa.array(np.sort(rng.choice(table.num_rows, rows, replace=False))))
+    emb = normalize(table.column("embedding").combine_chunks().flatten()
+                    .to_numpy(zero_copy_only=False).astype(np.float32).reshape(table.num_rows, -1))
+    n_copy = int(copies * len(emb))
+    src = rng.choice(len(emb), n_copy, replace=False)
+    cos = rng.uniform(0.95, 0.99, n_copy)
+    u = rng.standard_normal((n_copy, emb.shape[1])).astype(np.float32)
+    u -= (u * emb[src]).sum(1, keepdims=True) * emb[src]
+    u = normalize(u)
+    near = normalize((emb[src] * cos[:, None] + u * np.sqrt(1 - cos**2)[:, None]).astype(np.float32))
+    ids = table.column("id").to_pylist() + [f"copy:{i}" for i in range(n_copy)]
+    allemb = np.concatenate([emb, near])
+    n, d = allemb.shape
+    offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
+    os.makedirs(folder, exist_ok=True)
+    pq.write_table(pa.table({"id": pa.array(ids), "embedding": pa.ListArray.from_arrays(
+        offsets, pa.array(allemb.reshape(-1)))}), f"{folder}/part-0.parquet")
+    return n
+
+
+def load_clips(out_dir: str, cfg):
+    """ids, unit rows, and each clip's position in the global order (from the run's shards)."""
+    out = Storage(out_dir)
+    ids, embs, keys, ties = [], [], [], []
+    for name in out.list_dirs(layout.SHARDS):
+        c = layout.cluster_of_shard_dir(name)
+        shard = pa.concat_tables(pq.read_table(out.path(f))
+                                 for f in out.list_files(layout.shard_dir(c)))
+        cid = shard.column("id").combine_chunks()
+        cos = shard.column("cosine_dist_to_cent").to_numpy()
+        l2 = shard.column("l2_dist_to_cent").to_numpy()
+        order = rank_order(cid, l2, cos, cfg.sim_metric, cfg.which_to_keep, cfg.random_state, c)
+        dist = (cos if cfg.sim_metric == "cosine" else l2)[order].astype(np.float64)
+        n = len(order)
+        keys.append({"hard": -dist, "easy": dist}.get(cfg.which_to_keep, (np.arange(n) + 0.5) / n))
+        ties.append(np.full(n, c))
+        ids.append(cid.take(pa.array(order)))
+        embs.append(np.stack(shard.column("embedding").to_numpy(zero_copy_only=False))[order])
+    ids = pa.concat_arrays(ids)
+    key = np.concatenate(keys)
+    tie = ids if cfg.which_to_keep != "random" else pa.array(np.concatenate(ties))
+    direction = "descending" if cfg.which_to_keep == "hard" else "ascending"
+    by = pc.sort_indices(pa.table({"k": key, "t": tie}),
+                         sort_keys=[("k", "ascending"), ("t", direction)]).to_numpy()
+    position = np.empty(len(by), np.int64)
+    position[by] = np.arange(len(by))
+    return ids.to_pylist(), np.concatenate(embs).astype(np.float32), position
+
+
+def all_pairs(emb: np.ndarray, threshold: float, block: int = 2048, tile: int = 32768):
+    """Every pair i < j with emb_i.emb_j >= threshold, exact (float32 GEMM, blocked)."""
+    rows, cols, sims = [], [], []
+    n = len(emb)
+    for r0 in range(0, n, block):
+        x = emb[r0:r0 + block]
+        for c0 in range(r0, n, tile):
+            s = x @ emb[c0:c0 + tile].T
+            i, j = np.nonzero(s >= threshold)
+            keep = (j + c0) > (i + r0)
+            rows.append(i[keep] + r0)
+            cols.append(j[keep] + c0)
+            sims.append(s[i[keep], j[keep]])
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(sims)
+
+
+def removed(out_dir: str, eps: float) -> set:
+    return set(pq.read_table(f"{out_dir}/extraction/unique_ids_{eps!r}.parquet")
+               .column("id").to_pylist())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=None, help="real vectors to use (default: all)")
+    p.add_argument("--copies", type=float, default=0.25, help="near-copies, as a fraction")
+    p.add_argument("--clusters", type=int, default=100)
+    p.add_argument("--eps", type=float, nargs="+", default=[0.05, 0.01])
+    p.add_argument("--which-to-keep", default="hard")
+    p.add_argument("--max-probes", type=int, default=None, help="cross_cluster_max_probes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default=None)
+    ns = p.parse_args()
+    work = ns.workdir or tempfile.mkdtemp(prefix="semdedup-bench-cross-")
+    n = make_input(f"{work}/in", ns.rows, ns.copies, ns.seed)
+    args = {"input_embeddings_path": f"{work}/in", "n_clusters": ns.clusters, "backend": "cpu",
+            "eps_to_extract": ns.eps, "which_to_keep": ns.which_to_keep}
+    extra = {} if ns.max_probes is None else {"cross_cluster_max_probes": ns.max_probes}
+    reports, seconds = {}, {}
+    for name, on in (("off", False), ("on", True)):
+        cfg = make_config(output_path=f"{work}/{name}", cross_cluster=on, **args,
+                          **(extra if on else {}))
+        t = time.perf_counter()
+        reports[name] = run_pipeline(cfg)
+        seconds[name] = time.perf_counter() - t
+    ids, emb, position = load_clips(f"{work}/on", cfg)
+    t = time.perf_counter()
+    i, j, s = all_pairs(emb, 1 - max(ns.eps))
+    search = time.perf_counter() - t
+    print(f"clips {n:,} x {emb.shape[1]}  clusters {ns.clusters}  which_to_keep "
+          f"{ns.which_to_keep}  exact all-pairs search {search:.1f} s")
+    print(f"{'eps':>6} {'pairs':>9} {'kept off':>9} {'kept on':>8} {'on %':>7} {'rm off':>8} "
+          f"{'rm on':>8} {'rm exact':>9} {'on/exact':>8} {'audit on [95%]':>22}")
+    for eps in sorted(ns.eps, reverse=True):
+        hit = s >= np.float32(1 - eps)
+        a, b = i[hit], j[hit]
+        later = np.where(position[a] > position[b], a, b)
+        exact = len(np.unique(later))
+        kept = {}
+        for name in ("off", "on"):
+            gone = removed(f"{work}/{name}", eps)
+            alive = np.array([x not in gone for x in ids])
+            kept[name] = int((alive[a] & alive[b]).sum())
+        rm = {k: reports[k].summary[eps]["removed"] for k in ("off", "on")}
+        audit = next(x for x in reports["on"].audit if x.eps == eps)
+        print(f"{eps:>6} {len(a):>9,} {kept['off']:>9,} {kept['on']:>8,} "
+              f"{100 * kept['on'] / max(len(a), 1):>6.3f}% {rm['off']:>8,} {rm['on']:>8,} "
+              f"{exact:>9,} {rm['on'] / max(exact, 1):>8.4f} "
+              f"{audit.estimated_pairs:>7,.0f} [{audit.low:,.0f}, {audit.high:,.0f}]")
+    print(f"wall time: off {seconds['off']:.2f} s, on {seconds['on']:.2f} s, "
+          f"ratio {seconds['on'] / seconds['off']:.3f}")
+    for name in ("off", "on"):
+        phases = ", ".join(f"{k} {v:.2f}" for k, v in reports[name].timer.seconds.items())
+        print(f"  {name}: {phases}")
+    print(f"(outputs under {work})")
+
+
+if __name__ == "__main__":
+    main()
