@@ -60,7 +60,9 @@ class EpsAudit:
 
 
 class KeptPairsAudit:
-    """Feed clusters in ascending order (`add_cluster`), then read `result`."""
+    """Feed clusters in ascending order (`add_cluster`), then read `result`. Kept clips are
+    buffered until AUDIT_TILE of them are pending, so the GEMMs are large however small the
+    clusters are."""
 
     def __init__(self, backend: Backend, eps_list: list[float], rate: float, seed: int):
         self.backend = backend
@@ -71,22 +73,33 @@ class KeptPairsAudit:
         self._sample = None  # backend (m, d) float32
         self._sample_kept = np.zeros((0, len(self.eps)), bool)
         self._counts = np.zeros((0, len(self.eps)), np.int64)
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # vecs, kept, drawn
+        self._pending_rows = 0
 
     def add_cluster(self, cluster: int, emb: np.ndarray, removed: dict[float, np.ndarray]) -> None:
         """`emb`: the cluster's unit rows in rank order; `removed[eps]`: which are removed."""
-        xp = self.backend.xp
         kept = np.stack([~removed[e] for e in self.eps], axis=1)  # (n, n_eps)
         self.kept += kept.sum(axis=0)
         drawn = np.random.default_rng([self.seed, AUDIT_STREAM, cluster]).random(len(kept)) \
             < self.rate
         rows = np.flatnonzero(kept[:, 0])  # kept at the smallest eps: kept at any
-        kept, drawn = kept[rows], drawn[rows]
-        if not len(rows):
+        if len(rows):
+            self._pending.append((emb[rows], kept[rows], drawn[rows]))
+            self._pending_rows += len(rows)
+        if self._pending_rows >= AUDIT_TILE:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Count the pending clips against the sample so far, then the pending sampled clips
+        against the pending clips after them (in visit order), and add those to the sample."""
+        if not self._pending:
             return
-        vecs = emb[rows]
-        picked = np.flatnonzero(drawn)
+        xp = self.backend.xp
+        vecs, kept, drawn = (np.concatenate(p) for p in zip(*self._pending))
+        self._pending, self._pending_rows = [], 0
         if self._sample is not None:
             self._counts += self._count(self._sample, vecs, kept, None)
+        picked = np.flatnonzero(drawn)
         if len(picked):
             mine = self.backend.asarray(vecs[picked])
             counts = self._count(mine, vecs, kept, picked)
@@ -105,11 +118,12 @@ class KeptPairsAudit:
                 cols = xp.arange(s, s + sims.shape[1])
                 sims = xp.where(cols[None, :] > self.backend.asarray(after)[:, None], sims, -1)
             for j, eps in enumerate(self.eps):
-                hit = (sims >= np.float32(1 - eps)) & self.backend.asarray(kept[s:s + AUDIT_TILE, j])[None, :]
-                counts[:, j] += hit.sum(axis=1)
+                kept_v = self.backend.asarray(kept[s:s + AUDIT_TILE, j])
+                counts[:, j] += ((sims >= np.float32(1 - eps)) & kept_v[None, :]).sum(axis=1)
         return self.backend.to_numpy(counts).astype(np.int64)
 
     def result(self) -> list[EpsAudit]:
+        self._flush()
         rows = []
         for j, eps in enumerate(self.eps):
             mine = self._sample_kept[:, j]

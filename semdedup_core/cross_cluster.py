@@ -138,6 +138,27 @@ def sort_candidates(which_to_keep: str, ids: pa.Array, emb: np.ndarray,
     return Candidates(ids.take(pa.array(order)), emb[order], key[order], source[order])
 
 
+# Sources with fewer candidates are grouped until a group has this many columns: one GEMM
+# per group instead of many small ones (small GEMMs run far below BLAS and device speed), at
+# the price of some pairs computed and masked out.
+GROUP_COLUMNS = 1024
+
+
+def source_groups(source: np.ndarray) -> list[np.ndarray]:
+    """The candidates' source clusters in ascending order, cut into groups of at least
+    GROUP_COLUMNS candidates (the last may be smaller)."""
+    sources, counts = np.unique(source, return_counts=True)
+    groups, start, total = [], 0, 0
+    for i, n in enumerate(counts.tolist()):
+        total += n
+        if total >= GROUP_COLUMNS:
+            groups.append(sources[start:i + 1])
+            start, total = i + 1, 0
+    if start < len(sources):
+        groups.append(sources[start:])
+    return groups
+
+
 def cross_scores(cfg: DedupConfig, backend: Backend, ranked: RankedShard, cand: Candidates,
                  rows: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each clip of `ranked` (rank order): (score float32, match int64 = position in
@@ -149,17 +170,21 @@ def cross_scores(cfg: DedupConfig, backend: Backend, ranked: RankedShard, cand: 
     key_b = order_keys(cfg.which_to_keep, ranked.rank_dist, n)
     best = xp.full(n, -xp.inf, dtype=xp.float32)
     best_pos = xp.full(n, -1, dtype=xp.int64)
-    for a in np.unique(cand.source).tolist():
-        cols_a = np.flatnonzero(cand.source == a)
-        rows_a = rows[targets == a]
-        for r0 in range(0, len(rows_a), tile):
-            r = rows_a[r0:r0 + tile]
+    for group in source_groups(cand.source):
+        cols_g = np.flatnonzero(np.isin(cand.source, group))
+        local = np.searchsorted(group, cand.source[cols_g])  # the column's source, in group
+        mine = np.isin(targets, group)
+        rows_g, inverse = np.unique(rows[mine], return_inverse=True)
+        probes = np.zeros((len(rows_g), len(group)), bool)  # row y probes the group's source
+        probes[inverse, np.searchsorted(group, targets[mine])] = True
+        for r0 in range(0, len(rows_g), tile):
+            r = rows_g[r0:r0 + tile]
             y = backend.asarray(ranked.emb[r])
             ky = backend.asarray(key_b[r])
             top_r = xp.full(len(r), -xp.inf, dtype=xp.float32)
             pos_r = xp.full(len(r), -1, dtype=xp.int64)
-            for c0 in range(0, len(cols_a), tile):
-                c = cols_a[c0:c0 + tile]
+            for c0 in range(0, len(cols_g), tile):
+                c = cols_g[c0:c0 + tile]
                 sims = y @ backend.asarray(cand.emb[c]).T
                 kx = backend.asarray(cand.key[c])
                 earlier = kx[None, :] < ky[:, None]
@@ -167,7 +192,8 @@ def cross_scores(cfg: DedupConfig, backend: Backend, ranked: RankedShard, cand: 
                 if int(tied.sum()):
                     earlier = _resolve_ties(backend, cfg.which_to_keep, earlier, tied, cand, c,
                                             ranked, r)
-                sims = xp.where(earlier, sims, -xp.inf)
+                both_probe = backend.asarray(probes[r0:r0 + tile][:, local[c0:c0 + tile]])
+                sims = xp.where(earlier & both_probe, sims, -xp.inf)
                 top = sims.max(axis=1)
                 arg = (sims >= (top - TIE_TOL)[:, None]).argmax(axis=1)  # earliest near-max
                 pos = backend.asarray(c)[arg]
@@ -175,7 +201,7 @@ def cross_scores(cfg: DedupConfig, backend: Backend, ranked: RankedShard, cand: 
                 take = found & ((top > top_r + TIE_TOL) | ((top >= top_r - TIE_TOL) & (pos < pos_r)))
                 pos_r = xp.where(take, pos, pos_r)
                 top_r = xp.maximum(top_r, top)
-            # Merge into the clip's best over earlier sources with the same rule.
+            # Merge into the clip's best over earlier groups with the same rule.
             r_d = backend.asarray(r)
             b_top, b_pos = best[r_d], best_pos[r_d]
             found = pos_r >= 0
@@ -283,8 +309,8 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
                 rows, to = probes.pop(ranked.cluster)
                 score, match = cross_scores(cfg, backend, ranked, cand, rows, to)
                 flops = 2 * ranked.emb.shape[1] * sum(
-                    int((to == a).sum()) * int((cand.source == a).sum())
-                    for a in np.unique(cand.source).tolist())
+                    len(np.unique(rows[np.isin(to, g)])) * int(np.isin(cand.source, g).sum())
+                    for g in source_groups(cand.source))
                 table = cross_table(ranked, cand, score, match, max(cfg.eps_to_extract))
                 yield CrossResult(ranked.cluster, table, len(cand.ids), flops)
 
