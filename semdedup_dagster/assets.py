@@ -20,7 +20,7 @@ from semdedup_core import layout, run_record
 from semdedup_core.backends import get_backend
 from semdedup_core.config import DedupConfig, eps_text
 from semdedup_core.audit import audit_rate
-from semdedup_core.cross_cluster import cross_cluster_tables, drop_cross_tables
+from semdedup_core.cross_cluster import cross_cluster_tables
 from semdedup_core.extraction import audit_output, extract_from_tables, removed_mask, summarize
 from semdedup_core.inspection import EPS_GRID, score_stats
 from semdedup_core.shards import load_centroids, save_centroids
@@ -116,27 +116,26 @@ def assign_stage(context, cfg: DedupConfig, storage: LayoutStorage, only: set[in
     return sizes, out
 
 
-def cross_stage(cfg: DedupConfig, out: Storage, backend, targets: list[int] | None = None):
+def cross_stage(context, cfg: DedupConfig, out: Storage, backend,
+                targets: list[int] | None = None):
     """With cross_cluster, write the cross tables of `targets` (default: every non-empty
-    cluster), yielding (cluster, metadata) per table; without it, remove any left by an
-    earlier run and yield nothing."""
-    clusters = nonempty_clusters(out)
+    cluster), yielding (cluster, metadata) per table; without it, nothing (the tables of an
+    earlier run go with the other leftovers in the summary step)."""
     if not cfg.cross_cluster:
-        drop_cross_tables(out)
         return
-    last = time.perf_counter()
-    for result in cross_cluster_tables(cfg, out, clusters, backend, targets):
-        secs, last = time.perf_counter() - last, time.perf_counter()
-        scores = result.table.column(layout.SCORE).to_numpy()
-        meta = {"path": MetadataValue.path(out.display(layout.cross_table(result.cluster))),
-                "rows": len(scores), "candidates_compared": result.candidates,
-                "max_cross_score": round(float(scores.max()) if len(scores) else 0.0, 6),
-                "seconds": round(secs, 3)}
-        meta.update({f"cross_removed_{eps_text(e)}": int(removed_mask(scores, e).sum())
-                     for e in cfg.eps_to_extract})
-        yield result.cluster, meta
-    if targets is None:
-        drop_cross_tables(out, clusters)
+    with holding_output(context, out) as lock:
+        run_record.begin_writing(out, lock)
+        last = time.perf_counter()
+        for result in cross_cluster_tables(cfg, out, nonempty_clusters(out), backend, targets):
+            secs, last = time.perf_counter() - last, time.perf_counter()
+            scores = result.table.column(layout.SCORE).to_numpy()
+            meta = {"path": MetadataValue.path(out.display(layout.cross_table(result.cluster))),
+                    "rows": len(scores), "candidates_compared": result.candidates,
+                    "max_cross_score": round(float(scores.max()) if len(scores) else 0.0, 6),
+                    "seconds": round(secs, 3)}
+            meta.update({f"cross_removed_{eps_text(e)}": int(removed_mask(scores, e).sum())
+                         for e in cfg.eps_to_extract})
+            yield result.cluster, meta
 
 
 def audit_metadata(rows) -> dict:
@@ -191,8 +190,12 @@ def summary_stage(context, cfg: DedupConfig, storage: LayoutStorage) -> dict:
         stats = score_stats(out, clusters, EPS_GRID, examples_eps=cfg.eps_to_extract[0])
         total = stats.total
         rows = summarize(out, cfg.eps_to_extract, clusters, total)  # removed: from the parts
-        run_record.remove_leftovers(out, cfg, clusters)
         dim = int(load_centroids(out).shape[1])
+        # The audit, as `semdedup run` does it, in a pass of its own (pruning ran in other steps).
+        audited = audit_output(out, clusters, cfg.eps_to_extract, get_backend(cfg.backend),
+                               audit_rate([stats.sizes[c] for c in clusters], dim, cfg.n_clusters),
+                               cfg.random_state, cfg.cross_cluster)
+        run_record.remove_leftovers(out, cfg, clusters)
         run_record.write_record(out, lock, cfg, run_record.counts(total, dim, clusters, rows))
         lock.release(ok=True)
     summary_md = "| eps | total | kept | removed |\n|---|---|---|---|\n" + "".join(
@@ -216,12 +219,7 @@ def summary_stage(context, cfg: DedupConfig, storage: LayoutStorage) -> dict:
             f"| {c} | {i} | {m} | {sc:.6f} |\n" for sc, c, i, m in stats.examples[:10]))
     meta.update(summary_plots(stats.histogram, sizes_arr, EPS_GRID,
                               [stats.removed[e] / max(total, 1) for e in EPS_GRID]))
-    # The audit, as `semdedup run` does it, as a pass of its own (the pruning ran in other steps).
-    rate = audit_rate([stats.sizes[c] for c in clusters], load_centroids(out).shape[1],
-                      cfg.n_clusters)
-    meta.update(audit_metadata(audit_output(out, clusters, cfg.eps_to_extract,
-                                            get_backend(cfg.backend), rate, cfg.random_state,
-                                            cfg.cross_cluster)))
+    meta.update(audit_metadata(audited))
     return meta
 
 
@@ -285,7 +283,7 @@ def cross_cluster_tables_asset(context: AssetExecutionContext, config: SemdedupC
     out = layout_storage.output(cfg)
     present = set(nonempty_clusters(out))
     targets = sorted(k for k in map(int, context.partition_keys) if k in present)
-    done = dict(cross_stage(cfg, out, get_backend(cfg.backend), targets))
+    done = dict(cross_stage(context, cfg, out, get_backend(cfg.backend), targets))
     for k, meta in done.items():
         context.log.info(f"cluster {k}: " + ", ".join(f"{n} {v}" for n, v in meta.items()
                                                       if n.startswith("cross_removed_")))

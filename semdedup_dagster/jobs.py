@@ -88,7 +88,7 @@ def assign_shards(context: OpExecutionContext, run: dict, layout_storage: Layout
         context.log_event(AssetMaterialization(EMBS_BY_NEAREST_CENTER, partition=str(k),
                                                metadata=shard_metadata(out, k, sizes[k])))
     # With cross_cluster, the cross tables come before any cluster's removals (their union).
-    for k, meta in cross_stage(cfg, out, get_backend(cfg.backend)):
+    for k, meta in cross_stage(context, cfg, out, get_backend(cfg.backend)):
         context.log_event(AssetMaterialization(CROSS_TABLES, partition=str(k), metadata=meta))
     step = run["centroids_per_step"]
     for i in range(0, len(clusters), step):
