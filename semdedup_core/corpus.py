@@ -41,9 +41,9 @@ from semdedup_core.errors import ConfigError, InputError
 from semdedup_core.extraction import removed_mask, summarize, write_removed
 from semdedup_core.pairwise import max_similarity_to_earlier, pairwise_flops
 from semdedup_core.parquet import read_table, write_table
-from semdedup_core.pipeline import (PhaseTimer, RankedShard, assign, fit_centroids,
-                                    list_column_to_numpy, open_source, ranked_shard)
-from semdedup_core.shards import load_centroids, save_centroids
+from semdedup_core.pipeline import PhaseTimer, assign, fit_centroids, open_source
+from semdedup_core.shards import (RankedShard, list_column_to_numpy, load_centroids,
+                                  ranked_shard, save_centroids)
 from semdedup_core.run_record import OutputLock, new_run_id, take_output
 from semdedup_core.storage import S3Options, Storage
 from semdedup_core.threads import host_threads, ordered_map
