@@ -436,4 +436,8 @@ def test_cross_cluster_job_and_partition_equal_engine(planted, tmp_path):
     assert materialize([cross_cluster_tables_asset], partition_key="3", instance=instance,
                        run_config={"ops": {"semdedup_cross_cluster_tables": {"config": args}}},
                        resources=resources).success
+    # Written to: incomplete until the summary is re-materialised; then the same bytes.
+    assert layout.RUN_RECORD not in tree(tmp_path / "out")
+    assert materialize([dedup_summary], instance=instance, resources=resources,
+                       run_config={"ops": {"dedup_summary": {"config": args}}}).success
     assert tree(tmp_path / "out") == reference
