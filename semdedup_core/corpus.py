@@ -3,6 +3,7 @@
     <corpus>/
       _corpus.json                       the manifest: settings, committed drops in order (the commit)
       _semdedup.lock                     held by the add in progress (run_record's lock)
+      _corpus_pending.json               the add in progress, for clean-up after a crash
       clustering_results/kmeans_centroids.npy    fitted on the first drop, never re-fitted
       drops/<name>/...                   a complete standard output layout per drop
       store/cluster_<k>/<first>-<last>-<token>.parquet   every committed clip of cluster k, unit
@@ -23,7 +24,6 @@ crash leaves the corpus as it was and the same add can simply be retried.
 
 import datetime
 import json
-import logging
 import re
 import time
 import uuid
@@ -47,8 +47,6 @@ from semdedup_core.shards import (RankedShard, list_column_to_numpy, load_centro
 from semdedup_core.run_record import OutputLock, new_run_id, take_output
 from semdedup_core.storage import S3Options, Storage
 from semdedup_core.threads import host_threads, ordered_map
-
-log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = 1
 # Settings fixed by the fit: every later add uses the corpus's (a rebuild changes them).
@@ -82,7 +80,7 @@ def read_manifest(corpus: Storage) -> dict | None:
 
 
 def _json_bytes(doc: Any) -> bytes:
-    return (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode()
+    return (json.dumps(doc, indent=1) + "\n").encode()
 
 
 # -- the lock ------------------------------------------------------------------------------------
