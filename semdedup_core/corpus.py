@@ -204,8 +204,9 @@ def corpus_config(corpus: Storage, manifest: dict | None, name: str,
                                   "(semdedup corpus rebuild)")
             args[key] = settings[key]
     cfg = make_config(**{**args, "output_path": corpus.display(layout.drop_dir(name))})
-    if getattr(cfg, "cross_cluster", False):
-        raise ConfigError("cross_cluster is not supported in a corpus yet")
+    if cfg.cross_cluster:
+        raise ConfigError(f"{corpus.display()}: cross_cluster is not supported in a corpus yet "
+                          "(each add compares clips with earlier clips of their own cluster)")
     return cfg
 
 

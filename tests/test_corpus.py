@@ -347,6 +347,8 @@ def test_later_add_keeps_the_corpus_settings(drops, tmp_path):
     add_all(corpus, drops, ["d0"])
     with pytest.raises(ConfigError, match="which_to_keep is 'hard' for this corpus"):
         add_drop(corpus, "d1", {"input_embeddings_path": drops["d1"], "which_to_keep": "easy"})
+    with pytest.raises(ConfigError, match="cross_cluster is not supported in a corpus"):
+        add_drop(corpus, "d1", {"input_embeddings_path": drops["d1"], "cross_cluster": True})
     with pytest.raises(ConfigError, match="drop name"):
         add_drop(corpus, "../x", {"input_embeddings_path": drops["d1"]})
 
