@@ -1,0 +1,112 @@
+"""Prune speed on real, skewed clusters: a full run over real embeddings (k=100 by default, the
+project's own fit), then the pairwise pass alone on the same ranked clusters, today's kernel
+against an earlier one (its `pairwise.py` taken from git into a temporary module).
+
+Prints each phase's seconds, the prune phase's useful GFLOP/s (sum over clusters of n^2 x d:
+2 FLOPs for each of the n(n-1)/2 pairs below the diagonal, x d), and for the pairwise pass
+alone: the seconds of each kernel, their useful GFLOP/s, a plain GEMM's GFLOP/s on the same
+machine for scale, and whether both kernels give the same bytes.
+
+    python bench/prune_bench.py                           # the 80k MiniLM set, k=100
+    python bench/prune_bench.py --baseline-ref main~5 --repeats 5
+"""
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from semdedup_core.backends import get_backend
+from semdedup_core.config import DedupConfig
+from semdedup_core.pairwise import max_similarity_to_earlier
+from semdedup_core.pipeline import output_storage, ranked_shard, run_pipeline
+
+DATA = "/work/shared/data/pypi_minilm_embd_parquet"
+# The kernel before the diagonal went by sub-blocks.
+BASELINE_REF = "056c470~1"
+
+
+def module_at(ref: str):
+    """semdedup_core/pairwise.py as of git `ref`, loaded as a module of its own."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = subprocess.run(["git", "-C", root, "show", f"{ref}:semdedup_core/pairwise.py"],
+                         check=True, capture_output=True, text=True).stdout
+    path = os.path.join(tempfile.mkdtemp(), "pairwise_baseline.py")
+    with open(path, "w") as f:
+        f.write(src)
+    spec = importlib.util.spec_from_file_location("pairwise_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def best_of(repeats: int, fn) -> tuple[float, object]:
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, result
+
+
+def gemm_gflops(dim: int, n: int = 2048, repeats: int = 10) -> float:
+    a = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    seconds, _ = best_of(repeats, lambda: a @ a.T)
+    return 2 * n * n * dim / seconds / 1e9
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--input", default=DATA)
+    p.add_argument("--clusters", type=int, default=100)
+    p.add_argument("--tile", type=int, default=2048, help="pairwise_tile_size")
+    p.add_argument("--baseline-ref", default=BASELINE_REF,
+                   help="git ref whose semdedup_core/pairwise.py is the baseline kernel")
+    p.add_argument("--repeats", type=int, default=3, help="pairwise passes per kernel (best kept)")
+    p.add_argument("--backend", default="cpu")
+    a = p.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="prune_bench_") as out:
+        cfg = DedupConfig(input_embeddings_path=a.input, output_path=out, n_clusters=a.clusters,
+                          pairwise_tile_size=a.tile, backend=a.backend)
+        report = run_pipeline(cfg)
+        sizes = report.cluster_sizes[report.cluster_sizes > 0].astype(np.float64)
+        useful = float((sizes ** 2).sum()) * report.dim
+        print(f"{report.n_rows:,} x {report.dim}, k={a.clusters}: clusters of {int(sizes.min()):,} "
+              f"to {int(sizes.max()):,} clips; useful pairwise work {useful / 1e9:.1f} GFLOP; "
+              f"{os.cpu_count()} cores\n")
+        print(f"{'phase':<12}{'seconds':>9}")
+        for name, seconds in report.timer.seconds.items():
+            print(f"{name:<12}{seconds:9.2f}")
+        print(f"prune: {useful / report.timer.seconds['prune'] / 1e9:.1f} useful GFLOP/s "
+              "(reads, ranking and writes included)\n")
+
+        store = output_storage(cfg)
+        ranked = [r for k in range(a.clusters) if (r := ranked_shard(cfg, store, k)) is not None]
+    backend = get_backend(a.backend)
+    kernels = {"baseline " + a.baseline_ref: module_at(a.baseline_ref).max_similarity_to_earlier,
+               "today": max_similarity_to_earlier}
+    results = {}
+    for name, kernel in kernels.items():
+        def one_pass(kernel=kernel):
+            return [tuple(backend.to_numpy(x) for x in kernel(backend, backend.asarray(r.emb),
+                                                             a.tile)) for r in ranked]
+        seconds, results[name] = best_of(a.repeats, one_pass)
+        print(f"pairwise alone, {name:<22}{seconds:7.3f} s  {useful / seconds / 1e9:6.1f} useful "
+              "GFLOP/s")
+    first, second = results.values()
+    same = all(s1.tobytes() == s2.tobytes() and m1.tobytes() == m2.tobytes()
+               for (s1, m1), (s2, m2) in zip(first, second))
+    print(f"same scores and matches, bit for bit: {same}")
+    print(f"plain GEMM (2048 x 2048 x {report.dim}, float32): {gemm_gflops(report.dim):.0f} GFLOP/s")
+    if not same:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
