@@ -19,26 +19,39 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+def _default_text(name: str, f) -> str:
+    if f.is_required():
+        return " (required, here or in --job-spec)"
+    if name == "eps_to_extract":
+        return " (default: 0.01; several allowed)"
+    if f.default is None:
+        return " (default: unset)"
+    if name == "zip_max_bytes":
+        return ""  # its description gives the default in GiB
+    return f" (default: {f.default})"
+
+
+def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per DedupConfig field (also used by `semdedup-dagster-config`)."""
     for name, f in DedupConfig.model_fields.items():
         if name in skip:
             continue
         ann = f.annotation
         kwargs: dict[str, Any] = {"default": None, "dest": name}
-        default = "" if f.is_required() else f" (default: {f.default if f.default is not None else 'unset'})"
+        flags = [_flag(name)]
         args = typing.get_args(ann)
         if typing.get_origin(ann) is typing.Literal:
             kwargs["choices"] = list(args)
         elif name == "eps_to_extract":
             kwargs.update(type=float, nargs="+", action="extend", metavar="EPS")
-            default = " (default: 0.01; several allowed)"
+            flags.append("--eps")  # the spelling of `sweep`
         elif ann is bool:
             kwargs.update(action="store_const", const=True)
         elif ann is int:
             kwargs["type"] = int
         elif ann is float:
             kwargs["type"] = float
-        parser.add_argument(_flag(name), help=f.description + default, **kwargs)
+        parser.add_argument(*flags, help=f.description + _default_text(name, f), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--job-spec", metavar="FILE",
                      help='JSON job spec {"pipeline": "semantic-dedup", "args": {...}}; flags given '
                           "beside it override its args")
-    _add_config_options(run)
+    add_config_options(run)
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--wait", action="store_true",
                      help="if another run is writing the output folder, wait for it to finish "
@@ -80,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="write unique_ids and summaries for new eps from existing "
                                          "pruning tables (no other recomputation)")
     sweep.add_argument("output_path", help="a semdedup output folder, local or s3://")
-    sweep.add_argument("--eps", type=float, nargs="+", required=True, metavar="EPS",
-                       help="eps values in [1e-4, 1)")
+    sweep.add_argument("--eps", "--eps-to-extract", dest="eps", type=float, nargs="+",
+                       required=True, action="extend", metavar="EPS",
+                       help="eps values in [1e-4, 1) (required)")
     add_s3_options(sweep)
 
     corpus = sub.add_parser("corpus", help="a corpus of drops, each deduplicated against every "
@@ -93,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--drop-name", required=True, help="the drop's name in the corpus (its folder)")
     add.add_argument("--wait", action="store_true",
                      help="wait for another add into the corpus to finish instead of failing")
-    _add_config_options(add, skip=("output_path",))
+    add_config_options(add, skip=("output_path",))
     show = corpus_sub.add_parser("show", help="the drops of a corpus: clips, removed per eps "
                                               "inside the drop and of earlier drops, drift")
     show.add_argument("corpus", help="the corpus folder, local or s3://")
@@ -102,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "the centroids on all drops, re-add in order")
     rebuild.add_argument("corpus", help="the corpus to rebuild (left as it is)")
     rebuild.add_argument("--into", required=True, help="the new corpus folder (must hold none)")
-    _add_config_options(rebuild, skip=("output_path", "input_embeddings_path", "eps_to_extract"))
+    add_config_options(rebuild, skip=("output_path", "input_embeddings_path", "eps_to_extract"))
 
     sample = sub.add_parser("make-sample", help="write synthetic clip embeddings with planted "
                                                 "duplicates (for trials and benchmarks)")
@@ -116,16 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def given_config_flags(ns: argparse.Namespace) -> dict[str, Any]:
+    """The config flags the user gave (unset ones are None)."""
+    return {name: getattr(ns, name) for name in DedupConfig.model_fields
+            if getattr(ns, name, None) is not None}
+
+
 def config_from_args(ns: argparse.Namespace) -> DedupConfig:
-    args: dict[str, Any] = parse_job_spec(ns.job_spec) if ns.job_spec else {}
-    for name in DedupConfig.model_fields:
-        value = getattr(ns, name, None)
-        if value is not None:
-            args[name] = value
-    missing = [_flag(n) for n in ("input_embeddings_path", "n_clusters") if n not in args]
+    """The run's config: the job spec's args (if any) with the flags given beside it merged
+    over them, validated as a whole."""
+    flags = given_config_flags(ns)
+    if ns.job_spec:
+        return make_config(**parse_job_spec(ns.job_spec, overrides=flags))
+    missing = [_flag(n) for n in ("input_embeddings_path", "n_clusters") if n not in flags]
     if missing:
         raise SemdedupError(f"missing {' and '.join(missing)} (or give them in --job-spec)")
-    return make_config(**args)
+    return make_config(**flags)
 
 
 def format_report(report) -> str:

@@ -5,6 +5,7 @@ from `DedupConfig`, so a default or a choice is written down exactly once.
 """
 
 import json
+import os
 import posixpath
 from pathlib import Path
 from typing import Any, Literal
@@ -101,7 +102,8 @@ class DedupConfig(BaseModel):
         default=None, description="S3-compatible endpoint (else AWS_ENDPOINT_URL, else AWS).")
     aws_region: str | None = Field(default=None, description="AWS region for s3:// paths.")
     zip_max_bytes: int = Field(default=64 * 2**30, ge=1,
-                               description="Largest total uncompressed size a .zip may extract to.")
+                               description="Largest total uncompressed size a .zip may extract to, "
+                                           "in bytes (64 GiB = 68719476736 by default).")
 
     @field_validator("eps_to_extract", mode="before")
     @classmethod
@@ -127,6 +129,19 @@ class DedupConfig(BaseModel):
             raise ValueError("output_path is required unless input_embeddings_path is a .zip")
         return self
 
+    @model_validator(mode="after")
+    def _output_apart_from_input(self) -> "DedupConfig":
+        # An output inside the input would be read back as input by the next run (its shards
+        # are parquet with the same columns); an input inside the output would be swept by the
+        # clean-up of stale files. Checked on the paths alone, before anything is written.
+        inp = _comparable(self.input_embeddings_path)
+        out = _comparable(self.resolved_output_path)
+        if inp == out or out.startswith(inp + "/") or inp.startswith(out + "/"):
+            raise ValueError(
+                f"output_path {self.resolved_output_path} must lie outside "
+                f"input_embeddings_path {self.input_embeddings_path} (and not contain it)")
+        return self
+
     @property
     def resolved_output_path(self) -> str:
         """`output_path`, or in zip mode `<zip stem>_semdedup` beside the zip."""
@@ -140,6 +155,13 @@ def is_zip_path(path: str) -> bool:
     return path.lower().rstrip("/").endswith(".zip")
 
 
+def _comparable(path: str) -> str:
+    """A path in one spelling for comparisons: absolute and normalised locally, as given on S3."""
+    if "://" in path:
+        return path.rstrip("/")
+    return os.path.normpath(os.path.abspath(os.path.expanduser(path)))
+
+
 def make_config(**args: Any) -> DedupConfig:
     """Build a config, turning pydantic's errors into one readable ConfigError."""
     try:
@@ -149,14 +171,17 @@ def make_config(**args: Any) -> DedupConfig:
 
 
 def format_validation_error(exc: ValidationError) -> str:
-    lines = []
+    """Pydantic's errors as one line: `invalid arguments: n_clusters: ...; eps_to_extract: ...`."""
+    parts = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        msg = err["msg"]
+        where = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown argument (check the spelling; see `semdedup run --help`)"
-        lines.append(f"{where}: {msg}")
-    return "invalid arguments:\n  " + "\n  ".join(lines)
+        elif err["type"] == "missing":
+            msg = "required"
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "invalid arguments: " + "; ".join(parts)
 
 
 class JobSpec(BaseModel):
@@ -167,8 +192,11 @@ class JobSpec(BaseModel):
     args: dict[str, Any]
 
 
-def parse_job_spec(source: str | Path | dict) -> dict[str, Any]:
-    """Return the `args` of a JSON job spec (a path, a JSON string or a dict), checked."""
+def parse_job_spec(source: str | Path | dict, overrides: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+    """The `args` of a JSON job spec (a path, a JSON string or a dict) with `overrides` (flags
+    given beside it) merged over them, then checked as a whole: a spec may leave out what the
+    flags give (e.g. the input path of an uploaded zip)."""
     where = "job spec"
     if isinstance(source, dict):
         raw = source
@@ -188,5 +216,9 @@ def parse_job_spec(source: str | Path | dict) -> dict[str, Any]:
         spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{where}: " + format_validation_error(exc)) from None
-    make_config(**spec.args)  # validate the args now, with the spec's name in any error
-    return spec.args
+    args = {**spec.args, **(overrides or {})}
+    try:
+        DedupConfig(**args)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: " + format_validation_error(exc)) from None
+    return args

@@ -46,15 +46,18 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Time a phase (re-entering one adds to it); logged, for runs without a terminal."""
-        if name not in self.seconds:
+        """Time a phase (re-entering one adds to it); logged once, for runs without a
+        terminal (a re-entry, e.g. writing the centroids, adds to the closing table only)."""
+        first = name not in self.seconds
+        if first:
             log.info("%s: started", name)
         start = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-            log.info("%s: %.2f s so far", name, self.seconds[name])
+            if first:
+                log.info("%s: done in %.2f s", name, self.seconds[name])
 
     def gflops(self, name: str) -> float | None:
         if name in self.flops and self.seconds.get(name):

@@ -31,10 +31,18 @@ from semdedup_core.pipeline import (
     fit_centroids,
     input_fingerprint,
     nonempty_clusters,
-    prune_cluster,
+    prune_clusters,
 )
 from semdedup_core.storage import Storage
-from semdedup_dagster.config import SemdedupConfig, to_engine
+from semdedup_dagster.checks import (
+    CENTROID_CHECKS,
+    SUMMARY_CHECKS,
+    check_centroid_partitions,
+    require_pruning_tables,
+    summary_outcomes,
+)
+from semdedup_dagster.config import SemdedupResource
+from semdedup_dagster.failures import reports_user_errors
 from semdedup_dagster.partitions import CENTROIDS, register_centroids
 from semdedup_dagster.plots import score_histogram_svg, summary_plots
 from semdedup_dagster.resources import LayoutStorage
@@ -47,6 +55,10 @@ CROSS_TABLES = "semdedup_cross_cluster_tables"
 UNIQUE_IDS = "unique_ids"
 DEDUP_SUMMARY = "dedup_summary"
 
+
+def where(out: Storage, rel: str = "") -> MetadataValue:
+    """An artifact's address for metadata: absolute on local disk, the URI on S3."""
+    return MetadataValue.path(out.path(rel) if out.local else out.display(rel))
 
 
 # -- stage helpers (shared with jobs.py) ---------------------------------------------------------
@@ -96,7 +108,7 @@ def fit_stage(context, cfg: DedupConfig, storage: LayoutStorage,
     instance = context.instance
     register_centroids(instance, cfg.n_clusters)
     return fit, {
-        "path": MetadataValue.path(out.display(layout.CENTROIDS)),
+        "path": where(out, layout.CENTROIDS),
         "clips": fit.n_rows, "dimensions": fit.dim, "n_clusters": cfg.n_clusters,
         "fit_sample_clips": fit.sample_rows, "kmeans_iterations": fit.iterations,
         "backend": backend.name, "seconds": round(time.perf_counter() - t, 3),
@@ -151,7 +163,7 @@ def audit_metadata(rows) -> dict:
 
 
 def shard_metadata(out: Storage, cluster: int, size: int) -> dict:
-    return {"path": MetadataValue.path(out.display(layout.shard_dir(cluster))), "rows": int(size)}
+    return {"path": where(out, layout.shard_dir(cluster)), "rows": int(size)}
 
 
 def cluster_metadata(out: Storage, result: ClusterResult, seconds: float) -> dict:
@@ -164,7 +176,7 @@ def cluster_metadata(out: Storage, result: ClusterResult, seconds: float) -> dic
         f"{scores[i]:.6f} |\n" for i in top if scores[i] > 0)
     curve = "| eps | removed |\n|---|---|\n" + "".join(
         f"| {eps_text(e)} | {int(removed_mask(scores, e).sum())} |\n" for e in EPS_GRID)
-    return {"path": MetadataValue.path(out.display(layout.pruning_table(result.cluster))),
+    return {"path": where(out, layout.pruning_table(result.cluster)),
             "rows": result.size, "max_cosine_sim_score": round(result.max_score, 6),
             "score_histogram": score_histogram_svg(scores),
             "removed_vs_eps": MetadataValue.md(curve),
@@ -173,8 +185,8 @@ def cluster_metadata(out: Storage, result: ClusterResult, seconds: float) -> dic
 
 def removed_metadata(cfg: DedupConfig, out: Storage, cluster: int, removed: dict) -> dict:
     meta = {f"removed_{eps_text(e)}": int(n) for e, n in removed.items()}
-    meta.update({f"path_{eps_text(e)}": MetadataValue.path(out.display(
-        layout.unique_ids_part(e, cluster))) for e in cfg.eps_to_extract})
+    meta.update({f"path_{eps_text(e)}": where(out, layout.unique_ids_part(e, cluster))
+                 for e in cfg.eps_to_extract})
     return meta
 
 
@@ -186,6 +198,7 @@ def summary_stage(context, cfg: DedupConfig, storage: LayoutStorage) -> dict:
     with holding_output(context, out) as lock:
         run_record.begin_writing(out, lock)
         clusters = nonempty_clusters(out)
+        require_pruning_tables(out, clusters)
         # Example pairs just inside the first eps: the ones a user checks when choosing eps.
         stats = score_stats(out, clusters, EPS_GRID, examples_eps=cfg.eps_to_extract[0])
         total = stats.total
@@ -211,7 +224,7 @@ def summary_stage(context, cfg: DedupConfig, storage: LayoutStorage) -> dict:
         "removed_vs_eps": MetadataValue.md(curve),
         "cluster_size_min": int(sizes_arr.min()), "cluster_size_median": float(np.median(sizes_arr)),
         "cluster_size_max": int(sizes_arr.max()),
-        "path": MetadataValue.path(out.display(layout.summary_csv(cfg.eps_to_extract[0]))),
+        "path": where(out, layout.summary_csv(cfg.eps_to_extract[0])),
     }
     meta.update({f"removed_{eps_text(e)}": r["removed"] for e, r in rows.items()})
     meta[f"example_pairs_{eps_text(cfg.eps_to_extract[0])}"] = MetadataValue.md(
@@ -223,33 +236,48 @@ def summary_stage(context, cfg: DedupConfig, storage: LayoutStorage) -> dict:
     return meta
 
 
-def cluster_dedup_stage(context, cfg: DedupConfig, out: Storage, cluster: int, backend,
+def cluster_dedup_stage(context, cfg: DedupConfig, out: Storage, clusters: list[int], backend,
                         prune: bool = True, extract: bool = True):
-    """Prune (and extract) one cluster. Returns (ClusterResult or None for an empty cluster,
-    removed per eps, seconds)."""
-    t = time.perf_counter()
+    """Prune (and extract) clusters, pipelined (the next ones read while one computes); with
+    `prune` off, extract from the pruning tables on storage. Yields, in order, (cluster,
+    ClusterResult or None for an empty cluster, removed per eps, seconds since the previous)."""
+    last = time.perf_counter()
     with holding_output(context, out) as lock:
         run_record.begin_writing(out, lock)
         if prune:
-            result = prune_cluster(cfg, out, cluster, backend, extract=extract)
-            return result, result.removed if result else {}, time.perf_counter() - t
-        if not out.list_files(layout.shard_dir(cluster)):
-            return None, {}, time.perf_counter() - t
-        return None, extract_from_tables(out, cluster, cfg.eps_to_extract), \
-            time.perf_counter() - t
+            for cluster, result in zip(clusters, prune_clusters(cfg, out, clusters, backend,
+                                                                extract=extract)):
+                secs, last = time.perf_counter() - last, time.perf_counter()
+                yield cluster, result, (result.removed if result else {}), secs
+            return
+        for cluster in clusters:
+            removed = extract_from_tables(out, cluster, cfg.eps_to_extract) \
+                if out.list_files(layout.shard_dir(cluster)) else {}
+            secs, last = time.perf_counter() - last, time.perf_counter()
+            yield cluster, None, removed, secs
 
 
 # -- the assets ----------------------------------------------------------------------------------
+# Every asset reads the run's arguments from the `semdedup` resource (given once per run).
+# All have a single-run backfill policy: the partitioned ones take a range of centroids in one
+# step, and `dagster asset materialize --partition-range 0...9` (which wants the policy on every
+# selected asset) can select the unpartitioned ones beside them.
 IO_MANAGER = "semdedup_layout"  # LayoutIOManager: downstream assets read the layout back
 
 
 @asset(name=KMEANS_CENTROIDS, group_name=GROUP, kinds={"numpy"}, io_manager_key=IO_MANAGER,
+       check_specs=CENTROID_CHECKS, backfill_policy=BackfillPolicy.single_run(),
        description="K-means centroids (clustering_results/kmeans_centroids.npy); registers one "
                    "`centroids` partition per centroid.")
-def kmeans_centroids(context: AssetExecutionContext, config: SemdedupConfig,
-                     layout_storage: LayoutStorage) -> MaterializeResult:
-    _, meta = fit_stage(context, to_engine(config), layout_storage)
-    return MaterializeResult(metadata=meta)
+@reports_user_errors
+def kmeans_centroids(context: AssetExecutionContext, semdedup: SemdedupResource,
+                     layout_storage: LayoutStorage):
+    cfg = semdedup.engine()
+    _, meta = fit_stage(context, cfg, layout_storage)
+    yield MaterializeResult(metadata=meta)
+    if context.selected_asset_check_keys:
+        partitions = context.instance.get_dynamic_partitions(CENTROIDS.name)
+        yield check_centroid_partitions(cfg, layout_storage.output(cfg), partitions).result()
 
 
 @asset(name=EMBS_BY_NEAREST_CENTER, group_name=GROUP, partitions_def=CENTROIDS,
@@ -258,16 +286,20 @@ def kmeans_centroids(context: AssetExecutionContext, config: SemdedupConfig,
        description="Clips of each centroid, unit embeddings and distances "
                    "(embs_by_nearest_center/nearest_cent={k}). One streaming pass over the input "
                    "writes every selected partition.")
-def embs_by_nearest_center(context: AssetExecutionContext, config: SemdedupConfig,
+@reports_user_errors
+def embs_by_nearest_center(context: AssetExecutionContext, semdedup: SemdedupResource,
                            layout_storage: LayoutStorage) -> MaterializeResult:
-    cfg = to_engine(config)
+    cfg = semdedup.engine()
     wanted = {int(k) for k in context.partition_keys}
     sizes, out = assign_stage(context, cfg, layout_storage, only=wanted)
-    picked = sorted(k for k in wanted if k < len(sizes))
+    for k in wanted:
+        size = int(sizes[k]) if k < len(sizes) else 0
+        context.add_asset_metadata(shard_metadata(out, k, size), partition_key=str(k))
+    picked = [k for k in wanted if k < len(sizes)]
     return MaterializeResult(metadata={
-        "rows": int(sum(sizes[k] for k in picked)), "partitions": len(picked),
-        "largest_cluster": int(max((sizes[k] for k in picked), default=0)),
-        "path": MetadataValue.path(out.display(layout.SHARDS))})
+        "partitions_in_run": len(wanted),
+        "rows_in_run": int(sum(sizes[k] for k in picked)),
+        "largest_cluster_in_run": int(max((sizes[k] for k in picked), default=0))})
 
 
 @asset(name=CROSS_TABLES, group_name=GROUP, partitions_def=CENTROIDS, io_manager_key=IO_MANAGER,
@@ -297,6 +329,7 @@ def cross_cluster_tables_asset(context: AssetExecutionContext, config: SemdedupC
 
 @multi_asset(
     name="cluster_dedup", group_name=GROUP, partitions_def=CENTROIDS, can_subset=True,
+    backfill_policy=BackfillPolicy.single_run(),
     specs=[
         AssetSpec(PRUNING_TABLES, deps=[EMBS_BY_NEAREST_CENTER], partitions_def=CENTROIDS,
                   skippable=True, kinds={"parquet"}, metadata={"dagster/io_manager_key": IO_MANAGER},
@@ -307,31 +340,50 @@ def cross_cluster_tables_asset(context: AssetExecutionContext, config: SemdedupC
                   kinds={"parquet"}, metadata={"dagster/io_manager_key": IO_MANAGER},
                   description="The clips to REMOVE per eps (unique_ids_{eps}.parquet/part.{k})."),
     ])
-def cluster_dedup(context: AssetExecutionContext, config: SemdedupConfig,
+@reports_user_errors
+def cluster_dedup(context: AssetExecutionContext, semdedup: SemdedupResource,
                   layout_storage: LayoutStorage):
-    cfg = to_engine(config)
+    cfg = semdedup.engine()
     out = layout_storage.output(cfg)
     backend = get_backend(cfg.backend)
     selected = {k.to_user_string() for k in context.selected_asset_keys}
     prune, extract = PRUNING_TABLES in selected, UNIQUE_IDS in selected
-    cluster = int(context.partition_key)
-    result, removed, secs = cluster_dedup_stage(context, cfg, out, cluster, backend, prune,
-                                                extract)
+    clusters = sorted(int(k) for k in context.partition_keys)
+    removed_total = dict.fromkeys(cfg.eps_to_extract, 0)
+    for cluster, result, removed, secs in cluster_dedup_stage(context, cfg, out, clusters,
+                                                              backend, prune, extract):
+        if prune:
+            meta = cluster_metadata(out, result, secs) if result else {"rows": 0, "empty": True}
+            context.add_asset_metadata(meta, asset_key=PRUNING_TABLES, partition_key=str(cluster))
+        if extract:
+            context.add_asset_metadata(removed_metadata(cfg, out, cluster, removed),
+                                       asset_key=UNIQUE_IDS, partition_key=str(cluster))
+            for eps, n in removed.items():
+                removed_total[eps] += n
     if prune:
-        meta = cluster_metadata(out, result, secs) if result else {"rows": 0, "empty": True}
-        yield MaterializeResult(asset_key=PRUNING_TABLES, metadata=meta)
+        yield MaterializeResult(asset_key=PRUNING_TABLES,
+                                metadata={"partitions_in_run": len(clusters)})
     if extract:
-        yield MaterializeResult(asset_key=UNIQUE_IDS,
-                                metadata=removed_metadata(cfg, out, cluster, removed))
+        yield MaterializeResult(asset_key=UNIQUE_IDS, metadata={
+            "partitions_in_run": len(clusters),
+            **{f"removed_{eps_text(e)}_in_run": n for e, n in removed_total.items()}})
 
 
 @asset(name=DEDUP_SUMMARY, group_name=GROUP, deps=[UNIQUE_IDS], kinds={"csv"},
-       io_manager_key=IO_MANAGER,
+       io_manager_key=IO_MANAGER, check_specs=SUMMARY_CHECKS,
+       backfill_policy=BackfillPolicy.single_run(),
        description="dedup_summary_{eps}.csv per eps, the removed-vs-eps curve and the "
-                   "cluster-size distribution.")
-def dedup_summary(context: AssetExecutionContext, config: SemdedupConfig,
-                  layout_storage: LayoutStorage) -> MaterializeResult:
-    return MaterializeResult(metadata=summary_stage(context, to_engine(config), layout_storage))
+                   "cluster-size distribution. Fails when clusters with shards lack pruning "
+                   "tables (a partial output).")
+@reports_user_errors
+def dedup_summary(context: AssetExecutionContext, semdedup: SemdedupResource,
+                  layout_storage: LayoutStorage):
+    cfg = semdedup.engine()
+    yield MaterializeResult(metadata=summary_stage(context, cfg, layout_storage))
+    checks = {k.name for k in context.selected_asset_check_keys}
+    for outcome in summary_outcomes(cfg, layout_storage.output(cfg)):
+        if outcome.name in checks:
+            yield outcome.result()
 
 
 ASSETS = [kmeans_centroids, embs_by_nearest_center, cross_cluster_tables_asset, cluster_dedup,

@@ -3,10 +3,10 @@
 
 import os
 
-from dagster import Definitions
+from dagster import Definitions, in_process_executor
 
-from semdedup_dagster.assets import ASSETS
-from semdedup_dagster.assets import IO_MANAGER
+from semdedup_dagster.assets import ASSETS, IO_MANAGER
+from semdedup_dagster.config import RESOURCE_KEY, SemdedupResource
 from semdedup_dagster.corpus import corpora_definitions, corpus_specs_from_env
 from semdedup_dagster.io_manager import LayoutIOManager
 from semdedup_dagster.jobs import JOBS
@@ -33,7 +33,13 @@ defs = Definitions(
     jobs=JOBS + CORPORA["jobs"],
     sensors=[embedding_drop_sensor, *CORPORA["sensors"]],
     schedules=[semdedup_schedule],
-    resources={"layout_storage": LAYOUT_STORAGE,
+    # Asset runs are a chain (centroids -> shards -> pruning -> summary; a range of partitions
+    # is one step), so separate step processes would add start-up time and no parallelism. The
+    # `semdedup` job, which fans clusters out, keeps its own (multiprocess or k8s) executor.
+    executor=in_process_executor,
+    # The run's arguments: given once per run under `resources: semdedup: config:`.
+    resources={RESOURCE_KEY: SemdedupResource.configure_at_launch(),
+               "layout_storage": LAYOUT_STORAGE,
                IO_MANAGER: LayoutIOManager(layout_storage=LAYOUT_STORAGE),
                "drop_watch": drop_watch_from_env(os.environ),
                **({"io_manager": OP_OUTPUTS} if OP_OUTPUTS else {})},

@@ -9,14 +9,13 @@ materialisations of the centroid partitions it produced, so the asset catalog sh
 unique ids (e.g. one that failed), from the asset graph or the launchpad.
 """
 
-import time
-
 from dagster import (
     AssetMaterialization,
     Config,
     DynamicOut,
     DynamicOutput,
     In,
+    Nothing,
     OpExecutionContext,
     Out,
     define_asset_job,
@@ -28,7 +27,6 @@ from pydantic import Field as PydanticField
 from semdedup_core.backends import get_backend
 from semdedup_core.config import DedupConfig, eps_text, make_config
 from semdedup_core.extraction import sweep
-from semdedup_core.pipeline import prune_clusters
 from semdedup_core.sample import DEMO_ARGS
 from semdedup_dagster.assets import (
     CROSS_TABLES,
@@ -38,16 +36,19 @@ from semdedup_dagster.assets import (
     PRUNING_TABLES,
     UNIQUE_IDS,
     assign_stage,
+    cluster_dedup_stage,
     cluster_metadata,
     cross_stage,
     fit_stage,
-    holding_output,
     removed_metadata,
     shard_metadata,
     summary_stage,
 )
-from semdedup_dagster.config import FIT_OP, SemdedupConfig, run_config_for, to_engine
+from semdedup_dagster.checks import check_centroid_partitions, summary_outcomes
+from semdedup_dagster.config import ASSIGN_OP, SemdedupResource, run_config_for
+from semdedup_dagster.failures import reports_user_errors
 from semdedup_dagster.k8s import job_executor, run_k8s_tags, step_k8s_tags
+from semdedup_dagster.partitions import CENTROIDS
 from semdedup_dagster.resources import LayoutStorage
 
 # Runs started by the sensor and the schedule carry their output folder in this tag; the
@@ -68,21 +69,39 @@ def output_tag(args: dict) -> dict:
 
 
 # pool "gpu": the deployment's limit on computing steps running at once (deploy/dagster.yaml).
-@op(name=FIT_OP, out=Out(dict, description="The run's validated arguments and step size."),
-    pool="gpu", tags=step_k8s_tags())
-def fit_centroids_op(context: OpExecutionContext, config: SemdedupConfig,
-                     layout_storage: LayoutStorage) -> dict:
-    cfg = to_engine(config)
+@op(name="fit_centroids", out=Out(Nothing), pool="gpu", tags=step_k8s_tags(),
+    description="Read and validate the whole input, fit K-means on a sample, write "
+                "kmeans_centroids.npy and register the `centroids` partitions 0..k-1.")
+@reports_user_errors
+def fit_centroids_op(context: OpExecutionContext, semdedup: SemdedupResource,
+                     layout_storage: LayoutStorage) -> None:
+    cfg = semdedup.engine()
     # A .zip input is extracted once per run: assign_shards reuses this step's extraction.
     _, meta = fit_stage(context, cfg, layout_storage, share_input_with_run=context.run_id)
     context.log_event(AssetMaterialization(KMEANS_CENTROIDS, metadata=meta))
-    return {"args": cfg.model_dump(), "centroids_per_step": config.centroids_per_step}
+    partitions = context.instance.get_dynamic_partitions(CENTROIDS.name)
+    context.log_event(check_centroid_partitions(cfg, layout_storage.output(cfg),
+                                                partitions).evaluation())
 
 
-@op(ins={"run": In(dict)}, out=DynamicOut(dict), pool="gpu", tags=step_k8s_tags())
-def assign_shards(context: OpExecutionContext, run: dict, layout_storage: LayoutStorage):
-    cfg = make_config(**run["args"])
-    sizes, out = assign_stage(context, cfg, layout_storage, share_input_with_run=context.run_id)
+class AssignConfig(Config):
+    centroids_per_step: int = PydanticField(
+        default=250, ge=1,
+        description="Clusters deduplicated per step; steps run in parallel (processes locally, "
+                    "pods on Kubernetes).")
+
+
+@op(name=ASSIGN_OP, ins={"fitted": In(Nothing)}, out=DynamicOut(list), pool="gpu",
+    tags=step_k8s_tags(),
+    description="One streaming pass over the input: every clip to its nearest centroid's shard "
+                "(embs_by_nearest_center); then the non-empty clusters in batches of "
+                "centroids_per_step, one dedup_clusters step each.")
+@reports_user_errors
+def assign_shards(context: OpExecutionContext, config: AssignConfig, semdedup: SemdedupResource,
+                  layout_storage: LayoutStorage):
+    cfg = semdedup.engine()
+    sizes, out = assign_stage(context, cfg, layout_storage,
+                              share_input_with_run=context.run_id)
     clusters = [int(k) for k in sizes.nonzero()[0]]
     for k in clusters:
         context.log_event(AssetMaterialization(EMBS_BY_NEAREST_CENTER, partition=str(k),
@@ -90,45 +109,48 @@ def assign_shards(context: OpExecutionContext, run: dict, layout_storage: Layout
     # With cross_cluster, the cross tables come before any cluster's removals (their union).
     for k, meta in cross_stage(context, cfg, out, get_backend(cfg.backend)):
         context.log_event(AssetMaterialization(CROSS_TABLES, partition=str(k), metadata=meta))
-    step = run["centroids_per_step"]
+    step = config.centroids_per_step
     for i in range(0, len(clusters), step):
         batch = clusters[i:i + step]
-        yield DynamicOutput({"args": run["args"], "clusters": batch},
-                            mapping_key=f"clusters_{batch[0]}_{batch[-1]}")
+        yield DynamicOutput(batch, mapping_key=f"clusters_{batch[0]}_{batch[-1]}")
 
 
-@op(ins={"work": In(dict)}, out=Out(dict), pool="gpu", tags=step_k8s_tags())
-def dedup_clusters(context: OpExecutionContext, work: dict, layout_storage: LayoutStorage) -> dict:
-    cfg = make_config(**work["args"])
+@op(ins={"clusters": In(list)}, out=Out(dict), pool="gpu", tags=step_k8s_tags(),
+    description="Rank, pairwise-score and extract a batch of clusters: their pruning tables "
+                "and unique_ids parts.")
+@reports_user_errors
+def dedup_clusters(context: OpExecutionContext, clusters: list, semdedup: SemdedupResource,
+                   layout_storage: LayoutStorage) -> dict:
+    cfg = semdedup.engine()
     out = layout_storage.output(cfg)
-    backend = get_backend(cfg.backend)
     removed_total: dict[str, int] = {}
-    # Clusters are pipelined (the next ones read while one computes), so a cluster's seconds
-    # are the time since the previous one finished.
-    last = time.perf_counter()
-    with holding_output(context, out):
-        for result in prune_clusters(cfg, out, work["clusters"], backend):
-            secs, last = time.perf_counter() - last, time.perf_counter()
-            if result is None:
-                continue
-            k, removed = result.cluster, result.removed
-            context.log_event(AssetMaterialization(PRUNING_TABLES, partition=str(k),
-                                                   metadata=cluster_metadata(out, result, secs)))
-            context.log_event(AssetMaterialization(UNIQUE_IDS, partition=str(k),
-                                                   metadata=removed_metadata(cfg, out, k, removed)))
-            for eps, n in removed.items():
-                removed_total[repr(eps)] = removed_total.get(repr(eps), 0) + n
-    return {"clusters": work["clusters"], "removed": removed_total}
+    for k, result, removed, secs in cluster_dedup_stage(context, cfg, out, clusters,
+                                                        get_backend(cfg.backend)):
+        if result is None:
+            continue
+        context.log_event(AssetMaterialization(PRUNING_TABLES, partition=str(k),
+                                               metadata=cluster_metadata(out, result, secs)))
+        context.log_event(AssetMaterialization(UNIQUE_IDS, partition=str(k),
+                                               metadata=removed_metadata(cfg, out, k, removed)))
+        for eps, n in removed.items():
+            removed_total[eps_text(eps)] = removed_total.get(eps_text(eps), 0) + n
+    return {"clusters": clusters, "removed": removed_total}
 
 
-@op(ins={"run": In(dict), "done": In(list)})
-def summarize_run(context: OpExecutionContext, run: dict, done: list,
+@op(ins={"done": In(list)},
+    description="Write dedup_summary_<eps>.csv per eps and the summary's metadata (eps curve, "
+                "cluster sizes, example pairs); check the output's counts.")
+@reports_user_errors
+def summarize_run(context: OpExecutionContext, done: list, semdedup: SemdedupResource,
                   layout_storage: LayoutStorage) -> None:
-    cfg = make_config(**run["args"])
+    cfg = semdedup.engine()
     meta = summary_stage(context, cfg, layout_storage)
     context.log_event(AssetMaterialization(DEDUP_SUMMARY, metadata=meta))
-    context.log.info("summary: " + ", ".join(f"eps {k}: removed {v}" for k, v in meta.items()
-                                             if k.startswith("removed_") and isinstance(v, int)))
+    for outcome in summary_outcomes(cfg, layout_storage.output(cfg)):
+        context.log_event(outcome.evaluation())
+    context.log.info("summary: " + ", ".join(
+        f"eps {eps_text(e)}: removed {meta[f'removed_{eps_text(e)}']:,} of {meta['total']:,}"
+        for e in cfg.eps_to_extract))
 
 
 @job(name="semdedup", config=run_config_for(DEMO_ARGS), executor_def=job_executor(),
@@ -136,9 +158,8 @@ def summarize_run(context: OpExecutionContext, run: dict, done: list,
      description="Semantic dedup end to end: centroids, shards, per-centroid pruning (parallel "
                  "steps), unique ids per eps, summaries.")
 def semdedup_job():
-    run = fit_centroids_op()
-    results = assign_shards(run).map(dedup_clusters)
-    summarize_run(run, results.collect())
+    results = assign_shards(fit_centroids_op()).map(dedup_clusters)
+    summarize_run(results.collect())
 
 
 class SweepConfig(Config):
@@ -149,7 +170,9 @@ class SweepConfig(Config):
         description=DedupConfig.model_fields["eps_to_extract"].description)
 
 
-@op(name="sweep_eps")
+@op(name="sweep_eps", description="New unique_ids_<eps> and summaries from an output's pruning "
+                                  "tables.")
+@reports_user_errors
 def sweep_eps_op(context: OpExecutionContext, config: SweepConfig,
                  layout_storage: LayoutStorage) -> None:
     eps = make_config(input_embeddings_path="-", output_path=config.output_path, n_clusters=1,

@@ -23,10 +23,13 @@ def run_k8s_tags() -> dict:
 
 
 def job_executor():
-    """SEMDEDUP_EXECUTOR=k8s runs each step in its own pod (dagster-k8s); else Dagster's default
-    (processes locally, in-process for execute_in_process)."""
+    """SEMDEDUP_EXECUTOR=k8s runs each step in its own pod (dagster-k8s); else one process per
+    step locally (in-process for execute_in_process). Explicit, because the Definitions' default
+    executor (for asset runs, a chain with nothing to run in parallel) is in-process."""
     if os.environ.get("SEMDEDUP_EXECUTOR") == "k8s":
         from dagster_k8s import k8s_job_executor
 
         return k8s_job_executor
-    return None
+    from dagster import multiprocess_executor
+
+    return multiprocess_executor

@@ -1,5 +1,5 @@
 """The Dagster layer on real Dagster: the whole Definitions, in-process materialisation on an
-ephemeral instance, `dagster job execute` in a subprocess against `semdedup run`, re-running one
+ephemeral instance (`dagster job execute` against `semdedup run`: tests/test_job_specs.py), re-running one
 centroid partition, the drop sensor against a real S3 API server, and a live webserver."""
 
 import json
@@ -12,7 +12,14 @@ import warnings
 import pytest
 import yaml
 import pyarrow.parquet as pq
-from dagster import AssetKey, DagsterInstance, asset, build_sensor_context, materialize
+from dagster import (
+    AssetKey,
+    DagsterInstance,
+    Definitions,
+    asset,
+    build_sensor_context,
+    materialize,
+)
 
 from semdedup_core import layout
 from semdedup_core.config import DedupConfig, make_config
@@ -24,10 +31,10 @@ from semdedup_dagster.assets import (
     embs_by_nearest_center,
     kmeans_centroids,
 )
-from semdedup_dagster.config import SemdedupConfig, job_spec_to_run_config, run_config_for
+from semdedup_dagster.config import SemdedupResource, job_spec_to_run_config, run_config_for
 from semdedup_dagster.definitions import defs
-from semdedup_dagster.jobs import semdedup_job
 from semdedup_dagster.io_manager import LayoutIOManager
+from semdedup_dagster.jobs import semdedup_job
 from semdedup_dagster.partitions import CENTROIDS
 from semdedup_dagster.resources import LayoutStorage
 from semdedup_dagster.sensors import DropWatch, candidate_files, embedding_drop_sensor, find_drops
@@ -79,7 +86,7 @@ def test_command_line_validation_of_the_definitions():
 
 
 def test_run_config_mirrors_the_engine_config():
-    fields = SemdedupConfig.model_fields
+    fields = SemdedupResource.model_fields
     for name, f in DedupConfig.model_fields.items():
         assert name in fields
         assert fields[name].annotation == f.annotation and fields[name].description
@@ -87,7 +94,7 @@ def test_run_config_mirrors_the_engine_config():
             assert fields[name].default == f.default
     # The launchpad's schema: enum choices and defaults come through Dagster's config system.
     schema = defs.resolve_job_def("semdedup").run_config_schema.config_type
-    op_fields = schema.fields["ops"].config_type.fields["fit_centroids"].config_type \
+    op_fields = schema.fields["resources"].config_type.fields["semdedup"].config_type \
         .fields["config"].config_type.fields
     assert op_fields["which_to_keep"].default_value == "hard"
     assert {v.config_value for v in op_fields["which_to_keep"].config_type.enum_values} == \
@@ -101,7 +108,7 @@ def test_job_spec_converts_to_run_config(tmp_path):
                                                    "output_path": "s3://b/y", "n_clusters": 9}}
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec))
-    expected = {"ops": {"fit_centroids": {"config": spec["args"]}}}
+    expected = {"resources": {"semdedup": {"config": spec["args"]}}}
     assert job_spec_to_run_config(str(path)) == expected
     out = subprocess.run([os.path.join(BIN, "semdedup-dagster-config"), str(path)],
                          capture_output=True, text=True, check=True).stdout
@@ -115,7 +122,7 @@ def test_job_in_process_equals_engine(planted, reference, tmp_path):
     folder, _ = planted
     instance = DagsterInstance.ephemeral()
     result = defs.resolve_job_def("semdedup").execute_in_process(
-        run_config=run_config_for({**args_for(folder, tmp_path / "out"), "centroids_per_step": 2}),
+        run_config=run_config_for(args_for(folder, tmp_path / "out"), centroids_per_step=2),
         instance=instance)
     assert result.success
     assert tree(tmp_path / "out") == reference
@@ -177,12 +184,13 @@ def test_assets_materialise_one_by_one_and_one_partition_alone(planted, referenc
     folder, _ = planted
     out = tmp_path / "out"
     instance = DagsterInstance.ephemeral()
-    resources = {"layout_storage": LayoutStorage(),
+    resources = {"semdedup": SemdedupResource.configure_at_launch(),
+                 "layout_storage": LayoutStorage(),
                  "semdedup_layout": LayoutIOManager(layout_storage=LayoutStorage())}
     cfg = args_for(folder, out)
 
-    def config(*names):
-        return {"ops": {n: {"config": cfg} for n in names}}
+    def config(*names):  # the same run config for every asset: the `semdedup` resource's
+        return run_config_for(cfg)
 
     assert materialize([kmeans_centroids], run_config=config("kmeans_centroids"),
                        instance=instance, resources=resources).success
@@ -229,9 +237,9 @@ def test_assets_materialise_one_by_one_and_one_partition_alone(planted, referenc
 
     upstream = [kmeans_centroids, embs_by_nearest_center, cluster_dedup, dedup_summary]
     assert materialize([*upstream, removed_here], selection=[removed_here], partition_key="3",
-                       instance=instance, resources=resources).success
+                       instance=instance, resources=resources, run_config=config()).success
     assert materialize([*upstream, dedup_report], selection=[dedup_report], instance=instance,
-                       resources=resources).success
+                       resources=resources, run_config=config()).success
     part = pq.read_table(out / "extraction/unique_ids_0.1.parquet/part.3.parquet")
     assert set(seen["unique_ids"]) == {"0.01", "0.1"} and seen["unique_ids"]["0.1"].equals(part)
     assert seen["pruning"].column_names == ["id", "max_id", "cosine_sim_score"]
@@ -246,31 +254,6 @@ def test_assets_materialise_one_by_one_and_one_partition_alone(planted, referenc
     assert not failed.success
     text = " ".join(str(e.event_specific_data) for e in failed.all_events if e.is_failure)
     assert "incomplete: no completion record" in text
-
-
-def test_dagster_job_execute_equals_semdedup_run(planted, tmp_path):
-    folder, _ = planted
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    run_yaml = tmp_path / "run.yaml"
-    run_yaml.write_text(yaml.safe_dump(run_config_for({**args_for(folder, tmp_path / "dg"),
-                                                       "centroids_per_step": 3})))
-    env = {**os.environ, "DAGSTER_HOME": str(home)}
-    proc = subprocess.run([os.path.join(BIN, "dagster"), "job", "execute", "-m",
-                           "semdedup_dagster.definitions", "-j", "semdedup", "-c", str(run_yaml)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "RUN_SUCCESS" in proc.stderr + proc.stdout
-    cli = subprocess.run([os.path.join(BIN, "semdedup"), "run", "--input-embeddings-path",
-                          str(folder), "--output-path", str(tmp_path / "cli"), "--n-clusters",
-                          "7", "--eps-to-extract", "0.01", "0.1"], capture_output=True, text=True)
-    assert cli.returncode == 0, cli.stderr
-    assert tree(tmp_path / "dg") == tree(tmp_path / "cli")
-    # The run used several parallel steps (3 clusters per step).
-    instance = DagsterInstance.from_config(str(home))
-    run = instance.get_runs()[0]
-    steps = {s.step_key for s in instance.get_run_step_stats(run.run_id)}
-    assert sum(1 for s in steps if s.startswith("dedup_clusters[")) == 3
 
 
 def test_drop_sensor_does_not_walk_output_folders(planted, tmp_path):
@@ -319,7 +302,7 @@ def test_drop_sensor_against_s3(planted, s3_client, s3_endpoint, aws_profile):
     assert runs == []
     runs, cursor = tick(None)
     assert len(runs) == 1
-    args = runs[0].run_config["ops"]["fit_centroids"]["config"]
+    args = runs[0].run_config["resources"]["semdedup"]["config"]
     assert args["input_embeddings_path"] == "s3://drops/incoming/2026-11-25/iv2_embd_parquet"
     assert args["output_path"] == "s3://drops/dedup/2026-11-25/iv2_embd_parquet"
     assert args["n_clusters"] == 5
@@ -328,7 +311,7 @@ def test_drop_sensor_against_s3(planted, s3_client, s3_endpoint, aws_profile):
     # A zip drop next to it is a new drop; the folder is not started again.
     s3_client.put_object(Bucket="drops", Key="incoming/late.zip", Body=b"PK")
     runs, cursor = tick(cursor)
-    assert [r.run_config["ops"]["fit_centroids"]["config"]["input_embeddings_path"]
+    assert [r.run_config["resources"]["semdedup"]["config"]["input_embeddings_path"]
             for r in runs] == ["s3://drops/incoming/late.zip"]
     # Rewriting a file of the folder drop picks it up again, with a new run key.
     first_key = json.loads(cursor)["2026-11-25/iv2_embd_parquet"]
@@ -341,8 +324,10 @@ def test_drop_sensor_against_s3(planted, s3_client, s3_endpoint, aws_profile):
         "2026-11-25/iv2_embd_parquet"])
     assert first_key != json.loads(cursor)["2026-11-25/iv2_embd_parquet"]
     # The run request is a valid run of the job: execute it in process against the S3 server.
-    result = semdedup_job.execute_in_process(run_config=runs[0].run_config, instance=instance,
-                                             resources={"layout_storage": storage})
+    s3_defs = Definitions(jobs=[semdedup_job], resources={
+        "semdedup": SemdedupResource.configure_at_launch(), "layout_storage": storage})
+    result = s3_defs.resolve_job_def("semdedup").execute_in_process(
+        run_config=runs[0].run_config, instance=instance)
     assert result.success
     keys = [o["Key"] for o in s3_client.list_objects_v2(
         Bucket="drops", Prefix="dedup/2026-11-25/iv2_embd_parquet/extraction/")["Contents"]]
@@ -392,7 +377,7 @@ def test_schedule_runs_the_configured_job_spec(tmp_path, monkeypatch):
     ctx = build_schedule_context(
         scheduled_execution_time=datetime.datetime(2026, 11, 26, 2, tzinfo=datetime.timezone.utc))
     request = semdedup_schedule(ctx)
-    assert request.run_config == {"ops": {"fit_centroids": {"config": {
+    assert request.run_config == {"resources": {"semdedup": {"config": {
         "input_embeddings_path": "s3://b/daily/iv2_embd_parquet", "output_path": "s3://b/out",
         "n_clusters": 50}}}}
     assert request.run_key.startswith("2026-11-26T02:00")

@@ -20,6 +20,7 @@ import tomllib
 import pytest
 import yaml
 
+from semdedup_dagster.config import run_config_for
 from tests.conftest import REPO, DagsterWeb, free_port, upload_folder
 
 DEPLOY = os.path.join(REPO, "deploy")
@@ -249,12 +250,11 @@ def test_failed_run_resumes_without_redoing_finished_centroids(deployment, plant
     blocker = out / "extraction/semdedup_pruning_tables/cluster_3.parquet"
     blocker.mkdir(parents=True)
     (blocker / "keep").write_text("x")
-    args = {"input_embeddings_path": str(folder), "output_path": str(out), "n_clusters": 6,
-            "centroids_per_step": 2}
+    args = {"input_embeddings_path": str(folder), "output_path": str(out), "n_clusters": 6}
     launched = web.graphql("""mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
         __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }""",
                            {"p": {"selector": {**selector(web), "jobName": "semdedup"},
-                                  "runConfigData": {"ops": {"fit_centroids": {"config": args}}}}})
+                                  "runConfigData": run_config_for(args, centroids_per_step=2)}})
     run_id = launched["data"]["launchRun"]["run"]["runId"]
     first = web.wait_for_run(run_id)
     assert first["status"] == "FAILURE"

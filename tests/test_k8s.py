@@ -132,7 +132,7 @@ def k8s_run(planted, s3_endpoint, tmp_path_factory):
     (home / "values.yaml").write_text(yaml.safe_dump(values))
     args = {"input_embeddings_path": "s3://curation/incoming/day1.zip",
             "output_path": "s3://curation/dedup/k8s-day1", "n_clusters": 6,
-            "eps_to_extract": [0.01, 0.1], "backend": "cpu", "centroids_per_step": 3}
+            "eps_to_extract": [0.01, 0.1], "backend": "cpu"}
     # The launching process (the webserver, with the code location's definitions): the
     # deployment's env and secrets.
     env = {"PATH": os.environ["PATH"], "HOME": str(root), "DAGSTER_HOME": str(home),
@@ -141,7 +141,7 @@ def k8s_run(planted, s3_endpoint, tmp_path_factory):
         launched = subprocess.run(
             [sys.executable, "-c", "import sys; from tests.k8s_cluster import launch; "
                                    "launch(sys.argv[1], sys.argv[2])",
-             str(home), json.dumps(run_config_for(args))],
+             str(home), json.dumps(run_config_for(args, centroids_per_step=3))],
             env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert launched.returncode == 0, launched.stderr[-3000:]
         run_id = launched.stdout.split()[-1]
