@@ -9,7 +9,7 @@ import threading
 import typing
 from typing import Any
 
-from semdedup_core.config import DedupConfig, eps_text, make_config, parse_job_spec
+from semdedup_core.config import DedupConfig, checked_eps, eps_text, make_config, parse_job_spec
 from semdedup_core.errors import SemdedupError
 
 log = logging.getLogger("semdedup")
@@ -190,8 +190,7 @@ def _inspect_or_sweep(ns: argparse.Namespace) -> int:
         print(format_inspection(out, ns.id, ns.top, incomplete=reason))
         return 0
     # Validate the eps with the same rules as a run.
-    eps = make_config(input_embeddings_path="-", output_path="-", n_clusters=1,
-                      eps_to_extract=ns.eps).eps_to_extract
+    eps = checked_eps(ns.eps)
     rows = sweep(out, eps)
     print(f"{'eps':>8} {'total':>12} {'kept':>12} {'removed':>12}")
     for e, r in rows.items():

@@ -115,13 +115,7 @@ class DedupConfig(BaseModel):
     @field_validator("eps_to_extract")
     @classmethod
     def _eps_in_range(cls, value: list[float]) -> list[float]:
-        if not value:
-            raise ValueError("give at least one eps")
-        for eps in value:
-            if not (EPS_MIN <= eps < 1):
-                raise ValueError(f"eps {eps} is outside [{EPS_MIN}, 1)")
-        # Keep the user's order, drop repeats: each eps names one set of files.
-        return list(dict.fromkeys(float(e) for e in value))
+        return _checked_eps(value)
 
     @model_validator(mode="after")
     def _output_needed(self) -> "DedupConfig":
@@ -149,6 +143,24 @@ class DedupConfig(BaseModel):
             return self.output_path.rstrip("/") or "/"
         parent, name = posixpath.split(self.input_embeddings_path.rstrip("/"))
         return posixpath.join(parent, name[: -len(".zip")] + "_semdedup")
+
+
+def _checked_eps(values: list[float]) -> list[float]:
+    if not values:
+        raise ValueError("give at least one eps")
+    for eps in values:
+        if not (EPS_MIN <= eps < 1):
+            raise ValueError(f"eps {eps} is outside [{EPS_MIN}, 1)")
+    # Keep the user's order, drop repeats: each eps names one set of files.
+    return list(dict.fromkeys(float(e) for e in values))
+
+
+def checked_eps(values: list[float]) -> list[float]:
+    """eps values (for a sweep) under the rules of a run's `eps_to_extract`."""
+    try:
+        return _checked_eps(list(values))
+    except ValueError as exc:
+        raise ConfigError(f"invalid arguments: eps_to_extract: {exc}") from None
 
 
 def is_zip_path(path: str) -> bool:

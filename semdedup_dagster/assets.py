@@ -38,7 +38,7 @@ from semdedup_dagster.checks import (
     CENTROID_CHECKS,
     SUMMARY_CHECKS,
     check_centroid_partitions,
-    require_pruning_tables,
+    require_complete,
     summary_outcomes,
 )
 from semdedup_dagster.config import SemdedupResource
@@ -141,7 +141,7 @@ def cross_stage(context, cfg: DedupConfig, out: Storage, backend,
         for result in cross_cluster_tables(cfg, out, nonempty_clusters(out), backend, targets):
             secs, last = time.perf_counter() - last, time.perf_counter()
             scores = result.table.column(layout.SCORE).to_numpy()
-            meta = {"path": MetadataValue.path(out.display(layout.cross_table(result.cluster))),
+            meta = {"path": where(out, layout.cross_table(result.cluster)),
                     "rows": len(scores), "candidates_compared": result.candidates,
                     "max_cross_score": round(float(scores.max()) if len(scores) else 0.0, 6),
                     "seconds": round(secs, 3)}
@@ -198,7 +198,7 @@ def summary_stage(context, cfg: DedupConfig, storage: LayoutStorage) -> dict:
     with holding_output(context, out) as lock:
         run_record.begin_writing(out, lock)
         clusters = nonempty_clusters(out)
-        require_pruning_tables(out, clusters)
+        require_complete(out, clusters, cfg.eps_to_extract)
         # Example pairs just inside the first eps: the ones a user checks when choosing eps.
         stats = score_stats(out, clusters, EPS_GRID, examples_eps=cfg.eps_to_extract[0])
         total = stats.total
@@ -309,9 +309,10 @@ def embs_by_nearest_center(context: AssetExecutionContext, semdedup: SemdedupRes
                    "other clusters earlier in the global order "
                    "(semdedup_cross_cluster_tables/cluster_{k}.parquet). The selected partitions "
                    "are searched in one pass over the shards they may draw candidates from.")
-def cross_cluster_tables_asset(context: AssetExecutionContext, config: SemdedupConfig,
+@reports_user_errors
+def cross_cluster_tables_asset(context: AssetExecutionContext, semdedup: SemdedupResource,
                                layout_storage: LayoutStorage) -> MaterializeResult:
-    cfg = to_engine(config)
+    cfg = semdedup.engine()
     out = layout_storage.output(cfg)
     present = set(nonempty_clusters(out))
     targets = sorted(k for k in map(int, context.partition_keys) if k in present)
@@ -321,7 +322,7 @@ def cross_cluster_tables_asset(context: AssetExecutionContext, config: SemdedupC
                                                       if n.startswith("cross_removed_")))
     return MaterializeResult(metadata={
         "cross_cluster": cfg.cross_cluster, "partitions": len(done),
-        "path": MetadataValue.path(out.display(layout.CROSS_TABLES)),
+        "path": where(out, layout.CROSS_TABLES),
         **{f"cross_removed_{eps_text(e)}": sum(m[f"cross_removed_{eps_text(e)}"]
                                                for m in done.values())
            for e in cfg.eps_to_extract}})

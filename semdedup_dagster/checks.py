@@ -88,7 +88,7 @@ def missing_pruning_tables(out: Storage, clusters: list[int]) -> list[int]:
     return sorted(set(clusters) - set(pruned_clusters(out)))
 
 
-def require_pruning_tables(out: Storage, clusters: list[int]) -> None:
+def require_complete(out: Storage, clusters: list[int], eps_list: list[float]) -> None:
     """Refuse to summarise a partial output: a summary of some clusters would read as a whole."""
     if not clusters:
         raise InputError(f"{out.display(layout.SHARDS)}: no shards; materialise "
@@ -99,6 +99,15 @@ def require_pruning_tables(out: Storage, clusters: list[int]) -> None:
             f"{out.display(layout.PRUNING_TABLES)}: no pruning table for {len(missing)} of the "
             f"{len(clusters)} clusters with shards (clusters {_listed(missing)}); materialise "
             "semdedup_pruning_tables for those partitions first")
+    for eps in eps_list:
+        parts = {layout.cluster_of_part(rel.rsplit("/", 1)[-1])
+                 for rel in out.list_files(layout.unique_ids_dir(eps))}
+        missing = sorted(set(clusters) - parts)
+        if missing:
+            raise InputError(
+                f"{out.display(layout.unique_ids_dir(eps))}: no part for {len(missing)} of the "
+                f"{len(clusters)} clusters (clusters {_listed(missing)}); materialise unique_ids "
+                "for those partitions first")
 
 
 def check_tables_per_shard(out: Storage) -> Outcome:

@@ -20,7 +20,9 @@ _CLIP = re.compile(r"\bid '([^']*)'")
 
 def user_failure(exc: BaseException) -> Failure:
     """The Failure for a user error: one line, plus `path` and `clip` metadata when named."""
-    text = str(exc).strip()
+    text = str(exc).strip() or type(exc).__name__
+    if not isinstance(exc, SemdedupError):  # pyarrow/boto add lines of detail after the first
+        text = text.splitlines()[0]
     metadata = {}
     if path := _PATH.match(text):
         metadata["path"] = MetadataValue.path(path.group(1))
@@ -29,8 +31,13 @@ def user_failure(exc: BaseException) -> Failure:
     return Failure(description=text, metadata=metadata, allow_retries=False)
 
 
+# What a user can act on: our own errors, and I/O errors (an unreachable S3 endpoint, a file
+# removed under a running step), whose first line names the path.
+USER_ERRORS = (SemdedupError, OSError)
+
+
 def reports_user_errors(fn):
-    """Wrap an op or asset body: a SemdedupError becomes `user_failure(...)`, raised without the
+    """Wrap an op or asset body: a user error becomes `user_failure(...)`, raised without the
     engine's stack (the message says what to change; a trace would bury it)."""
 
     if inspect.isgeneratorfunction(fn):
@@ -38,7 +45,7 @@ def reports_user_errors(fn):
         def gen_wrapper(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
-            except SemdedupError as exc:
+            except USER_ERRORS as exc:
                 raise user_failure(exc) from None
         return gen_wrapper
 
@@ -46,6 +53,6 @@ def reports_user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except SemdedupError as exc:
+        except USER_ERRORS as exc:
             raise user_failure(exc) from None
     return wrapper

@@ -25,7 +25,7 @@ from dagster import (
 from pydantic import Field as PydanticField
 
 from semdedup_core.backends import get_backend
-from semdedup_core.config import DedupConfig, eps_text, make_config
+from semdedup_core.config import DedupConfig, checked_eps, eps_text
 from semdedup_core.extraction import sweep
 from semdedup_core.sample import DEMO_ARGS
 from semdedup_dagster.assets import (
@@ -175,8 +175,7 @@ class SweepConfig(Config):
 @reports_user_errors
 def sweep_eps_op(context: OpExecutionContext, config: SweepConfig,
                  layout_storage: LayoutStorage) -> None:
-    eps = make_config(input_embeddings_path="-", output_path=config.output_path, n_clusters=1,
-                      eps_to_extract=config.eps_to_extract).eps_to_extract
+    eps = checked_eps(config.eps_to_extract)
     out = layout_storage.location(config.output_path)
     rows = sweep(out, eps, owner=context.run_id, wait=True)
     context.log_event(AssetMaterialization(

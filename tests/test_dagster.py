@@ -416,13 +416,118 @@ def test_cross_cluster_job_and_partition_equal_engine(planted, tmp_path):
     assert "| eps | kept | sampled |" in summary.metadata["kept_pairs_audit"].value
     victim = tmp_path / "out" / "extraction/semdedup_cross_cluster_tables/cluster_3.parquet"
     victim.unlink()
-    resources = {"layout_storage": LayoutStorage(),
+    resources = {"semdedup": SemdedupResource.configure_at_launch(),
+                 "layout_storage": LayoutStorage(),
                  "semdedup_layout": LayoutIOManager(layout_storage=LayoutStorage())}
     assert materialize([cross_cluster_tables_asset], partition_key="3", instance=instance,
-                       run_config={"ops": {"semdedup_cross_cluster_tables": {"config": args}}},
-                       resources=resources).success
+                       run_config=run_config_for(args), resources=resources).success
     # Written to: incomplete until the summary is re-materialised; then the same bytes.
     assert layout.RUN_RECORD not in tree(tmp_path / "out")
     assert materialize([dedup_summary], instance=instance, resources=resources,
-                       run_config={"ops": {"dedup_summary": {"config": args}}}).success
+                       run_config=run_config_for(args)).success
     assert tree(tmp_path / "out") == reference
+
+
+def step_failures(result):
+    return [e.step_failure_data for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+
+
+def test_user_errors_fail_the_step_with_the_command_lines_one_line(tmp_path, capsys):
+    """A NaN clip: the job's first step fails with dagster.Failure carrying exactly the line
+    `semdedup run` prints, the file and the clip in metadata, no engine stack; nothing written.
+    A bad value the launchpad cannot check (eps 0) fails the first step the same way."""
+    import numpy as np
+    import pyarrow as pa
+
+    from semdedup_core.cli import main as cli_main
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((20, 8)).astype(np.float32)
+    emb[3] = np.nan
+    bad = tmp_path / "in" / "a.parquet"
+    bad.parent.mkdir()
+    pq.write_table(pa.table({"id": [f"c{i}" for i in range(20)],
+                             "embedding": pa.array(list(emb), pa.list_(pa.float32()))}), bad)
+    args = {"input_embeddings_path": str(tmp_path / "in"), "output_path": str(tmp_path / "out"),
+            "n_clusters": 2}
+    assert cli_main(["run", "--input-embeddings-path", args["input_embeddings_path"],
+                     "--output-path", args["output_path"], "--n-clusters", "2"]) == 1
+    cli_line = capsys.readouterr().err.strip().splitlines()[-1].removeprefix("semdedup: error: ")
+    job = defs.resolve_job_def("semdedup")
+    result = job.execute_in_process(run_config=run_config_for(args),
+                                    instance=DagsterInstance.ephemeral(), raise_on_error=False)
+    assert not result.success
+    [failure] = step_failures(result)
+    assert failure.user_failure_data.description == cli_line
+    assert cli_line == f"{bad}: embedding of id 'c3' contains NaN or inf"
+    meta = failure.user_failure_data.metadata
+    assert meta["path"].value == str(bad) and meta["clip"].value == "c3"
+    assert failure.error.cause is None and "semdedup_core" not in failure.error.to_string()
+    assert not (tmp_path / "out").exists()
+
+    # Dagster's schema cannot say eps >= 1e-4: the first step says it, in the CLI's words.
+    config = {"resources": {"semdedup": {"config": {**args, "eps_to_extract": [0.0]}}}}
+    result = job.execute_in_process(run_config=config, instance=DagsterInstance.ephemeral(),
+                                    raise_on_error=False)
+    [failure] = step_failures(result)
+    assert failure.user_failure_data.description == \
+        "invalid arguments: eps_to_extract: eps 0.0 is outside [0.0001, 1)"
+    # Required fields and enums are the launchpad's own validation.
+    from dagster._core.system_config.objects import ResolvedRunConfig
+
+    with pytest.raises(Exception, match="n_clusters"):
+        ResolvedRunConfig.build(job, {"resources": {"semdedup": {"config": {
+            "input_embeddings_path": "x"}}}})
+
+
+def test_partitions_follow_the_latest_fit_and_the_summary_checks_what_it_reads(planted, tmp_path):
+    """After a fit with 7 then 4 clusters, partitions 4-6 are gone. The
+    summary refuses an output whose clusters lack pruning tables; the checks catch a lost
+    part."""
+    folder, _ = planted
+    instance = DagsterInstance.ephemeral()
+    job = defs.resolve_job_def("semdedup")
+    assert job.execute_in_process(run_config=run_config_for(args_for(folder, tmp_path / "a")),
+                                  instance=instance).success
+    out = tmp_path / "b"
+    assert job.execute_in_process(run_config=run_config_for(
+        args_for(folder, out, n_clusters=4)), instance=instance).success
+    assert instance.get_dynamic_partitions("centroids") == ["0", "1", "2", "3"]
+
+    resources = {"semdedup": SemdedupResource.configure_at_launch(),
+                 "layout_storage": LayoutStorage(),
+                 "semdedup_layout": LayoutIOManager(layout_storage=LayoutStorage())}
+    config = run_config_for(args_for(folder, out, n_clusters=4))
+    (out / "extraction/semdedup_pruning_tables/cluster_2.parquet").unlink()
+    summary_csv = (out / "extraction/dedup_summary_0.01.csv").read_bytes()
+    result = materialize([dedup_summary], run_config=config, instance=instance,
+                         resources=resources, raise_on_error=False)
+    [failure] = step_failures(result)
+    assert failure.user_failure_data.description == (
+        f"{out}/extraction/semdedup_pruning_tables: no pruning table for 1 of the 4 clusters "
+        "with shards (clusters 2); materialise semdedup_pruning_tables for those partitions "
+        "first")
+    assert (out / "extraction/dedup_summary_0.01.csv").read_bytes() == summary_csv
+
+    assert materialize([cluster_dedup], partition_key="2", run_config=config, instance=instance,
+                       resources=resources).success
+    result = materialize([dedup_summary], run_config=config, instance=instance,
+                         resources=resources)
+    checks = {e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data
+              for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
+    assert set(checks) == {"one_pruning_table_per_shard", "kept_plus_removed_is_total"}
+    assert all(c.passed for c in checks.values())
+    # What the checks catch: a part that lost rows, a pruning table that lost its shard.
+    from semdedup_dagster.checks import check_tables_per_shard, check_totals
+
+    part = out / "extraction/unique_ids_0.1.parquet/part.1.parquet"
+    pq.write_table(pq.read_table(part).slice(0, 0), part)
+    storage = Storage(str(out))
+    outcome = check_totals(make_config(**args_for(folder, out, n_clusters=4)), storage)
+    assert not outcome.passed and "rows of unique_ids_0.1" in outcome.description
+    import shutil
+
+    shutil.rmtree(out / "clustering_results/embs_by_nearest_center/nearest_cent=3")
+    outcome = check_tables_per_shard(storage)
+    assert not outcome.passed and outcome.description == \
+        "pruning tables without a shard: clusters 3"
