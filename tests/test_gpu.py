@@ -165,18 +165,18 @@ def test_gpu_pipeline_from_the_cpu_centroids_removes_the_same_clips(planted, tmp
 ])
 def test_settings_cuml_refuses_fail_the_same_way_on_every_door(tmp_path, capsys, arg, value,
                                                                message):
-    args = {"input_embeddings_path": str(tmp_path), "output_path": str(tmp_path / "out"),
+    args = {"input_embeddings_path": str(tmp_path / "in"), "output_path": str(tmp_path / "out"),
             "n_clusters": 2, arg: value}
     with pytest.raises(ConfigError, match=message):
         make_config(**args)
     with pytest.raises(ConfigError, match=message):
         parse_job_spec({"pipeline": "semantic-dedup", "args": args})
     if importlib.util.find_spec("dagster") is not None:  # not on the GPU check machine
-        from semdedup_dagster.config import SemdedupConfig, to_engine
+        from semdedup_dagster.config import SemdedupResource
 
         with pytest.raises(ConfigError, match=message):
-            to_engine(SemdedupConfig(**args))
-    flags = ["run", "--input-embeddings-path", str(tmp_path), "--output-path",
+            SemdedupResource(**args).engine()
+    flags = ["run", "--input-embeddings-path", str(tmp_path / "in"), "--output-path",
              str(tmp_path / "out"), "--n-clusters", "2", "--" + arg.replace("_", "-"), str(value)]
     assert cli_main(flags) == 1
     assert message in capsys.readouterr().err
