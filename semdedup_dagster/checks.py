@@ -15,7 +15,7 @@ from semdedup_core.config import DedupConfig, eps_text
 from semdedup_core.errors import InputError
 from semdedup_core.extraction import pruned_clusters
 from semdedup_core.inspection import summaries
-from semdedup_core.kmeans import load_centroids
+from semdedup_core.shards import load_centroids
 from semdedup_core.parquet import row_count
 from semdedup_core.pipeline import nonempty_clusters
 from semdedup_core.storage import Storage
