@@ -19,9 +19,9 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _default_text(name: str, f) -> str:
+def _default_text(name: str, f, job_spec: bool) -> str:
     if f.is_required():
-        return " (required, here or in --job-spec)"
+        return " (required, here or in --job-spec)" if job_spec else " (required)"
     if name == "eps_to_extract":
         return " (default: 0.01; several allowed)"
     if f.default is None:
@@ -31,7 +31,8 @@ def _default_text(name: str, f) -> str:
     return f" (default: {f.default})"
 
 
-def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (),
+                       job_spec: bool = True) -> None:
     """One flag per DedupConfig field (also used by `semdedup-dagster-config`)."""
     for name, f in DedupConfig.model_fields.items():
         if name in skip:
@@ -51,7 +52,7 @@ def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = 
             kwargs["type"] = int
         elif ann is float:
             kwargs["type"] = float
-        parser.add_argument(*flags, help=f.description + _default_text(name, f), **kwargs)
+        parser.add_argument(*flags, help=f.description + _default_text(name, f, job_spec), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--drop-name", required=True, help="the drop's name in the corpus (its folder)")
     add.add_argument("--wait", action="store_true",
                      help="wait for another add into the corpus to finish instead of failing")
-    add_config_options(add, skip=("output_path",))
+    add_config_options(add, skip=("output_path",), job_spec=False)
     show = corpus_sub.add_parser("show", help="the drops of a corpus: clips, removed per eps "
                                               "inside the drop and of earlier drops, drift")
     show.add_argument("corpus", help="the corpus folder, local or s3://")
@@ -116,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "the centroids on all drops, re-add in order")
     rebuild.add_argument("corpus", help="the corpus to rebuild (left as it is)")
     rebuild.add_argument("--into", required=True, help="the new corpus folder (must hold none)")
-    add_config_options(rebuild, skip=("output_path", "input_embeddings_path", "eps_to_extract"))
+    add_config_options(rebuild, skip=("output_path", "input_embeddings_path", "eps_to_extract"),
+                       job_spec=False)
 
     sample = sub.add_parser("make-sample", help="write synthetic clip embeddings with planted "
                                                 "duplicates (for trials and benchmarks)")
