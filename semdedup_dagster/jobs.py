@@ -25,7 +25,7 @@ from dagster import (
 from pydantic import Field as PydanticField
 
 from semdedup_core.backends import get_backend
-from semdedup_core.config import DedupConfig, checked_eps, eps_text
+from semdedup_core.config import DedupConfig, checked_eps, eps_text, make_config
 from semdedup_core.extraction import sweep
 from semdedup_core.sample import DEMO_ARGS
 from semdedup_dagster.assets import (
