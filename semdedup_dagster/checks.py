@@ -100,9 +100,8 @@ def require_complete(out: Storage, clusters: list[int], eps_list: list[float]) -
             f"{len(clusters)} clusters with shards (clusters {_listed(missing)}); materialise "
             "semdedup_pruning_tables for those partitions first")
     for eps in eps_list:
-        parts = {layout.cluster_of_part(rel.rsplit("/", 1)[-1])
-                 for rel in out.list_files(layout.unique_ids_dir(eps))}
-        missing = sorted(set(clusters) - parts)
+        parts = set(out.list_files(layout.unique_ids_dir(eps)))
+        missing = [c for c in clusters if layout.unique_ids_part(eps, c) not in parts]
         if missing:
             raise InputError(
                 f"{out.display(layout.unique_ids_dir(eps))}: no part for {len(missing)} of the "

@@ -463,7 +463,10 @@ def test_user_errors_fail_the_step_with_the_command_lines_one_line(tmp_path, cap
     meta = failure.user_failure_data.metadata
     assert meta["path"].value == str(bad) and meta["clip"].value == "c3"
     assert failure.error.cause is None and "semdedup_core" not in failure.error.to_string()
-    assert not (tmp_path / "out").exists()
+    # Nothing of the layout was written (the run's hold on the folder stays until its lease
+    # ends: semdedup_core/run_record.py).
+    assert not (tmp_path / "out/clustering_results").exists()
+    assert not (tmp_path / "out/extraction").exists()
 
     # Dagster's schema cannot say eps >= 1e-4: the first step says it, in the CLI's words.
     config = {"resources": {"semdedup": {"config": {**args, "eps_to_extract": [0.0]}}}}
