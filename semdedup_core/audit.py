@@ -22,7 +22,7 @@ import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.stats import chi2
+from scipy.special import gammaincinv
 
 from semdedup_core import layout
 from semdedup_core.backends.base import Backend
@@ -135,8 +135,8 @@ class KeptPairsAudit:
                 est = t / self.rate
                 half = 1.96 * float(np.sqrt((1 - self.rate) * float((c.astype(float) ** 2).sum()))) \
                     / self.rate
-                p_low = chi2.ppf(0.025, 2 * t) / 2 if t else 0.0
-                p_high = chi2.ppf(0.975, 2 * t + 2) / 2
+                p_low = chi2_ppf(0.025, 2 * t) / 2 if t else 0.0
+                p_high = chi2_ppf(0.975, 2 * t + 2) / 2
                 low = max(0.0, min(est - half, p_low / self.rate))
                 high = max(est + half, p_high / self.rate)
             rows.append(EpsAudit(eps, int(self.kept[j]), int(mine.sum()), t, est, low, high))
@@ -160,3 +160,9 @@ def read_audit(out) -> dict | None:
     if not out.exists(layout.AUDIT):
         return None
     return json.loads(out.read_bytes(layout.AUDIT))
+
+
+def chi2_ppf(q: float, df: int) -> float:
+    """scipy.stats.chi2.ppf(q, df), by the same formula that scipy uses (the same bits),
+    without importing scipy.stats: ~2 s of every run's start-up."""
+    return 2 * gammaincinv(df / 2, q)
