@@ -353,7 +353,7 @@ def test_equal_keys_across_clusters_are_ordered_by_id(which, expected):
     ranked = RankedShard(1, pa.array(["b"]), e0[None, :], np.array([dist]), np.array([dist]))
     cand = sort_candidates(which, pa.array(["a", "c"]), np.stack([e0, c]),
                            np.array([[key, 0.0], [key, 0.0]]))
-    cfg = make_config(input_embeddings_path="-", output_path="-", n_clusters=2,
+    cfg = make_config(input_embeddings_path="unused-in", output_path="unused-out", n_clusters=2,
                       which_to_keep=which, cross_cluster=True)
     score, match = cross_scores(cfg, CpuBackend(), ranked, cand, np.array([0]), np.array([0]))
     assert cand.ids[int(match[0])].as_py() == expected
