@@ -195,10 +195,12 @@ def summary_stage(context, cfg: DedupConfig, storage: LayoutStorage) -> dict:
     release the run's hold on the folder; returns the dedup_summary metadata (tables and
     curves). Memory follows the number of clusters, not clips."""
     out = storage.output(cfg)
+    # A partial output is refused before the run takes its hold on the folder: a refusal writes
+    # nothing, so it must not keep other runs waiting for a lease.
+    require_complete(out, nonempty_clusters(out), cfg.eps_to_extract)
     with holding_output(context, out) as lock:
         run_record.begin_writing(out, lock)
         clusters = nonempty_clusters(out)
-        require_complete(out, clusters, cfg.eps_to_extract)
         # Example pairs just inside the first eps: the ones a user checks when choosing eps.
         stats = score_stats(out, clusters, EPS_GRID, examples_eps=cfg.eps_to_extract[0])
         total = stats.total
