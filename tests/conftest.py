@@ -92,6 +92,12 @@ class DagsterWeb:
         workspace = workspace or os.path.join(REPO, "workspace.yaml")
         log = open(logs, "wb")  # noqa: SIM115 - closed in stop()
         self._log = log
+        # Create the instance's storage once before both processes open it: started together
+        # on a fresh DAGSTER_HOME, they race to create the SQLite schema (alembic then fails in
+        # one of them).
+        subprocess.run([sys.executable, "-c", "from dagster import DagsterInstance; "
+                        "DagsterInstance.get().get_runs(limit=1)"],
+                       env=env, cwd=home, stdout=log, stderr=log, check=True)
         self.procs = [
             subprocess.Popen([os.path.join(BIN, "dagster-webserver"), "-w", workspace, "-h",
                               "127.0.0.1", "-p", str(self.port)], env=env, cwd=home,
