@@ -45,8 +45,11 @@ DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "upstream_driv
 PATHS_DTYPE = "S24"  # upstream's own default; a row number fits
 
 
-def run(cmd: list[str], **kw) -> str:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout.strip()
+def run(cmd: list[str]) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd)}: exit {proc.returncode}\n{proc.stderr.strip()}")
+    return proc.stdout.strip()
 
 
 def upstream_tree(git_src: str, commit: str, cache: str) -> str:
