@@ -6,8 +6,8 @@
       _corpus_pending.json               the add in progress, for clean-up after a crash
       clustering_results/kmeans_centroids.npy    fitted on the first drop, never re-fitted
       drops/<name>/...                   a complete standard output layout per drop
-      store/cluster_<k>/<first>-<last>-<token>.parquet   every committed clip of cluster k, unit
-                                         embeddings in drop then rank order (id, embedding, drop)
+      store/<first>-<last>-<token>.seg   every committed clip by cluster, unit embeddings in drop
+                                         then rank order (semdedup_core/corpus_store.py)
 
 The rule equals one batch over all drops in commit order: inside a cluster every clip of an
 earlier drop ranks before every clip of a later drop, a drop's own clips are ranked as in a run,
@@ -15,11 +15,11 @@ and a clip's score is its highest similarity to any earlier clip (earlier drops'
 removed or not). So an add scores only the new drop's rows of the cluster's pairwise pass over
 [store; drop] (`max_similarity_to_earlier(first_row=...)`), which gives those rows bit for bit.
 
-An add reads the store of the clusters its drop touches, never other drops' files, and appends
-one store file per touched cluster; once a cluster has STORE_MAX_FILES files, the add merges
-them (it holds them in memory anyway). The manifest is written last: until then nothing the add
-wrote is visible (store files carry the add's token, which only the manifest makes valid), so a
-crash leaves the corpus as it was and the same add can simply be retried.
+An add reads the store's blocks of the clusters its drop touches, never other drops' files, and
+writes one store segment (its drop's clips), merging segments now and then (corpus_store). The
+manifest is written last: until then nothing the add wrote is visible (segments carry the add's
+token, which only the manifest makes valid), so a crash leaves the corpus as it was and the same
+add can simply be retried.
 """
 
 import datetime
@@ -36,23 +36,26 @@ import pyarrow as pa
 from semdedup_core import layout
 from semdedup_core.backends import Backend, get_backend
 from semdedup_core.config import DedupConfig, eps_text, make_config
+from semdedup_core.corpus_store import (Segment, SegmentWriter, committed_segments, merge,
+                                        merge_from, stacked)
 from semdedup_core.embeddings import EmbeddingSource, InputFile, scan_input
 from semdedup_core.errors import ConfigError, InputError
 from semdedup_core.extraction import removed_mask, summarize, write_removed
 from semdedup_core.pairwise import max_similarity_to_earlier, pairwise_flops
-from semdedup_core.parquet import read_table, write_table
+from semdedup_core.parquet import write_table
 from semdedup_core.pipeline import PhaseTimer, assign, fit_centroids, open_source
-from semdedup_core.shards import (RankedShard, list_column_to_numpy, load_centroids,
-                                  ranked_shard, save_centroids)
+from semdedup_core.shards import load_centroids, ranked_shard, save_centroids
 from semdedup_core.run_record import OutputLock, new_run_id, take_output
 from semdedup_core.storage import S3Options, Storage
-from semdedup_core.threads import host_threads, ordered_map
+from semdedup_core.threads import host_threads, ordered_map, single_threaded_blas
 
-MANIFEST_FORMAT = 1
+# 2: the store became segments of raw arrays (corpus_store); a format-1 corpus (a parquet file
+# per cluster and add) is read by `rebuild` only.
+MANIFEST_FORMAT = 2
+READABLE_FORMATS = (1, 2)  # by `show` and `rebuild`
 # Settings fixed by the fit: every later add uses the corpus's (a rebuild changes them).
 FIXED_SETTINGS = ("n_clusters", "sim_metric", "which_to_keep", "random_state")
 FIT_SETTINGS = ("max_iter", "kmeans_sample_per_cluster", "kmeans_tol", "gpu_kmeans")
-STORE_MAX_FILES = 4  # store files per cluster before an add merges them into one
 _DROP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,127}$")
 
 
@@ -63,19 +66,23 @@ def check_drop_name(name: str) -> None:
 
 
 # -- the manifest --------------------------------------------------------------------------------
-def read_manifest(corpus: Storage) -> dict | None:
-    """The committed state, or None for a corpus without any committed drop."""
+def read_manifest(corpus: Storage, formats: tuple[int, ...] = (MANIFEST_FORMAT,)) -> dict | None:
+    """The committed state, or None for a corpus without any committed drop (`formats`: the
+    manifest formats the caller can use)."""
     try:
         raw = corpus.read_bytes(layout.CORPUS_MANIFEST)
     except (FileNotFoundError, IsADirectoryError):
         return None
     try:
         manifest = json.loads(raw)
-        if manifest.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"format {manifest.get('format')!r}")
     except ValueError as exc:
         raise InputError(f"{corpus.display(layout.CORPUS_MANIFEST)}: not a semdedup corpus "
                          f"manifest ({exc})") from None
+    if manifest.get("format") not in formats:
+        raise InputError(f"{corpus.display(layout.CORPUS_MANIFEST)}: corpus format "
+                         f"{manifest.get('format')!r}, this semdedup adds to format "
+                         f"{MANIFEST_FORMAT}; make a current one with `semdedup corpus rebuild "
+                         f"{corpus.display()} --into NEW`")
     return manifest
 
 
@@ -92,59 +99,6 @@ def lock_corpus(corpus: Storage, wait: bool):
                        advice="wait for it (--wait) or retry the add later")
 
 
-# -- the store of earlier clips ------------------------------------------------------------------
-@dataclass
-class EarlierClips:
-    """The committed clips of one cluster, in drop then rank order."""
-
-    ids: pa.Array
-    emb: np.ndarray  # unit float32 (m, d)
-    drop: np.ndarray  # int32 (m,): position of each clip's drop in the manifest
-    read: list[str]  # the store files they came from
-    garbage: list[str]  # other files of the folder: covered by a merge, or never committed
-    first: int  # the first drop of the cluster (for a merge)
-
-
-def read_earlier(corpus: Storage, cluster: int, drops: list[dict], dim: int) -> EarlierClips:
-    """Every committed clip of `cluster`, from its store files: only those whose token the
-    manifest names for their last drop count, and of files a merge covered, the merge."""
-    valid, garbage = [], []
-    for rel in corpus.list_files(layout.store_dir(cluster), recursive=False):
-        parsed = layout.parse_store_file(rel.rsplit("/", 1)[-1])
-        if parsed is None:
-            continue
-        first, last, token = parsed
-        if last < len(drops) and drops[last]["token"] == token:
-            valid.append((first, -last, rel))
-        else:
-            garbage.append(rel)
-    read, covered, start = [], -1, len(drops)
-    for first, neg_last, rel in sorted(valid):
-        if first > covered:
-            read.append(rel)
-            covered = -neg_last
-            start = min(start, first)
-        else:
-            garbage.append(rel)
-    tables = [read_table(corpus, rel) for rel in read]
-    if not tables:
-        return EarlierClips(pa.array([], pa.string()), np.zeros((0, dim), np.float32),
-                            np.zeros(0, np.int32), [], garbage, len(drops))
-    table = pa.concat_tables(tables)
-    return EarlierClips(table.column(layout.ID).combine_chunks().cast(pa.string()),
-                        list_column_to_numpy(table.column(layout.EMBEDDING)),
-                        table.column(layout.DROP).to_numpy().astype(np.int32), read, garbage,
-                        start)
-
-
-def store_table(ids: pa.Array, emb: np.ndarray, drop: np.ndarray) -> pa.Table:
-    n, d = emb.shape
-    values = pa.array(np.ascontiguousarray(emb, np.float32).reshape(-1))
-    return pa.table({layout.ID: ids,
-                     layout.EMBEDDING: pa.FixedSizeListArray.from_arrays(values, d),
-                     layout.DROP: pa.array(drop, pa.int32())})
-
-
 # -- one drop ------------------------------------------------------------------------------------
 @dataclass
 class ClusterAdd:
@@ -155,8 +109,8 @@ class ClusterAdd:
     cosine_dist_sum: float
     flops: int
     earlier: int  # committed clips of the cluster read from the store
-    done_with: list[str]  # store files to delete once the drop is committed
     ids: pa.Array  # the drop's clips of the cluster, rank order
+    emb: np.ndarray  # their unit embeddings, for the store
     max_drop: pa.Array  # the drop of each one's max_id
 
 
@@ -223,16 +177,11 @@ def _clean_pending(corpus: Storage, manifest: dict | None) -> None:
         return
     name = pending.get("name", "")
     if name and name not in {d["name"] for d in drops}:
-        out = corpus.child(layout.drop_dir(name))
-        for shard_dir in out.list_dirs(layout.SHARDS):
-            c = layout.cluster_of_shard_dir(shard_dir)
-            if c is None:
-                continue
-            for rel in corpus.list_files(layout.store_dir(c), recursive=False):
-                parsed = layout.parse_store_file(rel.rsplit("/", 1)[-1])
-                if parsed is not None and parsed[2] == pending.get("token"):
-                    corpus.delete_file(rel)
-        out.delete_dir("")
+        corpus.child(layout.drop_dir(name)).delete_dir("")
+    for rel in corpus.list_files(layout.STORE, recursive=False):
+        parsed = layout.parse_store_segment(rel.rsplit("/", 1)[-1])
+        if parsed is not None and parsed[2] == pending.get("token"):
+            corpus.delete_file(rel)
     corpus.delete_file(layout.CORPUS_PENDING)
 
 
@@ -275,69 +224,72 @@ def add_source(corpus: Storage, manifest: dict | None, name: str, cfg: DedupConf
     clusters = [int(c) for c in np.flatnonzero(sizes)]
     names = np.array([d["name"] for d in drops] + [name], dtype=object)
     tile = backend.pairwise_tile_size(cfg.pairwise_tile_size, dim)
+    n_clusters = len(centroids)
+    segment_rels, garbage = committed_segments(corpus, drops)
+    segments = [Segment(corpus, rel) for rel in segment_rels]
 
-    def load(cluster: int) -> tuple[RankedShard, EarlierClips]:
-        return ranked_shard(cfg, out, cluster), read_earlier(corpus, cluster, drops, dim)
-
-    def score(item):
-        ranked, earlier = item
-        m = len(earlier.ids)
-        emb = np.concatenate([earlier.emb, ranked.emb]) if m else ranked.emb
+    def add_cluster(cluster: int) -> ClusterAdd:
+        """Read, score and write one touched cluster (on a host thread)."""
+        ranked = ranked_shard(cfg, out, cluster)
+        earlier, emb = stacked(segments, cluster, ranked.emb)
+        m, n = len(earlier.ids), len(ranked.ids)
         on_device = backend.asarray(emb) if backend.fits_on_device(emb.nbytes) else emb
         s, match = max_similarity_to_earlier(backend, on_device, tile, first_row=m)
-        return (ranked, earlier, emb, backend.to_numpy(s), backend.to_numpy(match),
-                pairwise_flops(len(emb), tile, dim, m))
-
-    def finish(item) -> ClusterAdd:
-        ranked, earlier, emb, s, match, flops = item
-        k, m, n = ranked.cluster, len(earlier.ids), len(ranked.ids)
+        s, match = backend.to_numpy(s), backend.to_numpy(match)
         all_ids = pa.concat_arrays([earlier.ids, ranked.ids.cast(pa.string())])
         all_drops = np.concatenate([earlier.drop, np.full(n, index, np.int32)])
-        take = pa.array(match)
-        pruning = pa.table({layout.ID: ranked.ids, layout.MAX_ID: all_ids.take(take),
+        pruning = pa.table({layout.ID: ranked.ids, layout.MAX_ID: all_ids.take(pa.array(match)),
                             layout.SCORE: pa.array(s, type=pa.float32())})
-        write_table(out, layout.pruning_table(k), pruning)
-        max_drop = pa.array(names[all_drops[match]].tolist(), pa.string())
-        write_removed(out, pruning, ranked.cosine_dist, k, cfg.eps_to_extract)
+        write_table(out, layout.pruning_table(cluster), pruning)
+        write_removed(out, pruning, ranked.cosine_dist, cluster, cfg.eps_to_extract)
         inside, before = {}, {}
         for eps in cfg.eps_to_extract:
             gone = removed_mask(s, eps)
             before[eps] = int((gone & (match < m)).sum())
             inside[eps] = int(gone.sum()) - before[eps]
-        done_with = list(earlier.garbage)
-        if len(earlier.read) + 1 >= STORE_MAX_FILES:  # merge: one file for the cluster
-            write_table(corpus, layout.store_file(k, earlier.first, index, token),
-                        store_table(all_ids, emb, all_drops))
-            done_with += earlier.read
-        else:
-            write_table(corpus, layout.store_file(k, index, index, token),
-                        store_table(ranked.ids.cast(pa.string()), ranked.emb, all_drops[m:]))
-        return ClusterAdd(k, n, inside, before, float(ranked.cosine_dist.astype(np.float64).sum()),
-                          flops, m, done_with, ranked.ids, max_drop)
+        return ClusterAdd(cluster, n, inside, before,
+                          float(ranked.cosine_dist.astype(np.float64).sum()),
+                          pairwise_flops(len(emb), tile, dim, m), m, ranked.ids, ranked.emb,
+                          pa.array(names[all_drops[match]].tolist(), pa.string()))
 
     removed_inside = dict.fromkeys(cfg.eps_to_extract, 0)
     removed_earlier = dict.fromkeys(cfg.eps_to_extract, 0)
-    cos_sum, flops, earlier_read, done_with = 0.0, 0, 0, []
+    cos_sum, flops, earlier_read = 0.0, 0, 0
     owners: dict[str, list] = {layout.CLUSTER: [], layout.ID: [], layout.MAX_DROP: []}
-    workers = host_threads()
-    with timer.phase("prune"):
-        loaded = ordered_map(load, clusters, workers)
-        scored = (score(item) for item in loaded)
-        for result in ordered_map(finish, scored, workers):
-            for eps in cfg.eps_to_extract:
-                removed_inside[eps] += result.removed_inside[eps]
-                removed_earlier[eps] += result.removed_earlier[eps]
-            cos_sum += result.cosine_dist_sum
-            flops += result.flops
-            earlier_read += result.earlier
-            done_with += result.done_with
-            owners[layout.CLUSTER].append(np.full(result.size, result.cluster, np.int64))
-            owners[layout.ID].append(result.ids)
-            owners[layout.MAX_DROP].append(result.max_drop)
-        write_table(out, layout.MAX_DROP_TABLE, pa.table({
-            layout.CLUSTER: pa.array(np.concatenate(owners[layout.CLUSTER])),
-            layout.ID: pa.concat_arrays([a.cast(pa.string()) for a in owners[layout.ID]]),
-            layout.MAX_DROP: pa.concat_arrays(owners[layout.MAX_DROP])}))
+    segment_rel = layout.store_segment(index, index, token)
+    done_with = list(garbage)  # deleted once the drop is committed
+    try:
+        # Touched clusters are small GEMMs side by side: one BLAS thread each, many host threads.
+        with timer.phase("prune"), single_threaded_blas(), \
+                corpus.writing_file(segment_rel) as segment_file:
+            store = SegmentWriter(segment_file, dim, n_clusters, index, index)
+            for result in ordered_map(add_cluster, clusters, host_threads()):
+                for eps in cfg.eps_to_extract:
+                    removed_inside[eps] += result.removed_inside[eps]
+                    removed_earlier[eps] += result.removed_earlier[eps]
+                cos_sum += result.cosine_dist_sum
+                flops += result.flops
+                earlier_read += result.earlier
+                owners[layout.CLUSTER].append(np.full(result.size, result.cluster, np.int64))
+                owners[layout.ID].append(result.ids)
+                owners[layout.MAX_DROP].append(result.max_drop)
+                store.add(result.cluster, result.ids, result.emb,
+                          np.full(result.size, index, np.int32))
+            store.finish()
+            write_table(out, layout.MAX_DROP_TABLE, pa.table({
+                layout.CLUSTER: pa.array(np.concatenate(owners[layout.CLUSTER])),
+                layout.ID: pa.concat_arrays([a.cast(pa.string()) for a in owners[layout.ID]]),
+                layout.MAX_DROP: pa.concat_arrays(owners[layout.MAX_DROP])}))
+        j = merge_from([seg.rows for seg in segments] + [int(sizes.sum())])
+        if j < len(segments):
+            with timer.phase("store_merge"):
+                segments.append(Segment(corpus, segment_rel))
+                merge(corpus, segments[j:], layout.store_segment(segments[j].first, index, token),
+                      n_clusters)
+                done_with += segment_rels[j:] + [segment_rel]
+    finally:
+        for seg in segments:
+            seg.close()
     timer.flops["prune"] = float(flops)
     n = int(sizes.sum())
     removed = {e: removed_inside[e] + removed_earlier[e] for e in cfg.eps_to_extract}
@@ -408,7 +360,7 @@ def rebuild(corpus_uri: str, into_uri: str, args: dict[str, Any],
     drop folders need not exist any more), then every drop re-added in the same order with its
     eps. `args` may change the fixed settings (n_clusters, ...)."""
     old, new = open_corpus(corpus_uri, args, s3), open_corpus(into_uri, args, s3)
-    manifest = read_manifest(old)
+    manifest = read_manifest(old, READABLE_FORMATS)
     if manifest is None or not manifest["drops"]:
         raise InputError(f"{old.display()}: no committed drops to rebuild from")
     fixed = {k: manifest["settings"][k] for k in FIXED_SETTINGS + FIT_SETTINGS}
@@ -470,7 +422,7 @@ def format_add(report: AddReport) -> str:
 
 
 def format_show(corpus: Storage) -> str:
-    manifest = read_manifest(corpus)
+    manifest = read_manifest(corpus, READABLE_FORMATS)
     if manifest is None:
         return f"corpus: {corpus.display()}\nno committed drops"
     s, drops = manifest["settings"], manifest["drops"]

@@ -78,28 +78,23 @@ STORE = "store"
 # drop of its max_id's clip. One file per drop, not per cluster: an add writes few files.
 MAX_DROP_TABLE = f"{EXTRACTION}/_corpus_max_drop.parquet"
 MAX_DROP = "max_drop"
-DROP = "drop"  # store column: the drop's position in the manifest
 
 
 def drop_dir(name: str) -> str:
     return f"{DROPS}/{name}"
 
 
-def store_dir(cluster: int) -> str:
-    return f"{STORE}/cluster_{cluster}"
+def store_segment(first: int, last: int, token: str) -> str:
+    """The committed clips of drops first..last (positions in the manifest), grouped by cluster;
+    `token` is the add (of drop `last`) that wrote it (semdedup_core/corpus_store.py)."""
+    return f"{STORE}/{first:08d}-{last:08d}-{token}.seg"
 
 
-def store_file(cluster: int, first: int, last: int, token: str) -> str:
-    """Clips of the drops first..last (positions in the manifest) of one cluster, in drop then
-    rank order; `token` is the add (of drop `last`) that wrote it."""
-    return f"{store_dir(cluster)}/{first:08d}-{last:08d}-{token}.parquet"
+_STORE_SEGMENT_RE = re.compile(r"^(\d{8})-(\d{8})-([0-9a-f]+)\.seg$")
 
 
-_STORE_FILE_RE = re.compile(r"^(\d{8})-(\d{8})-([0-9a-f]+)\.parquet$")
-
-
-def parse_store_file(name: str) -> tuple[int, int, str] | None:
-    m = _STORE_FILE_RE.match(name)
+def parse_store_segment(name: str) -> tuple[int, int, str] | None:
+    m = _STORE_SEGMENT_RE.match(name)
     return (int(m.group(1)), int(m.group(2)), m.group(3)) if m else None
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from semdedup_core.config import DedupConfig, is_zip_path
@@ -287,6 +288,14 @@ class Storage:
         with self.fs.open_input_stream(self.path(rel)) as f:
             return f.read()
 
+    def open_mapped(self, rel: str):
+        """A random-access pyarrow file for many small positional reads (`read_at`, safe from
+        several threads): locally a memory map, whose reads are views of pages the OS caches
+        (no copy, no decode); on S3 each read is one ranged GET."""
+        if self.local:
+            return pa.memory_map(self.path(rel))
+        return self.fs.open_input_file(self.path(rel))
+
     # -- writing -----------------------------------------------------------------------------
     def write_bytes(self, rel: str, data) -> None:
         """Write `data` (bytes-like) as a whole file, atomically: readers see the old file or
@@ -312,6 +321,33 @@ class Storage:
         else:
             bucket, key = target.split("/", 1)
             self.client().upload_fileobj(io.BytesIO(data), bucket, key)
+
+    @contextlib.contextmanager
+    def writing_file(self, rel: str) -> Iterator[io.BufferedIOBase]:
+        """A binary file to write `rel` through piece by piece (memory stays at a piece); it
+        appears whole when the block ends without error, and not at all otherwise. Locally: a
+        temporary name in the same folder, then rename. On S3: a local temporary file, then one
+        upload (multipart when large, visible only once completed)."""
+        target = self.path(rel)
+        with storage_faults(self.display(rel), "write"):
+            if self.local:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                tmp = posixpath.join(os.path.dirname(target),
+                                     f".{os.path.basename(target)}.{uuid.uuid4().hex}.tmp")
+            else:
+                fd, tmp = tempfile.mkstemp(prefix="semdedup-upload-", suffix=".tmp")
+                os.close(fd)
+            try:
+                with open(tmp, "wb") as f:
+                    yield f
+                if self.local:
+                    os.replace(tmp, target)
+                else:
+                    bucket, key = target.split("/", 1)
+                    self.client().upload_file(tmp, bucket, key)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
 
     def delete_file(self, rel: str) -> None:
         if self.local:

@@ -19,13 +19,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from semdedup_core import corpus as corpus_mod
+from semdedup_core import corpus_store
 from semdedup_core import layout
 from semdedup_core.backends import CpuBackend
 from semdedup_core.config import eps_text
 from semdedup_core.corpus import add_drop, lock_corpus, read_manifest
 from semdedup_core.embeddings import normalize
-from semdedup_core.errors import ConfigError
+from semdedup_core.errors import ConfigError, InputError
 from semdedup_core.extraction import removed_mask
 from semdedup_core.kmeans import centroid_distances, nearest_centroid
 from semdedup_core.pairwise import max_similarity_to_earlier
@@ -166,9 +166,7 @@ def test_first_row_property(n, first, tile, seed):
     assert s.tobytes() == score[first:].tobytes() and (m == match[first:]).all()
 
 
-def test_drops_one_by_one_equal_one_batch(drops, tmp_path, monkeypatch):
-    # Merges of the store after every second file, so reads go through merged files too.
-    monkeypatch.setattr(corpus_mod, "STORE_MAX_FILES", 2)
+def test_drops_one_by_one_equal_one_batch(drops, tmp_path):
     corpus = str(tmp_path / "corpus")
     add_all(corpus, drops, ["d0", "d1", "d2"])
     assert_equals_batch(corpus, drops)
@@ -182,13 +180,15 @@ def test_drops_one_by_one_equal_one_batch(drops, tmp_path, monkeypatch):
             csv = drop.read_bytes(layout.summary_csv(float(eps))).decode().splitlines()
             assert csv == ["eps,kept,removed,total",
                            f"{eps},{d['clips'] - counts['removed']},{counts['removed']},{d['clips']}"]
-    # One merged file per cluster after the merges, holding every clip once.
+    # Segments merged like a binary counter: drops of 800 clips give [d0..d1] after d1, then
+    # [d0..d1], [d2] after d2; every clip once, blocks readable.
     store = Storage(corpus)
-    for c in store.list_dirs(layout.STORE):
-        files = store.list_files(f"{layout.STORE}/{c}")
-        assert len(files) == 1 and files[0].rsplit("/", 1)[-1].startswith("00000000-00000002-")
-    total = sum(pq.read_metadata(store.path(f)).num_rows for f in store.list_files(layout.STORE))
-    assert total == 2400
+    segments, garbage = corpus_store.committed_segments(store, manifest["drops"])
+    assert [s.rsplit("/", 1)[-1][:17] for s in segments] == ["00000000-00000001",
+                                                            "00000002-00000002"]
+    assert garbage == [] and len(store.list_files(layout.STORE)) == 2
+    opened = [corpus_store.Segment(store, s) for s in segments]
+    assert sum(s.rows for s in opened) == 2400
 
 
 def test_redelivered_drop_is_removed_whole(drops, tmp_path):
@@ -300,18 +300,19 @@ def test_kill_mid_add_then_retry(drops, tmp_path):
     assert not (corpus / layout.CORPUS_PENDING).exists()
     got, want = tree_digest(corpus / "drops"), tree_digest(clean / "drops")
     assert got == want  # the drop layouts, byte for byte
-    assert store_contents(corpus) == store_contents(clean)  # no file of the killed add left
+    assert store_contents(corpus) == store_contents(clean)
+    assert len(os.listdir(corpus / layout.STORE)) == len(os.listdir(clean / layout.STORE))
 
 
 def store_contents(corpus) -> dict:
-    """Each cluster's store as (ids, embedding bytes, drops): file names carry add tokens."""
+    """The store's clips by cluster (segment names carry add tokens)."""
+    store = corpus if isinstance(corpus, Storage) else Storage(str(corpus))
+    rels, _ = corpus_store.committed_segments(store, read_manifest(store)["drops"])
+    segments = [corpus_store.Segment(store, rel) for rel in rels]
     out = {}
-    for c in sorted(os.listdir(corpus / layout.STORE)):
-        files = sorted(os.listdir(corpus / layout.STORE / c))
-        t = pa.concat_tables(pq.read_table(corpus / layout.STORE / c / f) for f in files)
-        out[c] = (len(files), t.column("id").to_pylist(),
-                  t.column("embedding").combine_chunks().flatten().to_numpy().tobytes(),
-                  t.column("drop").to_pylist())
+    for k in range(K):
+        blocks = [b for s in segments if (b := s.block(k)) is not None]
+        out[k] = [(b.ids.to_pylist(), b.emb.tobytes(), b.drop.tolist()) for b in blocks]
     return out
 
 
@@ -385,4 +386,31 @@ def test_s3_corpus_equals_local(drops, tmp_path, s3_client, s3_endpoint, aws_pro
         with pytest.raises(OutputBusy, match=lock.owner):
             add_drop(uri, "d2", {"input_embeddings_path": drops["d2"], **args})
     assert [d["name"] for d in read_manifest(store)["drops"]] == ["d0", "d1"]
-    assert json.loads(store.read_bytes(layout.CORPUS_MANIFEST))["format"] == 1
+    assert json.loads(store.read_bytes(layout.CORPUS_MANIFEST))["format"] == 2
+    assert store_contents(store) == store_contents(local)  # the segments, read by ranged GETs
+
+
+def test_store_segments_merge_like_a_binary_counter(tmp_path):
+    assert corpus_store.merge_from([300]) == 0  # one segment: nothing to merge with
+    assert corpus_store.merge_from([300, 10]) == 1  # no merge
+    assert corpus_store.merge_from([300, 10, 10]) == 1  # the two drops
+    assert corpus_store.merge_from([300, 20, 10, 10]) == 1  # 10+10, then 20 joins
+    assert corpus_store.merge_from([300, 20, 10]) == 2
+    assert corpus_store.merge_from([100, 60, 40]) == 2
+    assert corpus_store.merge_from([100, 40, 60]) == 0  # 40 <= 60, then 100 <= 40 + 60
+    # A damaged segment is refused in one line naming it.
+    store = Storage(str(tmp_path))
+    rel = layout.store_segment(0, 0, "abc")
+    with store.writing_file(rel) as f:
+        writer = corpus_store.SegmentWriter(f, 4, 3, 0, 0)
+        writer.add(1, pa.array(["a", "bb"]), np.eye(2, 4, dtype=np.float32), np.zeros(2))
+        writer.finish()
+    segment = corpus_store.Segment(store, rel)
+    block = segment.block(1)
+    assert segment.block(0) is None and block.ids.to_pylist() == ["a", "bb"]
+    assert block.emb.tobytes() == np.eye(2, 4, dtype=np.float32).tobytes()
+    segment.close()
+    data = store.read_bytes(rel)
+    store.write_bytes(rel, data[:-3])
+    with pytest.raises(InputError, match=f"^{store.display(rel)}: not a semdedup store segment"):
+        corpus_store.Segment(store, rel)

@@ -87,3 +87,14 @@ def test_chain_ahead_stopped_early_leaves_no_thread_running():
     while threading.active_count() > before and time.time() < deadline:
         time.sleep(0.05)
     assert threading.active_count() == before
+
+
+def test_single_threaded_blas_sets_and_restores_openblas_threads():
+    from semdedup_core.threads import _openblas_thread_setters, single_threaded_blas
+
+    setters = _openblas_thread_setters()
+    assert setters, "numpy's OpenBLAS was not found"
+    before = [get() for get, _ in setters]
+    with single_threaded_blas():
+        assert [get() for get, _ in setters] == [1] * len(setters)
+    assert [get() for get, _ in setters] == before
