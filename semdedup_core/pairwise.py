@@ -4,6 +4,7 @@ ranked before it, computed in (row block x column tile) pieces so memory is O(ti
 Written once over the backend's array namespace: numpy on the CPU, CuPy on the GPU.
 """
 
+from concurrent.futures import Executor
 
 from semdedup_core.backends.base import Backend
 
@@ -14,7 +15,8 @@ TIE_TOL = 1e-5
 
 
 def max_similarity_to_earlier(backend: Backend, emb, tile: int, row_block: int | None = None,
-                              first_row: int = 0, sub_block: int | None = None):
+                              first_row: int = 0, sub_block: int | None = None,
+                              pool: Executor | None = None):
     """For unit rows `emb` (n, d) in rank order, return (score float32 (n,), match int64 (n,)),
     on the backend's device: score[j] = max over i<j of emb[i].emb[j], match[j] = the smallest
     i reaching it. Row 0 gets score 0 and match 0 (itself). Scores are clipped to [0, 1].
@@ -33,6 +35,9 @@ def max_similarity_to_earlier(backend: Backend, emb, tile: int, row_block: int |
     tiles start at multiples of `tile` whatever the row block or sub-block, so neither changes
     any result. The score is then recomputed for the chosen clip.
 
+    Row blocks are independent: with a `pool` (the CPU's compute threads, see
+    `threads.compute_pool`) they run on its threads, each with its own slice of the results.
+
     `emb` may live on the device, or on the host when the cluster is larger than the device
     holds: then only the tiles in use are copied over (slabs), so device memory stays bounded.
     """
@@ -44,7 +49,8 @@ def max_similarity_to_earlier(backend: Backend, emb, tile: int, row_block: int |
     later = xp.arange(2 * sb)[None, :] >= xp.arange(sb)[:, None]
     score = xp.full(n - first_row, -xp.inf, dtype=xp.float32)
     match = xp.arange(first_row, n, dtype=xp.int64)
-    for j0 in range(first_row, n, rb):
+
+    def block(j0: int) -> None:
         j1 = min(j0 + rb, n)
         s0, s1 = j0 - first_row, j1 - first_row  # the block's place in score and match
         rows = backend.asarray(emb[j0:j1])
@@ -71,10 +77,17 @@ def max_similarity_to_earlier(backend: Backend, emb, tile: int, row_block: int |
         match[s0:s1] = xp.where(found, best_i, match[s0:s1])
         # The GEMM found the match; the score is then recomputed as one float64 dot product, so
         # its bits do not depend on tile shapes, BLAS threads or the device.
-        picked = match[s0:s1]
-        earlier = backend.take_rows(emb, picked)
+        earlier = backend.take_rows(emb, match[s0:s1])
         exact = (earlier.astype(xp.float64) * rows.astype(xp.float64)).sum(axis=1)
         score[s0:s1] = xp.where(found, exact, 0).astype(xp.float32)
+
+    blocks = range(first_row, n, rb)
+    if pool is None:
+        for j0 in blocks:
+            block(j0)
+    else:
+        for future in [pool.submit(block, j0) for j0 in blocks]:
+            future.result()
     return xp.clip(score, 0, 1), match
 
 

@@ -14,6 +14,7 @@ import functools
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -170,13 +171,15 @@ class ScoredShard:
     flops: int
 
 
-def score_shard(cfg: DedupConfig, backend: Backend, ranked: RankedShard) -> ScoredShard:
-    """The pairwise pass of one ranked cluster on the backend (the device work)."""
+def score_shard(cfg: DedupConfig, backend: Backend, ranked: RankedShard,
+                pool: Executor | None = None) -> ScoredShard:
+    """The pairwise pass of one ranked cluster on the backend (the device work); with `pool`,
+    its row blocks run on those threads."""
     n, dim = ranked.emb.shape
     tile = backend.pairwise_tile_size(cfg.pairwise_tile_size, dim)
     # A cluster larger than a quarter of free device memory stays on the host; tiles move over.
     emb = backend.asarray(ranked.emb) if backend.fits_on_device(ranked.emb.nbytes) else ranked.emb
-    score, match = max_similarity_to_earlier(backend, emb, tile)
+    score, match = max_similarity_to_earlier(backend, emb, tile, pool=pool)
     return ScoredShard(ranked, backend.to_numpy(score), backend.to_numpy(match),
                        pairwise_flops(n, tile, dim))
 
@@ -199,17 +202,30 @@ def write_cluster_outputs(cfg: DedupConfig, out: Storage, scored: ScoredShard,
 def prune_clusters(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Backend,
                    extract: bool = True) -> Iterator[ClusterResult | None]:
     """Prune (and extract) each cluster, yielding results in the order given (None for a cluster
-    without a shard). Host threads read and rank the next clusters and write the finished ones
-    while this thread runs the pairwise pass, so the device (or BLAS) is not left waiting on
-    parquet; about 2 x host_threads() clusters are in memory at once."""
+    without a shard). Results never depend on which thread computed what.
+    On the CPU, each cluster is read, ranked, scored and written on a host thread of its own,
+    its row blocks computed on the compute threads (one BLAS thread each), so small clusters
+    run side by side and a large one spreads over every core; about 2 x host_threads()
+    clusters are in memory at once. On a device, this thread runs the pairwise passes, cluster
+    after cluster, while host threads read and rank the next clusters and write the finished
+    ones, so the device is not left waiting on parquet; about 2 x host_threads() clusters are
+    in memory at once."""
     workers = host_threads()
-    ranked = ordered_map(functools.partial(ranked_shard, cfg, out), clusters, workers)
-    scored = (r if r is None else score_shard(cfg, backend, r) for r in ranked)
 
     def finish(s: ScoredShard | None) -> ClusterResult | None:
         return None if s is None else write_cluster_outputs(cfg, out, s, extract)
 
-    yield from ordered_map(finish, scored, workers)
+    with backend.compute_pool() as pool:
+        if pool is not None:
+            def prune_one(cluster: int) -> ClusterResult | None:
+                ranked = ranked_shard(cfg, out, cluster)
+                return finish(None if ranked is None else score_shard(cfg, backend, ranked, pool))
+
+            yield from ordered_map(prune_one, clusters, 2 * workers)
+            return
+        ranked = ordered_map(functools.partial(ranked_shard, cfg, out), clusters, workers)
+        scored = (r if r is None else score_shard(cfg, backend, r) for r in ranked)
+        yield from ordered_map(finish, scored, workers)
 
 
 def prune_cluster(cfg: DedupConfig, out: Storage, cluster: int, backend: Backend,

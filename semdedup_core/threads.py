@@ -80,6 +80,18 @@ def single_threaded_blas():
             set_(n)
 
 
+@contextlib.contextmanager
+def compute_pool() -> Iterator[ThreadPoolExecutor]:
+    """host_threads() compute threads for the CPU's GEMMs, with BLAS on one thread for the
+    duration (`single_threaded_blas`): independent GEMMs side by side keep every core busy, also
+    through the single-threaded numpy work between them (reductions, masks, the float64
+    re-scoring), where one GEMM split over all cores leaves the others idle. Each product is
+    the same bits with one BLAS thread or several (threads split rows and columns, not sums)."""
+    with single_threaded_blas(), \
+            ThreadPoolExecutor(host_threads(), thread_name_prefix="semdedup-compute") as pool:
+        yield pool
+
+
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
                 ahead: int | None = None) -> Iterator[R]:
     """`fn(item)` for every item on `workers` threads, yielded in item order. At most `ahead`

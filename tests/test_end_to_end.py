@@ -1,10 +1,12 @@
 """Whole runs on generated clips with planted near-duplicate groups: exact layout, planted
 duplicates found, summaries adding up, byte-identical re-runs."""
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -13,8 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from semdedup_core import layout
+from semdedup_core.backends import CpuBackend
 from semdedup_core.config import make_config
-from semdedup_core.pipeline import run_pipeline
+from semdedup_core.pipeline import nonempty_clusters, output_storage, prune_all, run_pipeline
 
 EPS = [0.01, 0.005, 0.1]
 
@@ -177,6 +180,33 @@ def test_results_do_not_depend_on_batch_tile_or_spill_buffer_size(run_once, tmp_
     run_pipeline(other)
     a, b = tree(out), tree(tmp_path / "o2")
     assert a == b
+
+
+class OneThreadCpu(CpuBackend):
+    """The CPU fed like a device: one thread runs the pairwise passes cluster after cluster,
+    each GEMM on every BLAS thread (the prune phase's path without compute threads)."""
+
+    @contextlib.contextmanager
+    def compute_pool(self):
+        yield None
+
+
+def test_prune_on_compute_threads_writes_the_same_bytes(run_once, tmp_path):
+    """The CPU's prune phase (clusters side by side, their row blocks on compute threads with one
+    BLAS thread each) writes the same pruning tables and parts as one thread feeding the
+    GEMMs cluster after cluster."""
+    cfg, _, out, _ = run_once
+    other = tmp_path / "o"
+    shutil.copytree(out, other)
+    shutil.rmtree(other / layout.EXTRACTION)
+    store = output_storage(cfg.model_copy(update={"output_path": str(other)}))
+    clusters = nonempty_clusters(store)
+    removed = prune_all(cfg, store, clusters, OneThreadCpu())
+    written = {p: h for p, h in tree(other).items() if p.startswith(layout.EXTRACTION)}
+    expected = {p: h for p, h in tree(out).items()
+                if p.startswith((layout.PRUNING_TABLES, layout.EXTRACTION + "/unique_ids_"))}
+    assert written == expected and len(written) == len(clusters) * (1 + len(EPS))
+    assert removed == {e: run_once[1].summary[e]["removed"] for e in EPS}
 
 
 @pytest.mark.parametrize("keep,metric", [("easy", "cosine"), ("random", "cosine"),

@@ -228,3 +228,25 @@ def test_sub_blocks_equal_whole_blocks_bit_for_bit(data):
                                           sub_block=sub_block)
         assert whole[0].tobytes() == split[0].tobytes(), (tile, row_block, sub_block, first_row)
         assert whole[1].tobytes() == split[1].tobytes(), (tile, row_block, sub_block, first_row)
+
+
+@pytest.mark.parametrize("data", ["random", "real"])
+def test_row_blocks_on_compute_threads_equal_one_pass_bit_for_bit(data):
+    """Row blocks computed side by side on the compute threads (one BLAS thread each, the CPU's
+    prune phase) give the same scores and matches, bit for bit, as one pass on this thread with
+    BLAS on every core, for any tile, row block and first row."""
+    from semdedup_core.threads import compute_pool
+
+    if data == "real":
+        emb = real_cluster(1500)
+    else:
+        rng = np.random.default_rng(12)
+        emb = normalize(rng.standard_normal((1500, 64)).astype(np.float32))
+        emb[rng.choice(np.arange(1, 1500), 300)] = emb[rng.integers(0, 1500, 300)]
+    cases = [(2048, None, 0), (512, None, 0), (300, 128, 0), (2048, 256, 777), (256, 100, 901)]
+    one_pass = [max_similarity_to_earlier(CPU, emb, tile, rb, first) for tile, rb, first in cases]
+    with compute_pool() as pool:
+        threaded = [max_similarity_to_earlier(CPU, emb, tile, rb, first, pool=pool)
+                    for tile, rb, first in cases]
+    for case, (s1, m1), (s2, m2) in zip(cases, one_pass, threaded):
+        assert s1.tobytes() == s2.tobytes() and m1.tobytes() == m2.tobytes(), case

@@ -1,6 +1,10 @@
 """The interface the engine's kernels use: an array namespace plus the few operations whose best
 implementation differs between numpy and CuPy."""
 
+import contextlib
+from collections.abc import Iterator
+from concurrent.futures import Executor
+
 import numpy as np
 
 
@@ -49,6 +53,12 @@ class Backend:
     def fits_on_device(self, nbytes: int) -> bool:
         """Whether an array of nbytes should be moved to the device whole (else: in slabs)."""
         return True
+
+    @contextlib.contextmanager
+    def compute_pool(self) -> Iterator[Executor | None]:
+        """Threads to run independent GEMMs side by side (the CPU's cores), or None: the device
+        is fed by one thread, cluster after cluster."""
+        yield None
 
     def pairwise_tile_size(self, requested: int, dim: int) -> int:
         """The tile size to use; the GPU shrinks it to fit free device memory."""
