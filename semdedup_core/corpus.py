@@ -42,7 +42,7 @@ from semdedup_core.embeddings import EmbeddingSource, InputFile, scan_input
 from semdedup_core.errors import ConfigError, InputError
 from semdedup_core.extraction import removed_mask, summarize, write_removed
 from semdedup_core.pairwise import max_similarity_to_earlier, pairwise_flops
-from semdedup_core.parquet import write_table
+from semdedup_core.parquet import read_table, write_table
 from semdedup_core.pipeline import PhaseTimer, assign, fit_centroids, open_source
 from semdedup_core.shards import load_centroids, ranked_shard, save_centroids
 from semdedup_core.run_record import OutputLock, new_run_id, take_output
@@ -393,6 +393,32 @@ def rebuild(corpus_uri: str, into_uri: str, args: dict[str, Any],
                                       fit_on=[d["name"] for d in manifest["drops"]]))
             current = read_manifest(new)
     return reports
+
+
+# -- sweep ---------------------------------------------------------------------------------------
+def record_sweep(corpus: Storage, name: str, eps_list: list[float], rows: dict) -> None:
+    """After `semdedup sweep` of a committed drop (`extraction.sweep` calls this): the manifest
+    lists the swept eps for the drop like an add's, removed split into inside the drop and of
+    earlier drops, so `corpus show` and the Dagster assets follow. Under the corpus lock
+    (waiting for an add in progress), since an add rewrites the manifest at its commit."""
+    drop = corpus.child(layout.drop_dir(name))
+    owners = read_table(drop, layout.MAX_DROP_TABLE)
+    clusters = sorted(set(owners.column(layout.CLUSTER).to_numpy().tolist()))
+    # The max-drop rows are the pruning tables' rows, cluster by cluster in the same order.
+    score = np.concatenate([read_table(drop, layout.pruning_table(c), [layout.SCORE])
+                            .column(layout.SCORE).to_numpy() for c in clusters])
+    earlier = np.asarray(owners.column(layout.MAX_DROP).to_pylist(), dtype=object) != name
+    with lock_corpus(corpus, wait=True) as lock:
+        manifest = read_manifest(corpus)
+        entry = next(d for d in manifest["drops"] if d["name"] == name)
+        for eps in eps_list:
+            gone = removed_mask(score, eps)
+            n_earlier = int((gone & earlier).sum())
+            entry["eps"][eps_text(eps)] = {"removed": rows[eps]["removed"],
+                                           "inside": rows[eps]["removed"] - n_earlier,
+                                           "earlier": n_earlier}
+        lock.check()
+        corpus.write_bytes(layout.CORPUS_MANIFEST, _json_bytes(manifest))
 
 
 # -- reports -------------------------------------------------------------------------------------

@@ -143,6 +143,11 @@ def sweep(out: Storage, eps_list: list[float], progress=None, owner: str | None 
             audit_output(out, clusters, eps_list, backend or get_backend("auto"),
                          previous["sample_rate"], previous["seed"], previous["cross_cluster"])
         run_record.add_swept_eps(out, lock, eps_list, rows)
+    drop = run_record.committed_corpus_drop(out)
+    if drop is not None:  # the corpus's manifest counts the drop's removals per eps too
+        from semdedup_core.corpus import record_sweep  # (corpus imports this module)
+
+        record_sweep(*drop, eps_list, rows)
     return rows
 
 

@@ -353,7 +353,7 @@ def read_record(out: Storage) -> dict | None:
 def incomplete_reason(out: Storage, own: OutputLock | None = None) -> str | None:
     """None when the folder holds a finished run; else one line saying what is going on.
     `own`: the caller's lock, if it holds the folder (its own lock says nothing)."""
-    if read_record(out) is not None or _committed_corpus_drop(out):
+    if read_record(out) is not None or committed_corpus_drop(out) is not None:
         return None
     holder = read_holder(out)
     if holder is not None and own is not None and holder.owner == own.owner:
@@ -371,19 +371,22 @@ def incomplete_reason(out: Storage, own: OutputLock | None = None) -> str | None
            f"({holder.describe()}); run it again"
 
 
-def _committed_corpus_drop(out: Storage) -> bool:
-    """A drop folder of a corpus (`<corpus>/drops/<name>`) is complete once the corpus's
-    manifest, its commit, lists it (semdedup_core/corpus.py)."""
+def committed_corpus_drop(out: Storage) -> tuple[Storage, str] | None:
+    """(the corpus, the drop's name) when `out` is a drop folder of a corpus
+    (`<corpus>/drops/<name>`) that the corpus's manifest, its commit, lists: such a folder is
+    complete without a record of its own (semdedup_core/corpus.py)."""
     drops = out.parent()
     corpus = drops.parent() if drops is not None else None
     if corpus is None or posixpath.basename(drops.root.rstrip("/")) != layout.DROPS:
-        return False
+        return None
     try:
         manifest = json.loads(corpus.read_bytes(layout.CORPUS_MANIFEST))
     except (FileNotFoundError, IsADirectoryError, ValueError):
-        return False
+        return None
     name = posixpath.basename(out.root.rstrip("/"))
-    return any(d.get("name") == name for d in manifest.get("drops", []))
+    if any(d.get("name") == name for d in manifest.get("drops", [])):
+        return corpus, name
+    return None
 
 
 def require_complete(out: Storage, own: OutputLock | None = None) -> dict:

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from semdedup_core import corpus as corpus_mod
 from semdedup_core import corpus_store
 from semdedup_core import layout
 from semdedup_core.backends import CpuBackend
@@ -204,7 +205,19 @@ def test_redelivered_drop_is_removed_whole(drops, tmp_path):
         assert sorted(part_ids.to_pylist()) == sorted(read_drop_input(drops["d3"])[0].to_pylist())
     owners = pq.read_table(os.path.join(corpus, "drops", "d3", layout.MAX_DROP_TABLE))
     assert set(owners.column("max_drop").to_pylist()) == {"d0"}
-    assert_equals_batch(corpus, drops)
+    # A sweep of a drop at new eps: the manifest follows, split like an add's.
+    from semdedup_core.cli import main
+
+    added = read_manifest(Storage(corpus))["drops"][1]["eps"]["0.05"]
+    assert main(["sweep", os.path.join(corpus, "drops", "d1"), "--eps", "0.1", "0.05"]) == 0
+    assert main(["sweep", os.path.join(corpus, "drops", "d3"), "--eps", "0.1"]) == 0
+    manifest = read_manifest(Storage(corpus))
+    d1 = manifest["drops"][1]["eps"]
+    assert list(d1) == ["0.01", "0.05", "0.1"] and d1["0.05"] == added
+    assert d1["0.1"]["removed"] == d1["0.1"]["inside"] + d1["0.1"]["earlier"]
+    assert d1["0.1"]["removed"] > d1["0.05"]["removed"] and d1["0.1"]["earlier"] > 0
+    assert manifest["drops"][2]["eps"]["0.1"] == {"removed": 800, "inside": 0, "earlier": 800}
+    assert_equals_batch(corpus, drops)  # the swept parts too, against the brute force
 
 
 def tree_digest(folder) -> dict:
@@ -388,6 +401,18 @@ def test_s3_corpus_equals_local(drops, tmp_path, s3_client, s3_endpoint, aws_pro
     assert [d["name"] for d in read_manifest(store)["drops"]] == ["d0", "d1"]
     assert json.loads(store.read_bytes(layout.CORPUS_MANIFEST))["format"] == 2
     assert store_contents(store) == store_contents(local)  # the segments, read by ranged GETs
+    # A rebuild from and into S3 (its inputs: the drops' shards there) equals the local one.
+    corpus_mod.rebuild(uri, "s3://corpus/rebuilt", {"n_clusters": 6, **args})
+    corpus_mod.rebuild(local, str(tmp_path / "rebuilt"), {"n_clusters": 6})
+    rebuilt, rebuilt_local = Storage("s3://corpus/rebuilt", S3Options(aws_profile, s3_endpoint)), \
+        Storage(str(tmp_path / "rebuilt"))
+    assert rebuilt.list_files(layout.DROPS) == rebuilt_local.list_files(layout.DROPS)
+    for rel in rebuilt.list_files(layout.DROPS):
+        assert rebuilt.read_bytes(rel) == rebuilt_local.read_bytes(rel), rel
+    new = read_manifest(rebuilt)
+    assert new["settings"]["n_clusters"] == 6 and [d["name"] for d in new["drops"]] == ["d0", "d1"]
+    assert [d["eps"] for d in new["drops"]] == [d["eps"] for d in read_manifest(rebuilt_local)["drops"]]
+    assert new["drops"][0]["input"] == drops["d0"]
 
 
 def test_store_segments_merge_like_a_binary_counter(tmp_path):
