@@ -119,10 +119,11 @@ class KeptPairsAudit:
         lowest = min(thresholds)
         for s in range(0, len(vecs), AUDIT_TILE):
             sims = sample @ backend.asarray(vecs[s:s + AUDIT_TILE]).T
-            i, j = (backend.to_numpy(a) for a in backend.xp.nonzero(sims >= lowest))
-            if not len(i):
+            flat = backend.xp.flatnonzero(sims >= lowest)
+            if not len(flat):
                 continue
-            values = backend.to_numpy(sims[backend.asarray(i), backend.asarray(j)])
+            values = backend.to_numpy(sims.ravel()[flat])
+            i, j = np.divmod(backend.to_numpy(flat), sims.shape[1])
             if after is not None:
                 later = j + s > after[i]
                 i, j, values = i[later], j[later], values[later]

@@ -37,14 +37,14 @@ from semdedup_core.config import DedupConfig, eps_text
 from semdedup_core.kmeans import ASSIGN_CHUNK
 from semdedup_core.pairwise import TIE_TOL
 from semdedup_core.parquet import read_table, write_table
-from semdedup_core.shards import RankedShard, Spill, load_centroids, ranked_shard
+from semdedup_core.shards import RankedShard, load_centroids, ranked_shard
 from semdedup_core.storage import Storage
 from semdedup_core.threads import host_threads, ordered_map
 
 # Bisector distances come from float32 GEMMs (error ~1e-6 for unit vectors); the exact bound
 # is widened by this much so that rounding never rules out a real pair.
 BOUND_SLACK = 1e-3
-_KEY, _SOURCE = 0, 1  # the meta columns of a routed candidate in the spill
+SEARCHED_EPS_KEY = b"semdedup.cross_cluster.searched_eps"
 
 
 def order_keys(which_to_keep: str, rank_dist: np.ndarray, n: int) -> np.ndarray:
@@ -75,38 +75,40 @@ def probe_radius(eps_list: list[float]) -> float:
 def probe_targets(backend: Backend, emb: np.ndarray, cluster: int, centroids: np.ndarray,
                   radius: float, max_probes: int) -> tuple[np.ndarray, np.ndarray]:
     """The clusters each unit row of `emb` (clips of `cluster`) is compared with, as
-    (rows, targets) int64 host arrays, rows ascending (see the module's docstring)."""
+    (rows, targets) int64 host arrays, rows ascending (see the module's docstring).
+    Every row is in the same cluster a, so h_b(x) = x.(c_b - c_a)/g + (|c_a|^2 - |c_b|^2)/(2g),
+    g = |c_a - c_b|, is one GEMM plus one row of offsets for all b."""
     xp = backend.xp
     k = centroids.shape[0]
     c64 = centroids.astype(np.float64)
-    gap = np.linalg.norm(c64 - c64[cluster], axis=1)
+    diff = c64 - c64[cluster]
+    gap = np.linalg.norm(diff, axis=1)
     # Itself, and a centroid equal to its own (one of the two cells is empty), are no target.
     possible = gap > 0
     possible[cluster] = False
-    inv = np.where(possible, 0.5 / np.where(possible, gap, 1), 0).astype(np.float32)
-    inv_d, possible_d = backend.asarray(inv), backend.asarray(possible)
-    C = backend.asarray(centroids.astype(np.float32))
-    c_sq = (C * C).sum(axis=1)
-    minus_2ct = xp.ascontiguousarray((-2 * C).T)
+    g = np.where(possible, gap, 1.0)
+    w = np.where(possible[:, None], diff / g[:, None], 0).T.astype(np.float32)  # (d, k)
+    sq = (c64 * c64).sum(axis=1)
+    offset = np.where(possible, (sq[cluster] - sq) / (2 * g), -np.inf).astype(np.float32)
+    w_d, offset_d = backend.asarray(np.ascontiguousarray(w)), backend.asarray(offset)
     bound = -(radius + BOUND_SLACK)
     rows_out, targets_out = [], []
     for s in range(0, emb.shape[0], ASSIGN_CHUNK):
-        x = backend.asarray(emb[s:s + ASSIGN_CHUNK])
-        d2 = x @ minus_2ct + c_sq  # |x - c|^2 - 1
-        h = (d2[:, cluster:cluster + 1] - d2) * inv_d
-        h = xp.where(possible_d[None, :], h, -xp.inf)
+        h = backend.asarray(emb[s:s + ASSIGN_CHUNK]) @ w_d
+        h += offset_d
         if max_probes == 0 or max_probes >= k - 1:  # every cluster the bound leaves
             r, t = np.nonzero(backend.to_numpy(h >= bound))
         else:
             # The nearest bisectors by repeated argmax (first maximum on both backends, so
             # ties resolve alike): max_probes passes over (rows, k), cheaper than a sort.
             tops, oks = [], []
+            every = xp.arange(h.shape[0])
             for _ in range(max_probes):
-                top = h.argmax(axis=1)[:, None]
-                oks.append(xp.take_along_axis(h, top, axis=1) >= bound)
+                top = h.argmax(axis=1)
+                oks.append(h[every, top] >= bound)
                 tops.append(top)
-                h[xp.arange(h.shape[0])[:, None], top] = -xp.inf
-            top, ok = (backend.to_numpy(xp.concatenate(v, axis=1)) for v in (tops, oks))
+                h[every, top] = -xp.inf
+            top, ok = (np.stack([backend.to_numpy(a) for a in v], axis=1) for v in (tops, oks))
             r, j = np.nonzero(ok)
             t = top[r, j]
         rows_out.append(r.astype(np.int64) + s)
@@ -118,144 +120,110 @@ def probe_targets(backend: Backend, emb: np.ndarray, cluster: int, centroids: np
     return rows[order], targets[order]
 
 
-@dataclass
-class Candidates:
-    """Clips of other clusters routed to one cluster, in the global order."""
-
-    ids: pa.Array
-    emb: np.ndarray  # float32 (m, d)
-    key: np.ndarray  # float64 (m,)
-    source: np.ndarray  # int64 (m,): their own cluster
-
-
-def sort_candidates(which_to_keep: str, ids: pa.Array, emb: np.ndarray,
-                    meta: np.ndarray) -> Candidates:
-    key, source = meta[:, _KEY], meta[:, _SOURCE].astype(np.int64)
-    tie = (ids, "descending") if which_to_keep == "hard" else \
-        (ids, "ascending") if which_to_keep == "easy" else (pa.array(source), "ascending")
-    keys = pa.table({"k": pa.array(key), "t": tie[0]})
-    order = pc.sort_indices(keys, sort_keys=[("k", "ascending"), ("t", tie[1])]).to_numpy()
-    return Candidates(ids.take(pa.array(order)), emb[order], key[order], source[order])
-
-
-# Pairs (rows x columns) one more GEMM is worth: source clusters are grouped into one GEMM
-# while the pairs that grouping computes in vain stay below this (small GEMMs run far below
-# BLAS or device speed: measured 28x below on 73 x 154 x 384 on the busy 2-core machine).
-GEMM_OVERHEAD_PAIRS = 1 << 17
-
-
-def source_groups(source: np.ndarray, rows: np.ndarray, targets: np.ndarray) -> list[np.ndarray]:
-    """The candidates' source clusters, ascending, cut into groups that are compared in one
-    GEMM each: a source joins the current group while the group's rows x columns exceed the
-    sum of its sources' own blocks by less than GEMM_OVERHEAD_PAIRS per GEMM saved."""
-    sources, counts = np.unique(source, return_counts=True)
-    order = np.argsort(targets, kind="stable")
-    t_sorted = targets[order]
-    groups: list[np.ndarray] = []
-    start, group_rows, group_cols, own = 0, np.empty(0, np.int64), 0, 0
-    for i, (a, n_cols) in enumerate(zip(sources.tolist(), counts.tolist())):
-        lo, hi = np.searchsorted(t_sorted, [a, a + 1])
-        rows_a = rows[order[lo:hi]]
-        merged = np.union1d(group_rows, rows_a)
-        saved = i - start  # GEMMs saved by merging the sources start..i into one
-        if i > start and len(merged) * (group_cols + n_cols) - (own + len(rows_a) * n_cols) \
-                > saved * GEMM_OVERHEAD_PAIRS:
-            groups.append(sources[start:i])
-            start, merged, group_cols, own = i, rows_a, 0, 0
-        group_rows, group_cols, own = merged, group_cols + n_cols, own + len(rows_a) * n_cols
-    if start < len(sources):
-        groups.append(sources[start:])
-    return groups
-
-
-def cross_scores(cfg: DedupConfig, backend: Backend, ranked: RankedShard, cand: Candidates,
-                 rows: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each clip of `ranked` (rank order): (score float32, match int64 = position in
-    `cand`, -1 when none): its best similarity to a candidate that comes earlier in the
-    global order, over the pairs that both probe (the clip's probes are `rows`->`targets`)."""
+def compare_block(backend: Backend, which_to_keep: str, x_emb: np.ndarray, x_key: np.ndarray,
+                  x_tie, y_emb: np.ndarray, y_key: np.ndarray, y_tie):
+    """Clips x (rows) of one cluster against clips y (columns) of another, each side in its
+    cluster's rank order (so in the global order), every pair compared once for both sides.
+    `*_tie(i)`: (id, cluster) of row/column i, asked only on equal keys (`earlier_on_tie`).
+    Returns host arrays (row_top, row_arg, col_top, col_arg): each row's best GEMM similarity
+    to an EARLIER column (-inf when none) and the earliest column within TIE_TOL of it, and
+    the same for each column against the earlier rows."""
     xp = backend.xp
-    n, dim = ranked.emb.shape
-    tile = backend.pairwise_tile_size(cfg.pairwise_tile_size, dim)
-    key_b = order_keys(cfg.which_to_keep, ranked.rank_dist, n)
-    best = xp.full(n, -xp.inf, dtype=xp.float32)
-    best_pos = xp.full(n, -1, dtype=xp.int64)
-    for group in source_groups(cand.source, rows, targets):
-        cols_g = np.flatnonzero(np.isin(cand.source, group))
-        local = np.searchsorted(group, cand.source[cols_g])  # the column's source, in group
-        mine = np.isin(targets, group)
-        rows_g, inverse = np.unique(rows[mine], return_inverse=True)
-        probes = np.zeros((len(rows_g), len(group)), bool)  # row y probes the group's source
-        probes[inverse, np.searchsorted(group, targets[mine])] = True
-        for r0 in range(0, len(rows_g), tile):
-            r = rows_g[r0:r0 + tile]
-            y = backend.asarray(ranked.emb[r])
-            ky = backend.asarray(key_b[r])
-            top_r = xp.full(len(r), -xp.inf, dtype=xp.float32)
-            pos_r = xp.full(len(r), -1, dtype=xp.int64)
-            for c0 in range(0, len(cols_g), tile):
-                c = cols_g[c0:c0 + tile]
-                sims = y @ backend.asarray(cand.emb[c]).T
-                kx = backend.asarray(cand.key[c])
-                earlier = kx[None, :] < ky[:, None]
-                tied = kx[None, :] == ky[:, None]
-                if int(tied.sum()):
-                    earlier = _resolve_ties(backend, cfg.which_to_keep, earlier, tied, cand, c,
-                                            ranked, r)
-                both_probe = backend.asarray(probes[r0:r0 + tile][:, local[c0:c0 + tile]])
-                sims = xp.where(earlier & both_probe, sims, -xp.inf)
-                top = sims.max(axis=1)
-                arg = (sims >= (top - TIE_TOL)[:, None]).argmax(axis=1)  # earliest near-max
-                pos = backend.asarray(c)[arg]
-                found = top > -xp.inf
-                take = found & ((top > top_r + TIE_TOL) | ((top >= top_r - TIE_TOL) & (pos < pos_r)))
-                pos_r = xp.where(take, pos, pos_r)
-                top_r = xp.maximum(top_r, top)
-            # Merge into the clip's best over earlier groups with the same rule.
-            r_d = backend.asarray(r)
-            b_top, b_pos = best[r_d], best_pos[r_d]
-            found = pos_r >= 0
-            take = found & ((top_r > b_top + TIE_TOL) |
-                            ((top_r >= b_top - TIE_TOL) & ((pos_r < b_pos) | (b_pos < 0))))
-            best_pos[r_d] = xp.where(take, pos_r, b_pos)
-            best[r_d] = xp.maximum(b_top, top_r)
-    match = backend.to_numpy(best_pos).astype(np.int64)
-    found = match >= 0
-    score = np.zeros(n, np.float32)
-    # As inside clusters, the score is one float64 dot product with the chosen clip.
-    score[found] = np.einsum("ij,ij->i", ranked.emb[found].astype(np.float64),
-                             cand.emb[match[found]].astype(np.float64))
-    return np.clip(score, 0, 1), match
+    sims = backend.asarray(x_emb) @ backend.asarray(y_emb).T
+    kx, ky = backend.asarray(x_key), backend.asarray(y_key)
+    y_first = ky[None, :] < kx[:, None]
+    tied = ky[None, :] == kx[:, None]
+    if int(tied.sum()):  # equal keys (rare: equal float32 distances), decided on the host
+        i, j = np.nonzero(backend.to_numpy(tied))
+        values = np.array([earlier_on_tie(which_to_keep, *y_tie(int(jj)), *x_tie(int(ii)))
+                           for ii, jj in zip(i, j)], dtype=bool)
+        y_first[backend.asarray(i), backend.asarray(j)] = backend.asarray(values)
+    for_rows = xp.where(y_first, sims, -xp.inf)
+    for_cols = xp.where(y_first, -xp.inf, sims)
+    row_top = for_rows.max(axis=1)
+    row_arg = (for_rows >= (row_top - TIE_TOL)[:, None]).argmax(axis=1)  # earliest near-max
+    col_top = for_cols.max(axis=0)
+    col_arg = (for_cols >= (col_top - TIE_TOL)[None, :]).argmax(axis=0)
+    return tuple(backend.to_numpy(a) for a in (row_top, row_arg, col_top, col_arg))
 
 
-def _resolve_ties(backend: Backend, which_to_keep: str, earlier, tied, cand: Candidates,
-                  cols: np.ndarray, ranked: RankedShard, rows: np.ndarray):
-    """Equal keys (rare: equal float32 distances) are decided by `earlier_on_tie`, on the host."""
-    i, j = np.nonzero(backend.to_numpy(tied))
-    values = np.array([earlier_on_tie(which_to_keep, cand.ids[int(cols[jj])].as_py(),
-                                      int(cand.source[cols[jj]]), ranked.ids[int(rows[ii])].as_py(),
-                                      ranked.cluster) for ii, jj in zip(i, j)], dtype=bool)
-    earlier = earlier.copy()
-    earlier[backend.asarray(i), backend.asarray(j)] = backend.asarray(values)
-    return earlier
+class CrossBest:
+    """Every clip's best match so far among earlier clips of other clusters, merged block by
+    block by the rule of the pairwise pass: a new best must beat the old by more than TIE_TOL;
+    within TIE_TOL the clip earlier in the global order wins. Clips are numbered in the order
+    their clusters are added, rank order within each (`at`); all clips' ids are kept (max_id)."""
 
+    def __init__(self, which_to_keep: str):
+        self.which_to_keep = which_to_keep
+        self.ids_of: dict[int, pa.Array] = {}
+        self.base: dict[int, int] = {}
+        self.size = 0
+        self.best = np.empty(0, np.float32)  # GEMM value, compared with TIE_TOL
+        self.score = np.empty(0, np.float32)  # float64 dot product with the chosen clip
+        self.match_cluster = np.empty(0, np.int64)  # -1: none yet
+        self.match_row = np.empty(0, np.int64)
+        self.match_key = np.empty(0, np.float64)
 
-SEARCHED_EPS_KEY = b"semdedup.cross_cluster.searched_eps"
+    def add_cluster(self, cluster: int, ids: pa.Array) -> None:
+        self.ids_of[cluster], self.base[cluster] = ids, self.size
+        self.size += len(ids)
+        if self.size > len(self.best):  # grown by doubling: amortised O(1) per clip
+            grow = max(self.size, 2 * len(self.best)) - len(self.best)
+            for name, fill in (("best", -np.inf), ("score", 0), ("match_cluster", -1),
+                               ("match_row", 0), ("match_key", np.inf)):
+                old = getattr(self, name)
+                setattr(self, name, np.concatenate([old, np.full(grow, fill, old.dtype)]))
 
+    def at(self, cluster: int, rows: np.ndarray) -> np.ndarray:
+        return rows + self.base[cluster]
 
-def cross_table(ranked: RankedShard, cand: Candidates, score: np.ndarray, match: np.ndarray,
-                searched_eps: float) -> pa.Table:
-    """`id, max_id, max_cluster, cosine_sim_score` in the cluster's rank order; a clip with no
-    earlier candidate gets score 0, its own id and its own cluster. The schema metadata
-    records the eps the search was bounded by (scores at or above 1 - it are exact)."""
-    found = match >= 0
-    at = pa.array(np.where(found, match, 0))
-    max_id = pc.if_else(pa.array(found), cand.ids.take(at) if len(cand.ids) else ranked.ids,
-                        ranked.ids)
-    max_cluster = np.where(found, cand.source[match] if len(cand.source) else 0, ranked.cluster)
-    table = pa.table({layout.ID: ranked.ids, layout.MAX_ID: max_id,
-                      layout.MAX_CLUSTER: pa.array(max_cluster.astype(np.int64)),
-                      layout.SCORE: pa.array(score, type=pa.float32())})
-    return table.replace_schema_metadata({SEARCHED_EPS_KEY: eps_text(searched_eps).encode()})
+    def offer(self, at: np.ndarray, emb: np.ndarray, top: np.ndarray, cluster: np.ndarray,
+              match_row: np.ndarray, match_key: np.ndarray, match_emb: np.ndarray) -> None:
+        """Candidates for the clips `at` (distinct; unit vectors `emb`): best GEMM similarity
+        `top` (-inf: none) to the clip `match_row` of `cluster`, with its key and vector."""
+        found = top > -np.inf
+        at, emb, top, cluster, match_row, match_key, match_emb = (
+            v[found] for v in (at, emb, top, cluster, match_row, match_key, match_emb))
+        if not len(at):
+            return
+        best, key = self.best[at], self.match_key[at]
+        earlier = match_key < key
+        for t in np.flatnonzero(match_key == key).tolist():  # equal keys (rare)
+            old, new = int(self.match_cluster[at[t]]), int(cluster[t])
+            earlier[t] = earlier_on_tie(
+                self.which_to_keep, self.ids_of[new][int(match_row[t])].as_py(), new,
+                self.ids_of[old][int(self.match_row[at[t]])].as_py(), old)
+        take = (top > best + TIE_TOL) | ((top >= best - TIE_TOL) & earlier)
+        self.best[at] = np.maximum(best, top)
+        at, emb, cluster, match_row, match_key, match_emb = (
+            v[take] for v in (at, emb, cluster, match_row, match_key, match_emb))
+        self.match_cluster[at] = cluster
+        self.match_row[at] = match_row
+        self.match_key[at] = match_key
+        # As inside clusters, the score is one float64 dot product with the chosen clip.
+        self.score[at] = np.einsum("ij,ij->i", emb.astype(np.float64),
+                                   match_emb.astype(np.float64))
+
+    def table(self, cluster: int, searched_eps: float) -> pa.Table:
+        """`id, max_id, max_cluster, cosine_sim_score` in the cluster's rank order; a clip with
+        no earlier candidate gets score 0, its own id and its own cluster. The schema metadata
+        records the eps the search was bounded by (scores at or above 1 - it are exact)."""
+        ids = self.ids_of[cluster]
+        span = slice(self.base[cluster], self.base[cluster] + len(ids))
+        match_cluster, match_row = self.match_cluster[span], self.match_row[span]
+        max_id = ids
+        for c in np.unique(match_cluster[match_cluster >= 0]).tolist():
+            mine = match_cluster == c
+            picked = self.ids_of[c].take(pa.array(np.where(mine, match_row, 0)))
+            max_id = pc.if_else(pa.array(mine), picked, max_id)
+        found = match_cluster >= 0
+        table = pa.table({layout.ID: ids, layout.MAX_ID: max_id,
+                          layout.MAX_CLUSTER: pa.array(np.where(found, match_cluster, cluster)
+                                                       .astype(np.int64)),
+                          layout.SCORE: pa.array(np.clip(self.score[span], 0, 1),
+                                                 type=pa.float32())})
+        return table.replace_schema_metadata(
+            {SEARCHED_EPS_KEY: eps_text(searched_eps).encode()})
 
 
 def searched_eps(table: pa.Table) -> float | None:
@@ -273,59 +241,98 @@ class CrossResult:
 
 
 def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Backend,
-                         targets: list[int] | None = None,
-                         scratch: str | None = None) -> Iterator[CrossResult]:
+                         targets: list[int] | None = None) -> Iterator[CrossResult]:
     """Write `semdedup_cross_cluster_tables/cluster_<k>.parquet` for every cluster in
-    `targets` (default: all of `clusters`, the clusters with a shard), yielding results in
-    that order. Every cluster's clips are routed, those bound for a target kept. Memory: a few
-    clusters, the spill buffer, and each clip's probes (16 bytes per probe)."""
-    targets = clusters if targets is None else targets
+    `targets` (default: all of `clusters`, the clusters with a shard), yielding each result
+    once its table is final, in one pass over the shards (ascending).
+
+    At cluster a's turn, a's clips are compared with the clips of each earlier cluster b that
+    probe a (kept since b's turn) where they probe b: one block per (b, a), each pair once,
+    and each side takes the similarity to the other side's earlier clips. Then a's clips that
+    probe later clusters are kept for those clusters' turns. A cluster's table is final after
+    the turn of the last cluster its clips probe. Memory: a few clusters, every clip's id and
+    best match, and the clips waiting for a later cluster (at the peak about half of
+    clips x probes x d floats). A block only depends on its two clusters and a clip's offers
+    come in the same order either way, so a subset of `targets` (Dagster partitions) gets
+    the same tables as the whole run."""
+    targets = set(clusters if targets is None else targets)
+    present = set(clusters)
     centroids = load_centroids(out)
-    wanted = np.zeros(centroids.shape[0], bool)  # routes to empty clusters are dropped too
-    wanted[targets] = True
     radius = probe_radius(cfg.eps_to_extract)
-    workers = host_threads()
-    spill = Spill(scratch, centroids.shape[1], int(cfg.spill_buffer_mb * 2**20), meta=2)
-    probes: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    try:
-        # Route: every clip to the clusters it probes.
-        for ranked in ordered_map(lambda c: ranked_shard(cfg, out, c), clusters, workers):
-            if ranked is None:
+    which = cfg.which_to_keep
+    dim = centroids.shape[1]
+    state = CrossBest(which)
+    candidates: dict[int, int] = {}
+    flops: dict[int, int] = {}
+    final_after: dict[int, list[int]] = {}  # turn -> clusters whose tables are final then
+    # cluster -> [(earlier cluster, its rows that probe this one, their vectors, their keys)]
+    waiting: dict[int, list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = {}
+
+    def tie_of(cluster: int, rows: np.ndarray):
+        return lambda i: (state.ids_of[cluster][int(rows[i])].as_py(), cluster)
+
+    def turn(ranked: RankedShard) -> list[int]:
+        a = ranked.cluster
+        state.add_cluster(a, ranked.ids)
+        candidates[a] = flops[a] = 0
+        key = order_keys(which, ranked.rank_dist, len(ranked.ids))
+        rows, to = probe_targets(backend, ranked.emb, a, centroids, radius,
+                                 cfg.cross_cluster_max_probes)
+        known = np.isin(to, np.fromiter(present, np.int64, len(present)))
+        rows, to = rows[known], to[known]
+        mine, theirs = [], []  # offers to a's clips (block order) and to earlier clusters'
+        for b, y_rows, y_emb, y_key in waiting.pop(a, []):
+            x_rows = rows[to == b]
+            if not len(x_rows):
                 continue
-            rows, to = probe_targets(backend, ranked.emb, ranked.cluster, centroids, radius,
-                                     cfg.cross_cluster_max_probes)
-            if wanted[ranked.cluster]:
-                probes[ranked.cluster] = (rows, to)
-            rows, to = rows[wanted[to]], to[wanted[to]]
-            keys = order_keys(cfg.which_to_keep, ranked.rank_dist, len(ranked.ids))
-            meta = np.stack([keys[rows], np.full(len(rows), ranked.cluster, np.float64)], axis=1)
-            spill.add(to, ranked.ids.take(pa.array(rows)), ranked.emb[rows], meta)
-        spill.finish()
+            x_emb, x_key = ranked.emb[x_rows], key[x_rows]
+            row_top, row_arg, col_top, col_arg = compare_block(
+                backend, which, x_emb, x_key, tie_of(a, x_rows), y_emb, y_key, tie_of(b, y_rows))
+            flops[a] += 2 * len(x_rows) * len(y_rows) * dim
+            if a in targets:
+                candidates[a] += len(y_rows)
+                mine.append((state.at(a, x_rows), x_emb, row_top, np.full(len(x_rows), b),
+                             y_rows[row_arg], y_key[row_arg], y_emb[row_arg]))
+            if b in targets:
+                candidates[b] += len(x_rows)
+                theirs.append((state.at(b, y_rows), y_emb, col_top, np.full(len(y_rows), a),
+                               x_rows[col_arg], x_key[col_arg], x_emb[col_arg]))
+        if theirs:  # distinct clips (one block per earlier cluster): one merge
+            state.offer(*(np.concatenate(v) for v in zip(*theirs)))
+        if mine:  # a clip of a is in up to max_probes blocks: merged in block order
+            offers = [np.concatenate(v) for v in zip(*mine)]
+            order = np.argsort(offers[0], kind="stable")
+            first = np.r_[True, offers[0][order][1:] != offers[0][order][:-1]]
+            layer = np.empty(len(order), np.int64)
+            layer[order] = np.arange(len(order)) - np.maximum.accumulate(
+                np.where(first, np.arange(len(order)), 0))
+            for n in range(int(layer.max()) + 1):
+                state.offer(*(v[layer == n] for v in offers))
+        later = to > a
+        for b in np.unique(to[later]).tolist():
+            if a in targets or b in targets:
+                sel = rows[to == b]
+                waiting.setdefault(b, []).append((a, sel, ranked.emb[sel], key[sel]))
+        if a in targets:
+            last = int(to[later].max()) if later.any() else a
+            final_after.setdefault(last, []).append(a)
+        return final_after.pop(a, [])
 
-        # Pull: every cluster against the clips routed to it.
-        def load(c: int):
-            ranked = ranked_shard(cfg, out, c)
-            return ranked, sort_candidates(cfg.which_to_keep, *spill.take_with_meta(c))
+    def write(cluster: int) -> CrossResult:
+        table = state.table(cluster, max(cfg.eps_to_extract))
+        write_table(out, layout.cross_table(cluster), table)
+        return CrossResult(cluster, table, candidates[cluster], flops[cluster])
 
-        def write(result: CrossResult) -> CrossResult:
-            write_table(out, layout.cross_table(result.cluster), result.table)
-            return result
+    def finished() -> Iterator[int]:
+        for ranked in ordered_map(lambda c: ranked_shard(cfg, out, c), sorted(present),
+                                  host_threads()):
+            if ranked is not None:
+                yield from turn(ranked)
+        # Clusters whose last probe went to a cluster that had no shard after all end here.
+        for c in sorted(final_after):
+            yield from final_after.pop(c)
 
-        def scored() -> Iterator[CrossResult]:
-            for ranked, cand in ordered_map(load, targets, workers):
-                if ranked is None:
-                    continue
-                rows, to = probes.pop(ranked.cluster)
-                score, match = cross_scores(cfg, backend, ranked, cand, rows, to)
-                flops = 2 * ranked.emb.shape[1] * sum(
-                    len(np.unique(rows[np.isin(to, g)])) * int(np.isin(cand.source, g).sum())
-                    for g in source_groups(cand.source, rows, to))
-                table = cross_table(ranked, cand, score, match, max(cfg.eps_to_extract))
-                yield CrossResult(ranked.cluster, table, len(cand.ids), flops)
-
-        yield from ordered_map(write, scored(), workers)
-    finally:
-        spill.close()
+    yield from ordered_map(write, finished(), host_threads())
 
 
 def read_cross_table(out: Storage, cluster: int) -> pa.Table | None:

@@ -343,18 +343,23 @@ def test_audit_interval_covers_the_pairs_left(capped_output):
 def test_equal_keys_across_clusters_are_ordered_by_id(which, expected):
     """Clips of different clusters with the same distance key: hard puts the larger id first,
     easy the smaller (the ranking's own tie rule, extended to all clips)."""
-    from semdedup_core.cross_cluster import cross_scores, sort_candidates
-    from semdedup_core.shards import RankedShard
+    from semdedup_core.cross_cluster import CrossBest, compare_block
 
     e0 = np.eye(4, dtype=np.float32)[0]
     c = normalize(np.array([[0.9, 0.3, 0.3, 0.0]], np.float32))[0]
-    dist = np.float32(0.4)
-    key = -float(dist) if which == "hard" else float(dist)
-    ranked = RankedShard(1, pa.array(["b"]), e0[None, :], np.array([dist]), np.array([dist]))
-    cand = sort_candidates(which, pa.array(["a", "c"]), np.stack([e0, c]),
-                           np.array([[key, 0.0], [key, 0.0]]))
-    cfg = make_config(input_embeddings_path="unused-in", output_path="unused-out", n_clusters=2,
-                      which_to_keep=which, cross_cluster=True)
-    score, match = cross_scores(cfg, CpuBackend(), ranked, cand, np.array([0]), np.array([0]))
-    assert cand.ids[int(match[0])].as_py() == expected
+    key = np.array([-0.4 if which == "hard" else 0.4] * 2)
+    # cluster 0 in its rank order ((distance, id) descending for hard), clip b of cluster 1
+    order = ["c", "a"] if which == "hard" else ["a", "c"]
+    y_emb = np.stack([{"a": e0, "c": c}[i] for i in order])
+    row_top, row_arg, _, _ = compare_block(CpuBackend(), which, e0[None, :], key[:1],
+                                           lambda i: ("b", 1), y_emb, key,
+                                           lambda j: (order[j], 0))
+    best = CrossBest(which)
+    best.add_cluster(0, pa.array(order))
+    best.add_cluster(1, pa.array(["b"]))
+    best.offer(best.at(1, np.array([0])), e0[None, :], row_top, np.array([0]), row_arg,
+               key[row_arg], y_emb[row_arg])
+    table = best.table(1, 0.05).to_pylist()[0]
+    assert (table["max_id"], table["max_cluster"]) == (expected, 0)
+    score = [table["cosine_sim_score"]]
     assert score[0] == pytest.approx(1.0 if expected == "a" else float(c @ e0), abs=1e-6)
