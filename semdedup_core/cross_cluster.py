@@ -15,12 +15,18 @@ h(x) >= -r: every other cluster is ruled out exactly. Of the clusters left, each
 b) is compared when b is among x's probes AND a is among y's. A cap therefore misses a pair
 when either clip has more than `max_probes` cluster boundaries nearer than the one between them.
 
-Two streaming passes over the shards. Route: per cluster, x.C (an (n, k) GEMM as in assignment)
-gives every clip's probes; each clip is spilled (local scratch, like assignment) to the clusters
-it probes. Pull: per cluster b, its clips (rows) against the candidates routed to it (columns,
-sorted in the global order), per source cluster a only the rows that probe a, keeping columns
-that come earlier than the row. Each clip's score is its best such similarity; its match is the
-earliest clip in the global order within `TIE_TOL` of the best (as inside clusters).
+One streaming pass over the shards, clusters ascending (`cross_cluster_tables`): at cluster
+a's turn, each clip's probes come from one (n, k) GEMM (`probe_targets`); a's clips are compared
+with the clips of earlier clusters that probe a and that a's clips probe (kept in memory since
+those clusters' turns), one block per cluster pair, each pair computed once: both sides take
+the similarity to the other side's EARLIER clips (`compare_block`). a's clips that probe later
+clusters wait for those turns. Each clip keeps its best match (`CrossBest`): the earliest clip in
+the global order within `TIE_TOL` of the best where the score can remove it (as inside clusters;
+scored by one float64 dot product), the first best below that.
+
+For a caller with its own rows and candidates (a corpus: new clips against earlier drops'),
+`compare_block` plus `CrossBest.offer` is the "score these rows against these earlier
+candidates" step.
 """
 
 import math
@@ -120,31 +126,64 @@ def probe_targets(backend: Backend, emb: np.ndarray, cluster: int, centroids: np
     return rows[order], targets[order]
 
 
+def _any_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ascending arrays `a` and `b` share a value."""
+    at = np.minimum(np.searchsorted(b, a), len(b) - 1)
+    return bool(len(b) and (b[at] == a).any())
+
+
 def compare_block(backend: Backend, which_to_keep: str, x_emb: np.ndarray, x_key: np.ndarray,
-                  x_tie, y_emb: np.ndarray, y_key: np.ndarray, y_tie):
+                  x_tie, y_emb: np.ndarray, y_key: np.ndarray, y_tie, floor: float):
     """Clips x (rows) of one cluster against clips y (columns) of another, each side in its
     cluster's rank order (so in the global order), every pair compared once for both sides.
     `*_tie(i)`: (id, cluster) of row/column i, asked only on equal keys (`earlier_on_tie`).
     Returns host arrays (row_top, row_arg, col_top, col_arg): each row's best GEMM similarity
-    to an EARLIER column (-inf when none) and the earliest column within TIE_TOL of it, and
-    the same for each column against the earlier rows."""
+    to an EARLIER column (-inf when none) and that column, and the same for each column
+    against the earlier rows. Where the best is >= `floor` (it may remove the clip), the
+    earliest clip within TIE_TOL of it is taken, as inside clusters; below, the first best
+    (no removal depends on it, and it saves two passes over the block)."""
     xp = backend.xp
     sims = backend.asarray(x_emb) @ backend.asarray(y_emb).T
-    kx, ky = backend.asarray(x_key), backend.asarray(y_key)
-    y_first = ky[None, :] < kx[:, None]
-    tied = ky[None, :] == kx[:, None]
-    if int(tied.sum()):  # equal keys (rare: equal float32 distances), decided on the host
-        i, j = np.nonzero(backend.to_numpy(tied))
+    y_first = backend.asarray(y_key)[None, :] < backend.asarray(x_key)[:, None]
+    if _any_equal(x_key, y_key):  # equal keys (rare: equal float32 distances)
+        i, j = np.nonzero(x_key[:, None] == y_key[None, :])
         values = np.array([earlier_on_tie(which_to_keep, *y_tie(int(jj)), *x_tie(int(ii)))
                            for ii, jj in zip(i, j)], dtype=bool)
         y_first[backend.asarray(i), backend.asarray(j)] = backend.asarray(values)
-    for_rows = xp.where(y_first, sims, -xp.inf)
-    for_cols = xp.where(y_first, -xp.inf, sims)
-    row_top = for_rows.max(axis=1)
-    row_arg = (for_rows >= (row_top - TIE_TOL)[:, None]).argmax(axis=1)  # earliest near-max
-    col_top = for_cols.max(axis=0)
-    col_arg = (for_cols >= (col_top - TIE_TOL)[None, :]).argmax(axis=0)
-    return tuple(backend.to_numpy(a) for a in (row_top, row_arg, col_top, col_arg))
+    found = []
+    for axis, masked in ((1, xp.where(y_first, sims, -xp.inf)),
+                         (0, xp.where(y_first, -xp.inf, sims))):
+        arg = masked.argmax(axis=axis)
+        every = xp.arange(len(arg))
+        top = masked[every, arg] if axis == 1 else masked[arg, every]
+        arg, top = backend.to_numpy(arg), backend.to_numpy(top)
+        near = np.flatnonzero(top >= floor)
+        if len(near):  # the earliest within TIE_TOL of the best
+            part = masked[backend.asarray(near)] if axis == 1 else masked[:, backend.asarray(near)]
+            lim = backend.asarray(top[near] - TIE_TOL)
+            hit = part >= (lim[:, None] if axis == 1 else lim[None, :])
+            arg[near] = backend.to_numpy(hit.argmax(axis=axis))
+        found += [top, arg]
+    return tuple(found)
+
+
+# GEMM similarities are within ~1e-6 of the float64 dot product; from this far below the
+# largest eps's threshold up, a match's score is recomputed exactly.
+RESCORE_MARGIN = 1e-3
+
+
+def exact_scores(top: np.ndarray, emb: np.ndarray, others: np.ndarray, match: np.ndarray,
+                 floor: np.float32) -> np.ndarray:
+    """The scores to record for best GEMM similarities `top` (float32) of clips `emb` to the
+    clips `others[match]`: as inside clusters, one float64 dot product with the chosen clip
+    where it could decide a removal (`top >= floor`); below, where no eps of the run removes
+    anything, the GEMM value."""
+    score = top.astype(np.float32, copy=True)
+    near = np.flatnonzero(top >= floor)
+    if len(near):
+        score[near] = np.einsum("ij,ij->i", emb[near].astype(np.float64),
+                                others[match[near]].astype(np.float64))
+    return score
 
 
 class CrossBest:
@@ -177,13 +216,13 @@ class CrossBest:
     def at(self, cluster: int, rows: np.ndarray) -> np.ndarray:
         return rows + self.base[cluster]
 
-    def offer(self, at: np.ndarray, emb: np.ndarray, top: np.ndarray, cluster: np.ndarray,
-              match_row: np.ndarray, match_key: np.ndarray, match_emb: np.ndarray) -> None:
-        """Candidates for the clips `at` (distinct; unit vectors `emb`): best GEMM similarity
-        `top` (-inf: none) to the clip `match_row` of `cluster`, with its key and vector."""
+    def offer(self, at: np.ndarray, top: np.ndarray, score: np.ndarray, cluster: np.ndarray,
+              match_row: np.ndarray, match_key: np.ndarray) -> None:
+        """Candidates for the clips `at` (distinct): best GEMM similarity `top` (-inf: none)
+        to the clip `match_row` of `cluster`, with its key, and the score to record."""
         found = top > -np.inf
-        at, emb, top, cluster, match_row, match_key, match_emb = (
-            v[found] for v in (at, emb, top, cluster, match_row, match_key, match_emb))
+        at, top, score, cluster, match_row, match_key = (
+            v[found] for v in (at, top, score, cluster, match_row, match_key))
         if not len(at):
             return
         best, key = self.best[at], self.match_key[at]
@@ -195,14 +234,11 @@ class CrossBest:
                 self.ids_of[old][int(self.match_row[at[t]])].as_py(), old)
         take = (top > best + TIE_TOL) | ((top >= best - TIE_TOL) & earlier)
         self.best[at] = np.maximum(best, top)
-        at, emb, cluster, match_row, match_key, match_emb = (
-            v[take] for v in (at, emb, cluster, match_row, match_key, match_emb))
-        self.match_cluster[at] = cluster
-        self.match_row[at] = match_row
-        self.match_key[at] = match_key
-        # As inside clusters, the score is one float64 dot product with the chosen clip.
-        self.score[at] = np.einsum("ij,ij->i", emb.astype(np.float64),
-                                   match_emb.astype(np.float64))
+        at = at[take]
+        self.match_cluster[at] = cluster[take]
+        self.match_row[at] = match_row[take]
+        self.match_key[at] = match_key[take]
+        self.score[at] = score[take]
 
     def table(self, cluster: int, searched_eps: float) -> pa.Table:
         """`id, max_id, max_cluster, cosine_sim_score` in the cluster's rank order; a clip with
@@ -259,6 +295,7 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
     present = set(clusters)
     centroids = load_centroids(out)
     radius = probe_radius(cfg.eps_to_extract)
+    floor = np.float32(1 - max(cfg.eps_to_extract) - RESCORE_MARGIN)
     which = cfg.which_to_keep
     dim = centroids.shape[1]
     state = CrossBest(which)
@@ -287,16 +324,19 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
                 continue
             x_emb, x_key = ranked.emb[x_rows], key[x_rows]
             row_top, row_arg, col_top, col_arg = compare_block(
-                backend, which, x_emb, x_key, tie_of(a, x_rows), y_emb, y_key, tie_of(b, y_rows))
+                backend, which, x_emb, x_key, tie_of(a, x_rows), y_emb, y_key, tie_of(b, y_rows),
+                floor)
             flops[a] += 2 * len(x_rows) * len(y_rows) * dim
             if a in targets:
                 candidates[a] += len(y_rows)
-                mine.append((state.at(a, x_rows), x_emb, row_top, np.full(len(x_rows), b),
-                             y_rows[row_arg], y_key[row_arg], y_emb[row_arg]))
+                mine.append((state.at(a, x_rows), row_top,
+                             exact_scores(row_top, x_emb, y_emb, row_arg, floor),
+                             np.full(len(x_rows), b), y_rows[row_arg], y_key[row_arg]))
             if b in targets:
                 candidates[b] += len(x_rows)
-                theirs.append((state.at(b, y_rows), y_emb, col_top, np.full(len(y_rows), a),
-                               x_rows[col_arg], x_key[col_arg], x_emb[col_arg]))
+                theirs.append((state.at(b, y_rows), col_top,
+                               exact_scores(col_top, y_emb, x_emb, col_arg, floor),
+                               np.full(len(y_rows), a), x_rows[col_arg], x_key[col_arg]))
         if theirs:  # distinct clips (one block per earlier cluster): one merge
             state.offer(*(np.concatenate(v) for v in zip(*theirs)))
         if mine:  # a clip of a is in up to max_probes blocks: merged in block order

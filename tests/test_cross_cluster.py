@@ -353,12 +353,12 @@ def test_equal_keys_across_clusters_are_ordered_by_id(which, expected):
     y_emb = np.stack([{"a": e0, "c": c}[i] for i in order])
     row_top, row_arg, _, _ = compare_block(CpuBackend(), which, e0[None, :], key[:1],
                                            lambda i: ("b", 1), y_emb, key,
-                                           lambda j: (order[j], 0))
+                                           lambda j: (order[j], 0), 0.5)
     best = CrossBest(which)
     best.add_cluster(0, pa.array(order))
     best.add_cluster(1, pa.array(["b"]))
-    best.offer(best.at(1, np.array([0])), e0[None, :], row_top, np.array([0]), row_arg,
-               key[row_arg], y_emb[row_arg])
+    best.offer(best.at(1, np.array([0])), row_top, row_top, np.array([0]), row_arg,
+               key[row_arg])
     table = best.table(1, 0.05).to_pylist()[0]
     assert (table["max_id"], table["max_cluster"]) == (expected, 0)
     score = [table["cosine_sim_score"]]
