@@ -24,6 +24,7 @@ add can simply be retried.
 
 import datetime
 import json
+import logging
 import re
 import time
 import uuid
@@ -36,25 +37,29 @@ import pyarrow as pa
 from semdedup_core import layout
 from semdedup_core.backends import Backend, get_backend
 from semdedup_core.config import DedupConfig, eps_text, make_config
-from semdedup_core.corpus_store import (Segment, SegmentWriter, committed_segments, merge,
-                                        merge_from, stacked)
+from semdedup_core.corpus_cross import DropCross
+from semdedup_core.corpus_store import (Block, Segment, SegmentWriter, committed_segments,
+                                        concat_blocks, merge, merge_from, stacked)
 from semdedup_core.embeddings import EmbeddingSource, InputFile, scan_input
 from semdedup_core.errors import ConfigError, InputError
 from semdedup_core.extraction import removed_mask, summarize, write_removed
 from semdedup_core.pairwise import max_similarity_to_earlier, pairwise_flops
 from semdedup_core.parquet import read_table, write_table
 from semdedup_core.pipeline import PhaseTimer, assign, fit_centroids, open_source
-from semdedup_core.shards import load_centroids, ranked_shard, save_centroids
+from semdedup_core.shards import RankedShard, load_centroids, ranked_shard, save_centroids
 from semdedup_core.run_record import OutputLock, new_run_id, take_output
 from semdedup_core.storage import S3Options, Storage
 from semdedup_core.threads import host_threads, ordered_map, single_threaded_blas
 
 # 2: the store became segments of raw arrays (corpus_store); a format-1 corpus (a parquet file
 # per cluster and add) is read by `rebuild` only.
+log = logging.getLogger(__name__)
+
 MANIFEST_FORMAT = 2
 READABLE_FORMATS = (1, 2)  # by `show` and `rebuild`
 # Settings fixed by the fit: every later add uses the corpus's (a rebuild changes them).
-FIXED_SETTINGS = ("n_clusters", "sim_metric", "which_to_keep", "random_state")
+FIXED_SETTINGS = ("n_clusters", "sim_metric", "which_to_keep", "random_state", "cross_cluster",
+                  "cross_cluster_max_probes")
 FIT_SETTINGS = ("max_iter", "kmeans_sample_per_cluster", "kmeans_tol", "gpu_kmeans")
 _DROP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,127}$")
 
@@ -102,16 +107,40 @@ def lock_corpus(corpus: Storage, wait: bool):
 # -- one drop ------------------------------------------------------------------------------------
 @dataclass
 class ClusterAdd:
+    """One touched cluster of an add: its drop clips pruned, then extracted."""
+
     cluster: int
     size: int
-    removed_inside: dict[float, int]
-    removed_earlier: dict[float, int]
-    cosine_dist_sum: float
+    ranked: RankedShard | None  # the drop's clips (until the store has them)
+    pruning: pa.Table
+    prune_earlier: np.ndarray  # bool (n,): the pruning match is an earlier drop's clip
     flops: int
     earlier: int  # committed clips of the cluster read from the store
-    ids: pa.Array  # the drop's clips of the cluster, rank order
-    emb: np.ndarray  # their unit embeddings, for the store
     max_drop: pa.Array  # the drop of each one's max_id
+    cross_max_drop: pa.Array | None = None  # the drop of each one's cross-cluster max_id
+    removed_inside: dict[float, int] = field(default_factory=dict)
+    removed_earlier: dict[float, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.ids = self.ranked.ids
+        self.cosine_dist = self.ranked.cosine_dist
+        self.cosine_dist_sum = float(self.cosine_dist.astype(np.float64).sum())
+
+    def extract(self, out: Storage, eps_list: list[float], cross: pa.Table | None = None,
+                cross_earlier: np.ndarray | None = None) -> None:
+        """Write the unique_ids parts; count removals inside the drop and of earlier drops (a
+        clip is of earlier drops when a match that removes it is an earlier drop's clip)."""
+        write_removed(out, self.pruning, self.cosine_dist, self.cluster, eps_list, cross)
+        score = self.pruning.column(layout.SCORE).to_numpy()
+        for eps in eps_list:
+            gone = removed_mask(score, eps)
+            earlier = gone & self.prune_earlier
+            if cross is not None:
+                by_cross = removed_mask(cross.column(layout.SCORE).to_numpy(), eps)
+                gone |= by_cross
+                earlier |= by_cross & cross_earlier
+            self.removed_earlier[eps] = int(earlier.sum())
+            self.removed_inside[eps] = int(gone.sum()) - self.removed_earlier[eps]
 
 
 @dataclass
@@ -152,16 +181,13 @@ def corpus_config(corpus: Storage, manifest: dict | None, name: str,
     else:
         settings = manifest["settings"]
         for key in FIXED_SETTINGS:
-            if key in args and args[key] != settings[key]:
-                raise ConfigError(f"{corpus.display()}: {key} is {settings[key]!r} for this "
+            value = settings.get(key, DedupConfig.model_fields[key].default)
+            if key in args and args[key] != value:
+                raise ConfigError(f"{corpus.display()}: {key} is {value!r} for this "
                                   f"corpus (fixed by its fit); {args[key]!r} needs a rebuild "
                                   "(semdedup corpus rebuild)")
-            args[key] = settings[key]
-    cfg = make_config(**{**args, "output_path": corpus.display(layout.drop_dir(name))})
-    if cfg.cross_cluster:
-        raise ConfigError(f"{corpus.display()}: cross_cluster is not supported in a corpus yet "
-                          "(each add compares clips with earlier clips of their own cluster)")
-    return cfg
+            args[key] = value
+    return make_config(**{**args, "output_path": corpus.display(layout.drop_dir(name))})
 
 
 def _clean_pending(corpus: Storage, manifest: dict | None) -> None:
@@ -195,6 +221,9 @@ def add_source(corpus: Storage, manifest: dict | None, name: str, cfg: DedupConf
     start = time.perf_counter()
     drops = manifest["drops"] if manifest else []
     index, token = len(drops), uuid.uuid4().hex[:12]
+    # The cross-cluster search radius: the largest eps of the first add, for every add.
+    cross_eps = manifest["settings"].get("cross_cluster_eps") if manifest else None
+    cross_eps = cross_eps or max(cfg.eps_to_extract)
     _clean_pending(corpus, manifest)
     out = corpus.child(layout.drop_dir(name))
     out.delete_dir("")  # a crashed attempt's files (the name is not committed)
@@ -227,43 +256,82 @@ def add_source(corpus: Storage, manifest: dict | None, name: str, cfg: DedupConf
     n_clusters = len(centroids)
     segment_rels, garbage = committed_segments(corpus, drops)
     segments = [Segment(corpus, rel) for rel in segment_rels]
+    cross = None
+    if cfg.cross_cluster:
+        if max(cfg.eps_to_extract) > cross_eps:
+            log.warning("%s: the corpus's cross-cluster search covers eps up to %s (fixed at its "
+                        "fit); near-duplicates across clusters between that and eps %s are not "
+                        "searched (rebuild the corpus to search them)", corpus.display(),
+                        eps_text(cross_eps), eps_text(max(cfg.eps_to_extract)))
+        with timer.phase("cross"):
+            cross = DropCross(cfg, backend, out, centroids, clusters, index, cross_eps)
+    touched = set(clusters)
+    visits = sorted(touched | set(cross.sources())) if cross else clusters
 
-    def add_cluster(cluster: int) -> ClusterAdd:
-        """Read, score and write one touched cluster (on a host thread)."""
-        ranked = ranked_shard(cfg, out, cluster)
-        earlier, emb = stacked(segments, cluster, ranked.emb)
-        m, n = len(earlier.ids), len(ranked.ids)
-        on_device = backend.asarray(emb) if backend.fits_on_device(emb.nbytes) else emb
-        s, match = max_similarity_to_earlier(backend, on_device, tile, first_row=m)
-        s, match = backend.to_numpy(s), backend.to_numpy(match)
-        all_ids = pa.concat_arrays([earlier.ids, ranked.ids.cast(pa.string())])
-        all_drops = np.concatenate([earlier.drop, np.full(n, index, np.int32)])
-        pruning = pa.table({layout.ID: ranked.ids, layout.MAX_ID: all_ids.take(pa.array(match)),
-                            layout.SCORE: pa.array(s, type=pa.float32())})
-        write_table(out, layout.pruning_table(cluster), pruning)
-        write_removed(out, pruning, ranked.cosine_dist, cluster, cfg.eps_to_extract)
-        inside, before = {}, {}
-        for eps in cfg.eps_to_extract:
-            gone = removed_mask(s, eps)
-            before[eps] = int((gone & (match < m)).sum())
-            inside[eps] = int(gone.sum()) - before[eps]
-        return ClusterAdd(cluster, n, inside, before,
-                          float(ranked.cosine_dist.astype(np.float64).sum()),
-                          pairwise_flops(len(emb), tile, dim, m), m, ranked.ids, ranked.emb,
-                          pa.array(names[all_drops[match]].tolist(), pa.string()))
+    def visit(cluster: int) -> tuple[int, ClusterAdd | None, Block, Any]:
+        """One cluster, on a host thread: a touched one's drop clips pruned against the store's
+        clips of the cluster (and extracted, without cross_cluster); with it, the drop's clips
+        probing the cluster compared with the store's."""
+        result = None
+        if cluster in touched:
+            ranked = cross.ranked[cluster] if cross else ranked_shard(cfg, out, cluster)
+            earlier, emb = stacked(segments, cluster, ranked.emb)
+            m, n = len(earlier.ids), len(ranked.ids)
+            on_device = backend.asarray(emb) if backend.fits_on_device(emb.nbytes) else emb
+            s, match = max_similarity_to_earlier(backend, on_device, tile, first_row=m)
+            s, match = backend.to_numpy(s), backend.to_numpy(match)
+            all_ids = pa.concat_arrays([earlier.ids, ranked.ids.cast(pa.string())])
+            all_drops = np.concatenate([earlier.drop, np.full(n, index, np.int32)])
+            pruning = pa.table({layout.ID: ranked.ids,
+                                layout.MAX_ID: all_ids.take(pa.array(match)),
+                                layout.SCORE: pa.array(s, type=pa.float32())})
+            write_table(out, layout.pruning_table(cluster), pruning)
+            result = ClusterAdd(cluster, n, ranked, pruning, match < m,
+                                pairwise_flops(len(emb), tile, dim, m), m,
+                                pa.array(names[all_drops[match]].tolist(), pa.string()))
+            if cross is None:
+                result.extract(out, cfg.eps_to_extract)
+        else:
+            blocks = [b for seg in segments if (b := seg.block(cluster)) is not None]
+            earlier = concat_blocks(blocks) if blocks else None
+        return cluster, result, earlier, \
+            cross.compare(cluster, earlier) if cross and earlier is not None else None
 
     removed_inside = dict.fromkeys(cfg.eps_to_extract, 0)
     removed_earlier = dict.fromkeys(cfg.eps_to_extract, 0)
     cos_sum, flops, earlier_read = 0.0, 0, 0
-    owners: dict[str, list] = {layout.CLUSTER: [], layout.ID: [], layout.MAX_DROP: []}
+    owners: dict[str, list] = {layout.CLUSTER: [], layout.ID: [], layout.MAX_DROP: [],
+                               layout.CROSS_MAX_DROP: []}
+    results: list[ClusterAdd] = []
     segment_rel = layout.store_segment(index, index, token)
     done_with = list(garbage)  # deleted once the drop is committed
     try:
         # Touched clusters are small GEMMs side by side: one BLAS thread each, many host threads.
         with timer.phase("prune"), single_threaded_blas(), \
                 corpus.writing_file(segment_rel) as segment_file:
-            store = SegmentWriter(segment_file, dim, n_clusters, index, index)
-            for result in ordered_map(add_cluster, clusters, host_threads()):
+            store = SegmentWriter(segment_file, dim, n_clusters, index, index, cfg.cross_cluster)
+            for cluster, result, earlier, compared in ordered_map(visit, visits, host_threads()):
+                if compared is not None:
+                    cross.offer(cluster, earlier, compared)
+                if result is None:
+                    continue
+                drop = np.full(result.size, index, np.int32)
+                store.add(cluster, cross.store_block(cluster, drop) if cross else
+                          Block(result.ranked.ids, result.ranked.emb, drop))
+                result.ranked = None  # (the store has its embeddings now)
+                results.append(result)
+            store.finish()
+
+            def finish(result: ClusterAdd) -> ClusterAdd:
+                table, result.cross_max_drop, cross_earlier = cross.table(result.cluster, names)
+                write_table(out, layout.cross_table(result.cluster), table)
+                result.extract(out, cfg.eps_to_extract, table, cross_earlier)
+                return result
+
+            if cross is not None:  # cross scores are final once every cluster was visited
+                results = list(ordered_map(finish, results, host_threads()))
+                timer.flops["cross"] = float(cross.flops)
+            for result in results:
                 for eps in cfg.eps_to_extract:
                     removed_inside[eps] += result.removed_inside[eps]
                     removed_earlier[eps] += result.removed_earlier[eps]
@@ -273,13 +341,13 @@ def add_source(corpus: Storage, manifest: dict | None, name: str, cfg: DedupConf
                 owners[layout.CLUSTER].append(np.full(result.size, result.cluster, np.int64))
                 owners[layout.ID].append(result.ids)
                 owners[layout.MAX_DROP].append(result.max_drop)
-                store.add(result.cluster, result.ids, result.emb,
-                          np.full(result.size, index, np.int32))
-            store.finish()
+                owners[layout.CROSS_MAX_DROP].append(result.cross_max_drop)
+            if cross is None:
+                del owners[layout.CROSS_MAX_DROP]
             write_table(out, layout.MAX_DROP_TABLE, pa.table({
-                layout.CLUSTER: pa.array(np.concatenate(owners[layout.CLUSTER])),
-                layout.ID: pa.concat_arrays([a.cast(pa.string()) for a in owners[layout.ID]]),
-                layout.MAX_DROP: pa.concat_arrays(owners[layout.MAX_DROP])}))
+                layout.CLUSTER: pa.array(np.concatenate(owners.pop(layout.CLUSTER))),
+                layout.ID: pa.concat_arrays([a.cast(pa.string()) for a in owners.pop(layout.ID)]),
+                **{col: pa.concat_arrays(parts) for col, parts in owners.items()}}))
         j = merge_from([seg.rows for seg in segments] + [int(sizes.sum())])
         if j < len(segments):
             with timer.phase("store_merge"):
@@ -307,6 +375,8 @@ def add_source(corpus: Storage, manifest: dict | None, name: str, cfg: DedupConf
     }
     if manifest is None:
         settings = {key: getattr(cfg, key) for key in FIXED_SETTINGS + FIT_SETTINGS}
+        if cfg.cross_cluster:
+            settings["cross_cluster_eps"] = cross_eps
         settings.update(dim=dim, fit_on=fit_on or [name], fit_sample_rows=fit.sample_rows,
                         kmeans_iterations=fit.iterations)
         manifest = {"format": MANIFEST_FORMAT, "settings": settings, "drops": []}
@@ -363,7 +433,7 @@ def rebuild(corpus_uri: str, into_uri: str, args: dict[str, Any],
     manifest = read_manifest(old, READABLE_FORMATS)
     if manifest is None or not manifest["drops"]:
         raise InputError(f"{old.display()}: no committed drops to rebuild from")
-    fixed = {k: manifest["settings"][k] for k in FIXED_SETTINGS + FIT_SETTINGS}
+    fixed = {k: v for k, v in manifest["settings"].items() if k in FIXED_SETTINGS + FIT_SETTINGS}
     first_args = {**fixed, **{k: v for k, v in args.items() if v is not None}}
     later_args = {k: v for k, v in first_args.items() if k not in FIXED_SETTINGS + FIT_SETTINGS}
     cfg0 = make_config(**{**first_args, "input_embeddings_path": old.display(),
@@ -404,16 +474,20 @@ def record_sweep(corpus: Storage, name: str, eps_list: list[float], rows: dict) 
     drop = corpus.child(layout.drop_dir(name))
     owners = read_table(drop, layout.MAX_DROP_TABLE)
     clusters = sorted(set(owners.column(layout.CLUSTER).to_numpy().tolist()))
-    # The max-drop rows are the pruning tables' rows, cluster by cluster in the same order.
-    score = np.concatenate([read_table(drop, layout.pruning_table(c), [layout.SCORE])
-                            .column(layout.SCORE).to_numpy() for c in clusters])
-    earlier = np.asarray(owners.column(layout.MAX_DROP).to_pylist(), dtype=object) != name
+    # The max-drop rows are the pruning (and cross) tables' rows, cluster by cluster.
+    tables = [layout.pruning_table]
+    if layout.CROSS_MAX_DROP in owners.column_names:
+        tables.append(layout.cross_table)
+    scores = [np.concatenate([read_table(drop, rel(c), [layout.SCORE]).column(layout.SCORE)
+                              .to_numpy() for c in clusters]) for rel in tables]
+    earlier = [np.asarray(owners.column(col).to_pylist(), dtype=object) != name
+               for col in (layout.MAX_DROP, layout.CROSS_MAX_DROP)[:len(tables)]]
     with lock_corpus(corpus, wait=True) as lock:
         manifest = read_manifest(corpus)
         entry = next(d for d in manifest["drops"] if d["name"] == name)
         for eps in eps_list:
-            gone = removed_mask(score, eps)
-            n_earlier = int((gone & earlier).sum())
+            gone = [removed_mask(score, eps) for score in scores]
+            n_earlier = int(np.logical_or.reduce([g & e for g, e in zip(gone, earlier)]).sum())
             entry["eps"][eps_text(eps)] = {"removed": rows[eps]["removed"],
                                            "inside": rows[eps]["removed"] - n_earlier,
                                            "earlier": n_earlier}

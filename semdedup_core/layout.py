@@ -78,6 +78,7 @@ STORE = "store"
 # drop of its max_id's clip. One file per drop, not per cluster: an add writes few files.
 MAX_DROP_TABLE = f"{EXTRACTION}/_corpus_max_drop.parquet"
 MAX_DROP = "max_drop"
+CROSS_MAX_DROP = "cross_max_drop"  # with cross_cluster: the drop of the cross table's max_id
 
 
 def drop_dir(name: str) -> str:

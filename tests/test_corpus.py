@@ -361,7 +361,7 @@ def test_later_add_keeps_the_corpus_settings(drops, tmp_path):
     add_all(corpus, drops, ["d0"])
     with pytest.raises(ConfigError, match="which_to_keep is 'hard' for this corpus"):
         add_drop(corpus, "d1", {"input_embeddings_path": drops["d1"], "which_to_keep": "easy"})
-    with pytest.raises(ConfigError, match="cross_cluster is not supported in a corpus"):
+    with pytest.raises(ConfigError, match="cross_cluster is False for this corpus"):
         add_drop(corpus, "d1", {"input_embeddings_path": drops["d1"], "cross_cluster": True})
     with pytest.raises(ConfigError, match="drop name"):
         add_drop(corpus, "../x", {"input_embeddings_path": drops["d1"]})
@@ -427,8 +427,9 @@ def test_store_segments_merge_like_a_binary_counter(tmp_path):
     store = Storage(str(tmp_path))
     rel = layout.store_segment(0, 0, "abc")
     with store.writing_file(rel) as f:
-        writer = corpus_store.SegmentWriter(f, 4, 3, 0, 0)
-        writer.add(1, pa.array(["a", "bb"]), np.eye(2, 4, dtype=np.float32), np.zeros(2))
+        writer = corpus_store.SegmentWriter(f, 4, 3, 0, 0, cross=False)
+        writer.add(1, corpus_store.Block(pa.array(["a", "bb"]), np.eye(2, 4, dtype=np.float32),
+                                         np.zeros(2)))
         writer.finish()
     segment = corpus_store.Segment(store, rel)
     block = segment.block(1)
@@ -439,3 +440,75 @@ def test_store_segments_merge_like_a_binary_counter(tmp_path):
     store.write_bytes(rel, data[:-3])
     with pytest.raises(InputError, match=f"^{store.display(rel)}: not a semdedup store segment"):
         corpus_store.Segment(store, rel)
+
+
+def test_cross_cluster_drops_one_by_one_equal_the_brute_force_batch(drops, tmp_path):
+    """With cross_cluster, each drop's removals are those of one batch over all drops in the
+    drop-major global order: a clip is also scored against clips of other clusters earlier in
+    that order (earlier drops' and its own drop's) where both probe each other's cluster, here
+    by float64 brute force over every pair."""
+    from semdedup_core.cross_cluster import order_keys, probe_radius, probe_targets
+
+    corpus, names = str(tmp_path / "corpus"), ["d0", "d1", "d3"]  # d3: d0 re-delivered
+    add_all(corpus, drops, names, cross_cluster=True)
+    store = Storage(corpus)
+    manifest = read_manifest(store)
+    assert manifest["settings"]["cross_cluster_eps"] == max(EPS)
+    centroids = np.load(store.path(layout.CENTROIDS))
+    radius = probe_radius(EPS)
+    # Every clip of every drop: embedding, cluster, drop, key in its drop's global order, id.
+    emb, cluster, drop, key, ids, probes = [], [], [], [], [], []
+    for j, name in enumerate(names):
+        d_ids, d_emb = read_drop_input(drops[name])
+        labels, _ = nearest_centroid(CPU, d_emb, centroids)
+        for k in np.unique(labels).tolist():
+            rows = np.flatnonzero(labels == k)
+            l2, cos = centroid_distances(d_emb[rows], centroids[k])
+            order = rank_order(d_ids.take(pa.array(rows)), l2, cos, "cosine", "hard", 42, k)
+            rows = rows[order]
+            emb.append(d_emb[rows])
+            key.append(order_keys("hard", cos[order], len(rows)))
+            ids += d_ids.take(pa.array(rows)).to_pylist()
+            cluster += [k] * len(rows)
+            drop += [j] * len(rows)
+            p = np.zeros((len(rows), K), bool)
+            p[probe_targets(CPU, d_emb[rows], k, centroids, radius, 3)] = True
+            probes.append(p)
+    emb, key, probes = np.concatenate(emb), np.concatenate(key), np.concatenate(probes)
+    cluster, drop, ids = np.array(cluster), np.array(drop), np.array(ids, dtype=object)
+    e64 = emb.astype(np.float64)
+    sims = e64 @ e64.T
+    earlier = (drop[:, None] < drop[None, :]) | ((drop[:, None] == drop[None, :]) & (
+        (key[:, None] < key[None, :]) | ((key[:, None] == key[None, :]) &
+                                        (ids[:, None] > ids[None, :]))))  # [i, j]: i before j
+    pairs = earlier & (cluster[:, None] != cluster[None, :]) & probes[:, cluster].T & \
+        probes[:, cluster]  # i probes j's cluster and j probes i's
+    cross_brute = np.where(pairs, sims, -np.inf).max(axis=0)
+    same = earlier & (cluster[:, None] == cluster[None, :])
+    prune_brute = np.where(same, sims, -np.inf).max(axis=0)
+    found_cross = 0
+    for j, name in enumerate(names):
+        out = store.child(layout.drop_dir(name))
+        for k in range(K):
+            mine = np.flatnonzero((drop == j) & (cluster == k))
+            if not len(mine):
+                continue
+            table = pq.read_table(out.path(layout.cross_table(k)))
+            assert table.column("id").to_pylist() == ids[mine].tolist()
+            got = table.column("cosine_sim_score").to_numpy()
+            want = np.clip(np.maximum(cross_brute[mine], 0), 0, 1)
+            np.testing.assert_allclose(got, want, atol=1e-5)
+            found_cross += int((want >= 1 - max(EPS)).sum())
+            both = np.maximum(np.maximum(prune_brute[mine], cross_brute[mine]), 0)
+            for eps in EPS:
+                part = pq.read_table(out.path(layout.unique_ids_part(eps, k)))
+                gone = removed_mask(np.minimum(both, 1).astype(np.float32), eps)
+                assert part.column("id").to_pylist() == ids[mine][gone].tolist(), (name, k, eps)
+    assert found_cross > 0  # real near-duplicates across clusters
+    assert manifest["drops"][2]["eps"]["0.05"] == {"removed": 800, "inside": 0, "earlier": 800}
+    from semdedup_core.cli import main  # a sweep splits inside / earlier as the add did
+
+    assert main(["sweep", store.path(layout.drop_dir("d1")), "--eps", "0.05"]) == 0
+    assert read_manifest(store)["drops"][1]["eps"] == manifest["drops"][1]["eps"]
+    owners = pq.read_table(store.child(layout.drop_dir("d1")).path(layout.MAX_DROP_TABLE))
+    assert set(owners.column("cross_max_drop").to_pylist()) <= {"d0", "d1"}
