@@ -41,6 +41,8 @@ def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = 
         kwargs: dict[str, Any] = {"default": None, "dest": name}
         flags = [_flag(name)]
         args = typing.get_args(ann)
+        if len(args) == 2 and type(None) in args:  # an optional setting: its flag takes the type
+            ann = next(a for a in args if a is not type(None))
         if typing.get_origin(ann) is typing.Literal:
             kwargs["choices"] = list(args)
         elif name == "eps_to_extract":

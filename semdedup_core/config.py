@@ -87,11 +87,13 @@ class DedupConfig(BaseModel):
                     "(cuML refuses 0; 1e-12 stops only once inertia stops improving).")
     read_batch_rows: int = Field(default=32768, ge=1,
                                  description="Rows decoded per input batch (bounds memory).")
-    spill_buffer_mb: float = Field(
-        default=128, gt=0,
-        description="Host memory (MiB) buffering assigned clips before they are appended to "
-                    "per-cluster scratch files; larger means fewer appends (worth raising at "
-                    "large n_clusters). Peak use is about twice this.")
+    spill_buffer_mb: float | None = Field(
+        default=None, gt=0,
+        description="Host memory (MiB) holding assigned clips by cluster until they are written "
+                    "as shard files; when full, the largest clusters are written until half is "
+                    "free. Unset: the size of the K-means fit sample, at least 128 MiB, so a shard "
+                    "file holds a few hundred clips whatever n_clusters. Smaller means more, "
+                    "smaller files per cluster.")
     pairwise_tile_size: int = Field(
         default=2048, ge=16,
         description="Columns per tile of the pairwise similarity; rows per block are a "
@@ -104,6 +106,18 @@ class DedupConfig(BaseModel):
     zip_max_bytes: int = Field(default=64 * 2**30, ge=1,
                                description="Largest total uncompressed size a .zip may extract to, "
                                            "in bytes (64 GiB = 68719476736 by default).")
+
+    def fit_sample_rows(self, n_rows: int) -> int:
+        """The K-means fit sample: min(all clips, kmeans_sample_per_cluster * n_clusters)."""
+        return min(n_rows, self.kmeans_sample_per_cluster * self.n_clusters)
+
+    def buffer_bytes(self, n_rows: int, dim: int) -> int:
+        """The assignment buffer: `spill_buffer_mb` in bytes; unset, the float32 fit sample's
+        size for `n_rows` clips of `dim`, at least 128 MiB (the fit has freed that memory by
+        the time the assignment fills this buffer, so it does not raise the peak)."""
+        if self.spill_buffer_mb is not None:
+            return int(self.spill_buffer_mb * 2**20)
+        return max(128 << 20, self.fit_sample_rows(n_rows) * dim * 4)
 
     @field_validator("eps_to_extract", mode="before")
     @classmethod

@@ -13,7 +13,7 @@ from semdedup_core.audit import EpsAudit, KeptPairsAudit, read_audit, write_audi
 from semdedup_core.backends import Backend, get_backend
 from semdedup_core.cross_cluster import read_cross_table, searched_eps
 from semdedup_core.parquet import read_table, row_count, write_table
-from semdedup_core.shards import list_column_to_numpy
+from semdedup_core.shards import list_column_to_numpy, read_shard
 from semdedup_core.storage import Storage
 from semdedup_core.threads import LATENCY_BOUND_THREADS, host_threads, ordered_map
 
@@ -67,9 +67,10 @@ def extract_from_tables(out: Storage, cluster: int, eps_list: list[float]) -> di
     if cross is not None and not cross.column(layout.ID).equals(pruning.column(layout.ID)):
         raise InputError(f"{out.display(layout.cross_table(cluster))} does not list the clips of "
                          f"{out.display(layout.pruning_table(cluster))} in its order; re-run")
-    shard = pa.concat_tables(
-        read_table(out, f, columns=[layout.ID, layout.COSINE_DIST])
-        for f in out.list_files(layout.shard_dir(cluster)))
+    shard = read_shard(out, cluster, [layout.ID, layout.COSINE_DIST])
+    if shard is None:
+        raise InputError(f"{out.display(layout.shard_dir(cluster))}: no shard for the pruning "
+                         f"table of cluster {cluster}; re-run assignment")
     ids = pruning.column(layout.ID).combine_chunks()
     where = pc.index_in(ids, value_set=shard.column(layout.ID).combine_chunks())
     if where.null_count:
@@ -88,8 +89,10 @@ def audit_output(out: Storage, clusters: list[int], eps_list: list[float], backe
     def load(c: int):
         pruning = read_table(out, layout.pruning_table(c), [layout.ID, layout.SCORE])
         cross = read_cross_table(out, c)
-        shard = pa.concat_tables(read_table(out, f, columns=[layout.ID, layout.EMBEDDING])
-                                 for f in out.list_files(layout.shard_dir(c)))
+        shard = read_shard(out, c, [layout.ID, layout.EMBEDDING])
+        if shard is None:
+            raise InputError(f"{out.display(layout.shard_dir(c))}: no shard for the pruning "
+                             f"table of cluster {c}; re-run assignment")
         where = pc.index_in(pruning.column(layout.ID).combine_chunks(),
                             value_set=shard.column(layout.ID).combine_chunks())
         emb = list_column_to_numpy(shard.column(layout.EMBEDDING))[where.to_numpy()]

@@ -98,9 +98,12 @@ def lloyd(backend: Backend, sample: np.ndarray, n_clusters: int, max_iter: int, 
 
 def centroid_distances(emb: np.ndarray, centroid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(l2_dist_to_cent, cosine_dist_to_cent) as float32, per SPEC:
-    `||e - c||` and `1 - e.(c/||c||)`."""
+    `||e - c||` and `1 - e.(c/||c||)`. Each row's value depends on that row alone, so a
+    cluster written in several parts gets the same bits as written whole: the dot products go
+    through einsum's per-row loop, not BLAS gemv, whose last rows of a call (and of each
+    thread's share) take another kernel and differ in the last bit."""
     c = centroid.astype(np.float32)
     l2 = np.linalg.norm(emb - c, axis=1).astype(np.float32)
     unit = c / max(float(np.linalg.norm(c)), 1e-12)
-    cos = (1.0 - emb @ unit).astype(np.float32)
+    cos = (1.0 - np.einsum("ij,j->i", emb, unit)).astype(np.float32)
     return l2, cos

@@ -47,6 +47,13 @@ def shard_file(cluster: int, sha: str) -> str:
     return f"{shard_dir(cluster)}/{sha}.parquet"
 
 
+def is_shard_file(rel: str) -> bool:
+    """A whole shard file: a folder holds several (`<sha>.parquet` each), and may hold the
+    hidden `.<name>.<uuid>.tmp` of a write that was cut short, which is never read."""
+    name = rel.rsplit("/", 1)[-1]
+    return name.endswith(".parquet") and not name.startswith(".")
+
+
 def pruning_table(cluster: int) -> str:
     return f"{PRUNING_TABLES}/cluster_{cluster}.parquet"
 

@@ -100,11 +100,6 @@ class FitResult:
     iterations: int
 
 
-def fit_sample_size(cfg: DedupConfig, n_rows: int) -> int:
-    """The fit sample: min(all clips, kmeans_sample_per_cluster * n_clusters)."""
-    return min(n_rows, cfg.kmeans_sample_per_cluster * cfg.n_clusters)
-
-
 def fit_centroids(cfg: DedupConfig, source: EmbeddingSource, backend: Backend,
                   timer: PhaseTimer | None = None, show_progress: bool = False,
                   unique_ids: bool = True) -> FitResult:
@@ -115,7 +110,7 @@ def fit_centroids(cfg: DedupConfig, source: EmbeddingSource, backend: Backend,
         raise InputError(f"{source.storage.display()}: n_clusters={cfg.n_clusters} is larger than "
                          f"the number of clips ({n}); lower n_clusters")
     with timer.phase("scan"), _bar(n, "scan + validate", "clip", show_progress) as bar:
-        scan = scan_input(source, fit_sample_size(cfg, n), cfg.random_state, bar.update,
+        scan = scan_input(source, cfg.fit_sample_rows(n), cfg.random_state, bar.update,
                           unique_ids)
     with timer.phase("kmeans_fit"):
         log.info("fitting K-means: %d clusters on %d of %d clips (dim %d)", cfg.n_clusters,
@@ -133,13 +128,10 @@ def assign(cfg: DedupConfig, source: EmbeddingSource, centroids: np.ndarray, out
     """Write every `nearest_cent=<k>` shard (or those in `only`). Returns cluster sizes."""
     timer = timer or PhaseTimer()
     k, dim = centroids.shape
-    with timer.phase("assign"), \
-            _bar(source.n_rows, "assign", "clip", show_progress) as bar, \
-            _bar(k, "write shards", "cluster", show_progress) as bar2:
+    with timer.phase("assign"), _bar(source.n_rows, "assign", "clip", show_progress) as bar:
         sizes = assign_to_shards(source, centroids, out, backend,
-                                 spill_buffer_bytes=int(cfg.spill_buffer_mb * 2**20),
-                                 progress=bar.update,
-                                 shard_progress=bar2.update, only=only)
+                                 buffer_bytes=cfg.buffer_bytes(source.n_rows, dim),
+                                 progress=bar.update, only=only)
     timer.flops["assign"] = 2.0 * source.n_rows * k * dim
     return sizes
 

@@ -23,7 +23,7 @@ from semdedup_core.audit import audit_rate
 from semdedup_core.cross_cluster import cross_cluster_tables
 from semdedup_core.extraction import audit_output, extract_from_tables, removed_mask, summarize
 from semdedup_core.inspection import EPS_GRID, score_stats
-from semdedup_core.shards import load_centroids, save_centroids
+from semdedup_core.shards import load_centroids, save_centroids, shard_files
 from semdedup_core.pipeline import (
     ClusterResult,
     FitResult,
@@ -254,7 +254,7 @@ def cluster_dedup_stage(context, cfg: DedupConfig, out: Storage, clusters: list[
             return
         for cluster in clusters:
             removed = extract_from_tables(out, cluster, cfg.eps_to_extract) \
-                if out.list_files(layout.shard_dir(cluster)) else {}
+                if shard_files(out, cluster) else {}
             secs, last = time.perf_counter() - last, time.perf_counter()
             yield cluster, None, removed, secs
 

@@ -15,7 +15,7 @@ from semdedup_core.config import DedupConfig, eps_text
 from semdedup_core.errors import InputError
 from semdedup_core.extraction import pruned_clusters
 from semdedup_core.inspection import summaries
-from semdedup_core.shards import load_centroids
+from semdedup_core.shards import load_centroids, shard_files_by_cluster
 from semdedup_core.parquet import row_count
 from semdedup_core.pipeline import nonempty_clusters
 from semdedup_core.storage import Storage
@@ -114,7 +114,10 @@ def check_tables_per_shard(out: Storage) -> Outcome:
     tables = pruned_clusters(out)
     missing, orphans = sorted(set(shards) - set(tables)), sorted(set(tables) - set(shards))
     both = sorted(set(shards) & set(tables))
-    shard_rows = [sum(_rows(out, out.list_files(layout.shard_dir(c)))) for c in both]
+    files = shard_files_by_cluster(out)  # a shard may be several files
+    listed = [f for c in both for f in files.get(c, [])]
+    rows_of = dict(zip(listed, _rows(out, listed)))
+    shard_rows = [sum(rows_of[f] for f in files.get(c, [])) for c in both]
     table_rows = _rows(out, [layout.pruning_table(c) for c in both])
     unequal = [c for c, a, b in zip(both, shard_rows, table_rows) if a != b]
     problems = []

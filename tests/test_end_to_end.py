@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -171,15 +172,31 @@ def test_rerun_is_byte_identical_and_cleans_stale_files(run_once, tmp_path):
     assert tree(out) == before
 
 
-def test_results_do_not_depend_on_batch_tile_or_spill_buffer_size(run_once, tmp_path):
-    cfg, _, out, _ = run_once
-    # A spill buffer of ~40 clips: most clips go through the per-cluster scratch files, the
-    # rest stay buffered in memory, and each shard joins both in input order.
+def shard_contents(root) -> dict[str, pa.Table]:
+    """{shard folder: all its files' rows, sorted by id}: a shard's content, however many
+    files it was written as."""
+    base = root / "clustering_results/embs_by_nearest_center"
+    return {d.name: pa.concat_tables(pq.read_table(f) for f in sorted(d.iterdir()))
+            .sort_by(layout.ID) for d in sorted(base.iterdir())}
+
+
+def test_results_do_not_depend_on_batch_tile_or_buffer_size(run_once, tmp_path):
+    cfg, report, out, _ = run_once
+    # A buffer of ~5 clips (a tenth of a batch of 333): every batch flushes, so every shard
+    # is written as many files, against one file per shard with the default buffer.
     other = cfg.model_copy(update={"output_path": str(tmp_path / "o2"), "read_batch_rows": 333,
                                    "pairwise_tile_size": 16, "spill_buffer_mb": 0.01})
     run_pipeline(other)
     a, b = tree(out), tree(tmp_path / "o2")
-    assert a == b
+    shards = "clustering_results/embs_by_nearest_center/"
+    assert {p: h for p, h in a.items() if not p.startswith(shards)} == \
+        {p: h for p, h in b.items() if not p.startswith(shards)}
+    whole, split = shard_contents(out), shard_contents(tmp_path / "o2")
+    assert list(whole) == list(split)
+    assert all(whole[d].equals(split[d]) for d in whole)
+    files = {d: sum(1 for p in b if p.startswith(f"{shards}{d}/")) for d in split}
+    assert all(sum(1 for p in a if p.startswith(f"{shards}{d}/")) == 1 for d in whole)
+    assert all(files[d] >= 2 for d in split if split[d].num_rows > 3 * 333 / 12), files
 
 
 class OneThreadCpu(CpuBackend):

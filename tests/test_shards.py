@@ -1,0 +1,101 @@
+"""The shards written straight from the assignment's buffer: several files per cluster, every
+clip written once, memory bounded by the buffer, the same bits however a cluster is cut, and
+readers that take only whole files."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from semdedup_core import layout
+from semdedup_core.embeddings import normalize
+from semdedup_core.kmeans import centroid_distances
+from semdedup_core.shards import (ShardWriter, read_shard, remove_stale_shards, shard_files,
+                                  shard_files_by_cluster)
+from semdedup_core.storage import Storage
+
+
+@pytest.mark.parametrize("dim", [7, 64, 512])
+def test_distances_do_not_depend_on_how_a_cluster_is_cut(dim):
+    rng = np.random.default_rng(dim)
+    emb = normalize(rng.standard_normal((1001, dim)).astype(np.float32))
+    centroid = rng.standard_normal(dim).astype(np.float32)
+    whole = centroid_distances(emb, centroid)
+    for cuts in ([1], [3, 500], [1000], list(range(1, 1001, 97))):
+        parts = [centroid_distances(p, centroid) for p in np.split(emb, cuts)]
+        for col in (0, 1):
+            assert np.concatenate([p[col] for p in parts]).tobytes() == whole[col].tobytes()
+
+
+def skewed_batches(rng, k: int, dim: int, batches: int, rows: int):
+    """Batches of (labels, ids, unit rows); cluster c is drawn with weight 1/(c+1)."""
+    weights = 1 / np.arange(1, k + 1)
+    for b in range(batches):
+        labels = rng.choice(k, size=rows, p=weights / weights.sum())
+        ids = pa.array([f"clip-{b}-{i}" for i in range(rows)])
+        yield labels, ids, normalize(rng.standard_normal((rows, dim)).astype(np.float32))
+
+
+def test_writer_writes_every_clip_once_within_its_buffer(tmp_path):
+    rng = np.random.default_rng(0)
+    k, dim, rows = 20, 16, 500
+    out = Storage(str(tmp_path))
+    centroids = normalize(rng.standard_normal((k, dim)).astype(np.float32))
+    buffer = 80_000  # ~1,100 clips of 72 bytes: about two batches
+    writer = ShardWriter(out, centroids, buffer, workers=2)
+    expected: dict[int, list] = {}
+    batch_bytes = 0
+    for labels, ids, emb in skewed_batches(rng, k, dim, batches=12, rows=rows):
+        writer.add(labels, ids, emb)
+        batch_bytes = max(batch_bytes, emb.nbytes + ids.nbytes)
+        for i, c in enumerate(labels.tolist()):
+            expected.setdefault(c, []).append((ids[i].as_py(), emb[i]))
+    writer.finish()
+    assert writer.peak_bytes <= buffer + batch_bytes
+
+    files = shard_files_by_cluster(out)
+    assert sorted(files) == sorted(expected)
+    assert {c: sorted(v) for c, v in files.items()} == \
+        {c: sorted(v) for c, v in writer.written.items()}
+    written_rows = 0
+    for c, clips in expected.items():
+        shard = read_shard(out, c).sort_by(layout.ID)
+        clips.sort(key=lambda t: t[0])
+        assert shard.column(layout.ID).to_pylist() == [i for i, _ in clips]
+        emb = np.stack([e for _, e in clips])
+        got = np.stack(shard.column(layout.EMBEDDING).to_numpy(zero_copy_only=False))
+        assert got.tobytes() == emb.tobytes()
+        l2, cos = centroid_distances(emb, centroids[c])
+        assert shard.column(layout.COSINE_DIST).to_numpy().tobytes() == cos.tobytes()
+        assert shard.column(layout.L2_DIST).to_numpy().tobytes() == l2.tobytes()
+        written_rows += shard.num_rows
+    assert written_rows == 12 * rows  # once each
+    # Largest first: the big clusters went out as several files, the smallest as one.
+    assert len(files[0]) >= 4
+    assert len(files[k - 1]) == 1
+
+
+def test_readers_take_only_whole_files_and_a_rerun_removes_the_rest(tmp_path):
+    rng = np.random.default_rng(1)
+    out = Storage(str(tmp_path))
+    centroids = normalize(rng.standard_normal((3, 8)).astype(np.float32))
+    writer = ShardWriter(out, centroids, 2_000, workers=1)
+    for labels, ids, emb in skewed_batches(rng, 3, 8, batches=4, rows=60):
+        writer.add(labels, ids, emb)
+    writer.finish()
+    rows = {c: read_shard(out, c).num_rows for c in range(3)}
+    # What a killed write leaves: a cut-short temporary, and an older run's file.
+    folder = tmp_path / layout.shard_dir(0)
+    (folder / ".0123456789abcdef.parquet.5f3a.tmp").write_bytes(b"PAR1 cut short")
+    (folder / "fedcba9876543210.parquet").write_bytes(b"an earlier run's file")
+    (tmp_path / layout.shard_dir(7)).mkdir()
+    (tmp_path / layout.shard_file(7, "00000000000000ff")).write_bytes(b"a cluster gone now")
+    assert len(shard_files(out, 0)) == len(writer.written[0]) + 1  # the .tmp is never listed
+    sizes = np.array([rows[0], rows[1], rows[2]])
+    remove_stale_shards(out, sizes, writer.written)
+    assert sorted(shard_files(out, 0)) == sorted(writer.written[0])
+    assert not (tmp_path / layout.shard_dir(7)).exists()
+    assert read_shard(out, 0).num_rows == rows[0]
+    # An assignment of some clusters only leaves the others' folders alone.
+    (folder / "fedcba9876543210.parquet").write_bytes(b"an earlier run's file")
+    remove_stale_shards(out, sizes, {1: writer.written[1]}, only={1})
+    assert len(shard_files(out, 0)) == len(writer.written[0]) + 1
