@@ -223,7 +223,8 @@ def main() -> None:
         ours.append(run_semdedup(a, data, ours_out))
         wall, peak, result = run_upstream(a, python, tree, mm, theirs_out)
         theirs.append((wall, peak))
-        steps = "  ".join(f"{s['step']} {s['seconds']:.1f}s" for s in result["steps"])
+        steps = "  ".join(f"{s['step']} {s['seconds']:.1f}s (peak {s['peak_rss_gib']:.2f})"
+                          for s in result["steps"])
         print(f"run {r + 1}: semdedup {ours[-1][0]:.1f}s {ours[-1][1]:.2f} GiB | upstream "
               f"{wall:.1f}s {peak:.2f} GiB ({steps}; empty clusters {result['empty_clusters']})",
               flush=True)
