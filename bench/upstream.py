@@ -91,7 +91,8 @@ def upstream_venv(cache: str, torch_req: str) -> str:
         print(f"building the upstream venv ({' '.join(reqs)}) ...", flush=True)
         t = time.perf_counter()
         run([sys.executable, "-m", "venv", venv])
-        subprocess.run([python, "-m", "pip", "install", "--quiet", *reqs], check=True)
+        if subprocess.run([python, "-m", "pip", "install", "--quiet", *reqs]).returncode:
+            sys.exit(f"{venv}: pip could not install {' '.join(reqs)} (see above)")
         size = int(run(["du", "-sk", venv]).split()[0]) / 2**20
         print(f"upstream venv built in {time.perf_counter() - t:.0f}s, {size:.1f} GiB: {venv}")
         with open(os.path.join(venv, ".ready"), "w") as f:
@@ -194,7 +195,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=42, help="semdedup's random_state, faiss's seed")
     p.add_argument("--repeats", type=int, default=1, help="runs of each, alternating")
     p.add_argument("--upstream-git", default=UPSTREAM_GIT, help="URL or path of its git repository")
-    p.add_argument("--upstream-commit", default=UPSTREAM_COMMIT)
+    p.add_argument("--upstream-commit", default=UPSTREAM_COMMIT, help="a full commit hash")
     p.add_argument("--torch", default=None, help="pip requirement for torch in the upstream venv "
                                                  "(default: a local CPU build, else PyPI's)")
     p.add_argument("--workdir", default=os.path.join(os.path.dirname(__file__), "out"))
