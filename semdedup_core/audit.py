@@ -29,7 +29,7 @@ from semdedup_core.backends.base import Backend
 from semdedup_core.config import eps_text
 
 AUDIT_FLOP_SHARE = 0.02
-AUDIT_MIN_SAMPLE = 200  # below this the interval says little; tiny runs afford it
+AUDIT_MIN_SAMPLE = 100  # below this the interval says little; tiny runs afford it
 AUDIT_STREAM = 0xA0D17  # keeps the sample's draws apart from the random ranking's
 AUDIT_TILE = 8192  # kept clips per GEMM: (sample x tile) float32 scratch
 

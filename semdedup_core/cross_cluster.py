@@ -308,35 +308,49 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
     def tie_of(cluster: int, rows: np.ndarray):
         return lambda i: (state.ids_of[cluster][int(rows[i])].as_py(), cluster)
 
-    def turn(ranked: RankedShard) -> list[int]:
+    def load(cluster: int):
+        """A cluster in rank order with its keys and probes (on a host thread)."""
+        ranked = ranked_shard(cfg, out, cluster)
+        if ranked is None:
+            return None
+        rows, to = probe_targets(backend, ranked.emb, cluster, centroids, radius,
+                                 cfg.cross_cluster_max_probes)
+        known = np.isin(to, np.fromiter(present, np.int64, len(present)))
+        return ranked, order_keys(which, ranked.rank_dist, len(ranked.ids)), rows[known], to[known]
+
+    def block(a: int, x_rows, x_emb, x_key, b: int, y_rows, y_emb, y_key):
+        """One (b, a) block: the offers to a's clips and to b's (None where not a target)."""
+        row_top, row_arg, col_top, col_arg = compare_block(
+            backend, which, x_emb, x_key, tie_of(a, x_rows), y_emb, y_key, tie_of(b, y_rows),
+            floor)
+        mine = theirs = None
+        if a in targets:
+            mine = (state.at(a, x_rows), row_top, exact_scores(row_top, x_emb, y_emb, row_arg, floor),
+                    np.full(len(x_rows), b), y_rows[row_arg], y_key[row_arg])
+        if b in targets:
+            theirs = (state.at(b, y_rows), col_top,
+                      exact_scores(col_top, y_emb, x_emb, col_arg, floor),
+                      np.full(len(y_rows), a), x_rows[col_arg], x_key[col_arg])
+        return mine, theirs
+
+    def turn(ranked: RankedShard, key: np.ndarray, rows: np.ndarray, to: np.ndarray,
+             pool) -> list[int]:
         a = ranked.cluster
         state.add_cluster(a, ranked.ids)
         candidates[a] = flops[a] = 0
-        key = order_keys(which, ranked.rank_dist, len(ranked.ids))
-        rows, to = probe_targets(backend, ranked.emb, a, centroids, radius,
-                                 cfg.cross_cluster_max_probes)
-        known = np.isin(to, np.fromiter(present, np.int64, len(present)))
-        rows, to = rows[known], to[known]
-        mine, theirs = [], []  # offers to a's clips (block order) and to earlier clusters'
+        jobs = []
         for b, y_rows, y_emb, y_key in waiting.pop(a, []):
             x_rows = rows[to == b]
-            if not len(x_rows):
-                continue
-            x_emb, x_key = ranked.emb[x_rows], key[x_rows]
-            row_top, row_arg, col_top, col_arg = compare_block(
-                backend, which, x_emb, x_key, tie_of(a, x_rows), y_emb, y_key, tie_of(b, y_rows),
-                floor)
-            flops[a] += 2 * len(x_rows) * len(y_rows) * dim
-            if a in targets:
-                candidates[a] += len(y_rows)
-                mine.append((state.at(a, x_rows), row_top,
-                             exact_scores(row_top, x_emb, y_emb, row_arg, floor),
-                             np.full(len(x_rows), b), y_rows[row_arg], y_key[row_arg]))
-            if b in targets:
-                candidates[b] += len(x_rows)
-                theirs.append((state.at(b, y_rows), col_top,
-                               exact_scores(col_top, y_emb, x_emb, col_arg, floor),
-                               np.full(len(y_rows), a), x_rows[col_arg], x_key[col_arg]))
+            if len(x_rows):
+                flops[a] += 2 * len(x_rows) * len(y_rows) * dim
+                candidates[a] += len(y_rows) if a in targets else 0
+                candidates[b] += len(x_rows) if b in targets else 0
+                jobs.append((a, x_rows, ranked.emb[x_rows], key[x_rows], b, y_rows, y_emb, y_key))
+        # Blocks are independent: side by side on the CPU's compute threads.
+        done = [block(*j) for j in jobs] if pool is None else \
+            [f.result() for f in [pool.submit(block, *j) for j in jobs]]
+        mine = [m for m, _ in done if m is not None]  # offers to a's clips, in block order
+        theirs = [t for _, t in done if t is not None]  # to earlier clusters' clips
         if theirs:  # distinct clips (one block per earlier cluster): one merge
             state.offer(*(np.concatenate(v) for v in zip(*theirs)))
         if mine:  # a clip of a is in up to max_probes blocks: merged in block order
@@ -364,10 +378,10 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
         return CrossResult(cluster, table, candidates[cluster], flops[cluster])
 
     def finished() -> Iterator[int]:
-        for ranked in ordered_map(lambda c: ranked_shard(cfg, out, c), sorted(present),
-                                  host_threads()):
-            if ranked is not None:
-                yield from turn(ranked)
+        with backend.compute_pool() as pool:
+            for loaded in ordered_map(load, sorted(present), host_threads()):
+                if loaded is not None:
+                    yield from turn(*loaded, pool)
         # Clusters whose last probe went to a cluster that had no shard after all end here.
         for c in sorted(final_after):
             yield from final_after.pop(c)
