@@ -32,6 +32,7 @@ AUDIT_FLOP_SHARE = 0.02
 AUDIT_MIN_SAMPLE = 100  # below this the interval says little; tiny runs afford it
 AUDIT_STREAM = 0xA0D17  # keeps the sample's draws apart from the random ranking's
 AUDIT_TILE = 8192  # kept clips per GEMM: (sample x tile) float32 scratch
+AUDIT_DIRECT = 1024  # clusters this large are checked without gathering their kept rows
 
 
 def audit_rate(sizes, dim: int, n_clusters: int) -> float:
@@ -60,9 +61,10 @@ class EpsAudit:
 
 
 class KeptPairsAudit:
-    """Feed clusters in ascending order (`add_cluster`), then read `result`. Kept clips are
-    buffered until AUDIT_TILE of them are pending, so the GEMMs are large however small the
-    clusters are."""
+    """Feed clusters in ascending order (`add_cluster`), then read `result`. A cluster of at
+    least AUDIT_DIRECT clips is checked as it is (its removed clips masked out of the few hits,
+    not copied out of its rows); the kept clips of smaller ones are gathered until AUDIT_TILE
+    of them are pending, so the GEMMs are large however small the clusters are."""
 
     def __init__(self, backend: Backend, eps_list: list[float], rate: float, seed: int):
         self.backend = backend
@@ -82,6 +84,10 @@ class KeptPairsAudit:
         self.kept += kept.sum(axis=0)
         drawn = np.random.default_rng([self.seed, AUDIT_STREAM, cluster]).random(len(kept)) \
             < self.rate
+        if len(emb) >= AUDIT_DIRECT:
+            self._flush()
+            self._check(emb, kept, drawn)
+            return
         rows = np.flatnonzero(kept[:, 0])  # kept at the smallest eps: kept at any
         if len(rows):
             self._pending.append((emb[rows], kept[rows], drawn[rows]))
@@ -90,16 +96,18 @@ class KeptPairsAudit:
             self._flush()
 
     def _flush(self) -> None:
-        """Count the pending clips against the sample so far, then the pending sampled clips
-        against the pending clips after them (in visit order), and add those to the sample."""
-        if not self._pending:
-            return
+        if self._pending:
+            self._check(*(np.concatenate(p) for p in zip(*self._pending)))
+            self._pending, self._pending_rows = [], 0
+
+    def _check(self, vecs: np.ndarray, kept: np.ndarray, drawn: np.ndarray) -> None:
+        """Count the clips `vecs` (kept at each eps: `kept`) against the sample so far, then
+        their sampled kept clips against the clips after them (in visit order), and add those
+        to the sample."""
         xp = self.backend.xp
-        vecs, kept, drawn = (np.concatenate(p) for p in zip(*self._pending))
-        self._pending, self._pending_rows = [], 0
         if self._sample is not None:
             self._counts += self._count(self._sample, vecs, kept, None)
-        picked = np.flatnonzero(drawn)
+        picked = np.flatnonzero(drawn & kept[:, 0])
         if len(picked):
             mine = self.backend.asarray(vecs[picked])
             counts = self._count(mine, vecs, kept, picked)
