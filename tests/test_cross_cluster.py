@@ -363,3 +363,29 @@ def test_equal_keys_across_clusters_are_ordered_by_id(which, expected):
     assert (table["max_id"], table["max_cluster"]) == (expected, 0)
     score = [table["cosine_sim_score"]]
     assert score[0] == pytest.approx(1.0 if expected == "a" else float(c @ e0), abs=1e-6)
+
+
+def test_bench_synthetic_mode(tmp_path):
+    """bench/cross_cluster.py --synthetic (the 1M x 512 mode) at a small size: with the exact
+    reference below --exact-max (the option leaves fewer kept pairs, never more removals than
+    the exact rule) and with times and removals only above it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "bench" / "cross_cluster.py"
+    for exact_max in (10_000, 100):
+        text = subprocess.run(
+            [sys.executable, str(bench), "--synthetic", "3000", "--dim", "32", "--clusters", "6",
+             "--exact-max", str(exact_max), "--workdir", str(tmp_path / str(exact_max))],
+            capture_output=True, text=True, check=True).stdout
+        assert "clips 3,000 x 32  clusters 6" in text and "ratio" in text, text
+        row = next(line.split() for line in text.splitlines() if line.startswith("  0.05"))
+        rm_off, rm_on = (int(v.replace(",", "")) for v in row[5:7])
+        assert rm_on >= rm_off
+        if exact_max > 3000:
+            assert "exact all-pairs search" in text
+            kept_off, kept_on = int(row[2].replace(",", "")), int(row[3].replace(",", ""))
+            assert kept_on < kept_off and float(row[8]) <= 1.0
+        else:
+            assert "no exact search" in text and row[1] == "-"
