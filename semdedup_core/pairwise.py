@@ -24,10 +24,12 @@ def max_similarity_to_earlier(backend: Backend, emb, tile: int, row_block: int |
     drops' clips) and the arrays hold rows f..n-1; each is the same as in the full pass.
 
     Blocks of `row_block` rows (default `row_block_size(tile)`) are multiplied with the clips
-    before them in column tiles of `tile`, so memory is O(row_block x tile). Where a tile
-    reaches the block's own clips, the block goes by sub-blocks of `sub_block` rows (default
-    `sub_block_size`), each against the columns before its end only: of the triangle above the
-    diagonal, only the sub-blocks' own squares are computed (and masked). Products are reduced
+    before them in column tiles of `tile`, so memory is O(row_block x tile): the columns before
+    the block in one GEMM of all its rows; where a tile reaches the block's own clips, those
+    columns by sub-blocks of `sub_block` rows (default `sub_block_size`), each against the
+    columns before its end only: of the triangle above the diagonal, only the sub-blocks' own
+    squares are computed (and masked). All of a tile's products for a row land in one buffer
+    and are reduced together, however many GEMMs computed them. Products are reduced
     along the row, i.e. along contiguous memory. Ties go to the earliest clip: float32 GEMMs
     round the same dot product differently at different positions of a tile (and on different
     devices), so values within TIE_TOL of the best count as ties. Within a column tile the
@@ -56,23 +58,29 @@ def max_similarity_to_earlier(backend: Backend, emb, tile: int, row_block: int |
         rows = backend.asarray(emb[j0:j1])
         best = xp.full(j1 - j0, -xp.inf, dtype=xp.float32)
         best_i = xp.zeros(j1 - j0, dtype=xp.int64)
+        sims = xp.empty((j1 - j0, min(tile, j1)), dtype=xp.float32)  # one tile's products
         for i0 in range(0, j1, tile):
             i1 = min(i0 + tile, j1)
             cols = backend.asarray(emb[i0:i1])
+            before = min(i1, j0) - i0  # the tile's columns before the block: one GEMM, all rows
+            if before > 0:
+                xp.matmul(rows, cols[:before].T, out=sims[:, :before])
             if i1 <= j0:  # the whole tile is before the block
-                _fold_tile(xp, rows @ cols.T, i0, best, best_i)
+                _fold_tile(xp, sims[:, :before], i0, best, best_i)
                 continue
-            for r0 in range(j0, j1, sb):  # the tile reaches the block's own clips
+            d0 = max(i0, j0)  # the tile reaches the block's own clips from column d0 on
+            for r0 in range(j0, j1, sb):
                 r1 = min(r0 + sb, j1)
                 c1 = min(i1, r1)  # columns from r1 on come after every row of the sub-block
                 if c1 <= i0:
                     continue
                 a0, a1 = r0 - j0, r1 - j0
-                sims = rows[a0:a1] @ cols[:c1 - i0].T
+                xp.matmul(rows[a0:a1], cols[d0 - i0:c1 - i0].T, out=sims[a0:a1, d0 - i0:c1 - i0])
+                part = sims[a0:a1, :c1 - i0]
                 q0 = max(i0, r0)  # columns from q0 on may be at or after a row: only i < j count
                 if c1 > q0:
-                    sims[:, q0 - i0:][later[:r1 - r0, q0 - r0:c1 - r0]] = -xp.inf
-                _fold_tile(xp, sims, i0, best[a0:a1], best_i[a0:a1])
+                    part[:, q0 - i0:][later[:r1 - r0, q0 - r0:c1 - r0]] = -xp.inf
+                _fold_tile(xp, part, i0, best[a0:a1], best_i[a0:a1])
         found = best > -xp.inf
         match[s0:s1] = xp.where(found, best_i, match[s0:s1])
         # The GEMM found the match; the score is then recomputed as one float64 dot product, so
@@ -109,11 +117,12 @@ def row_block_size(tile: int) -> int:
 
 
 def sub_block_size(row_block: int) -> int:
-    """Rows per sub-block where a tile meets the diagonal: halves cut a block's wasted square
-    by half for one more GEMM. Measured on real skewed clusters (80k MiniLM, k=100, tile 2048,
-    one BLAS thread on a loaded machine): 15% less CPU than whole blocks; quarters were no
-    better, eighths worse (more, smaller GEMMs)."""
-    return max(32, row_block // 2)
+    """Rows per sub-block where a tile meets the diagonal (the columns before the block go in
+    one GEMM of the whole block): smaller sub-blocks waste less of the square above the
+    diagonal, but their GEMMs run slower. Measured on real skewed clusters (80k MiniLM, k=100,
+    tile 2048, one BLAS thread, CPU seconds of the pass): quarters 4% less than halves, eighths
+    and sixths no better (a 64-row GEMM runs at 3/4 of a 512-row one's speed)."""
+    return max(32, row_block // 4)
 
 
 def pairwise_flops(n: int, tile: int, dim: int, first_row: int = 0) -> int:
