@@ -11,6 +11,7 @@ unique ids (e.g. one that failed), from the asset graph or the launchpad.
 
 from dagster import (
     AssetMaterialization,
+    AssetObservation,
     Config,
     DynamicOut,
     DynamicOutput,
@@ -28,6 +29,7 @@ from semdedup_core.backends import get_backend
 from semdedup_core.config import DedupConfig, checked_eps, eps_text, make_config
 from semdedup_core.extraction import sweep
 from semdedup_core.sample import DEMO_ARGS
+from semdedup_core import layout
 from semdedup_dagster.assets import (
     CROSS_TABLES,
     DEDUP_SUMMARY,
@@ -37,18 +39,19 @@ from semdedup_dagster.assets import (
     UNIQUE_IDS,
     assign_stage,
     cluster_dedup_stage,
-    cluster_metadata,
     cross_stage,
     fit_stage,
     removed_metadata,
     shard_metadata,
     summary_stage,
+    where,
 )
 from semdedup_dagster.checks import check_centroid_partitions, summary_outcomes
 from semdedup_dagster.config import ASSIGN_OP, SemdedupResource, run_config_for
 from semdedup_dagster.failures import reports_user_errors
 from semdedup_dagster.k8s import job_executor, run_k8s_tags, step_k8s_tags
 from semdedup_dagster.partitions import CENTROIDS
+from semdedup_dagster.reporting import PartitionReport, figures_table, reports_partitions
 from semdedup_dagster.resources import LayoutStorage
 
 # Runs started by the sensor and the schedule carry their output folder in this tag; the
@@ -89,9 +92,15 @@ class AssignConfig(Config):
         default=250, ge=1,
         description="Clusters deduplicated per step; steps run in parallel (processes locally, "
                     "pods on Kubernetes).")
+    report_partitions: bool | None = PydanticField(
+        default=None,
+        description="Report every centroid partition of the shards, pruning tables and unique "
+                    "ids as materialised (three events per cluster). Default: when that is "
+                    "cheap (an instance that batches event writes, or at most 100 clusters); "
+                    "each step's figures are in one table event either way.")
 
 
-@op(name=ASSIGN_OP, ins={"fitted": In(Nothing)}, out=DynamicOut(list), pool="gpu",
+@op(name=ASSIGN_OP, ins={"fitted": In(Nothing)}, out=DynamicOut(dict), pool="gpu",
     tags=step_k8s_tags(),
     description="One streaming pass over the input: every clip to its nearest centroid's shard "
                 "(embs_by_nearest_center); then the non-empty clusters in batches of "
@@ -100,40 +109,65 @@ class AssignConfig(Config):
 def assign_shards(context: OpExecutionContext, config: AssignConfig, semdedup: SemdedupResource,
                   layout_storage: LayoutStorage):
     cfg = semdedup.engine()
+    report = reports_partitions(context.instance, cfg.n_clusters, config.report_partitions)
     sizes, out = assign_stage(context, cfg, layout_storage,
                               share_input_with_run=context.run_id)
     clusters = [int(k) for k in sizes.nonzero()[0]]
-    for k in clusters:
-        context.log_event(AssetMaterialization(EMBS_BY_NEAREST_CENTER, partition=str(k),
-                                               metadata=shard_metadata(out, k, sizes[k])))
+    with PartitionReport(context, report) as partitions:
+        for k in clusters:
+            partitions.add(EMBS_BY_NEAREST_CENTER, k, shard_metadata(out, k, sizes[k]))
+    context.log_event(AssetObservation(EMBS_BY_NEAREST_CENTER, metadata={
+        "path": where(out, layout.SHARDS), "clusters": len(clusters),
+        "rows": int(sizes.sum()), "partitions_reported": len(clusters) if report else 0,
+        "cluster_rows": figures_table([{"cluster": k, "rows": int(sizes[k])}
+                                       for k in clusters])}))
     # With cross_cluster, the cross tables come before any cluster's removals (their union).
-    for k, meta in cross_stage(context, cfg, out, get_backend(cfg.backend)):
-        context.log_event(AssetMaterialization(CROSS_TABLES, partition=str(k), metadata=meta))
+    cross = []
+    with PartitionReport(context, report) as partitions:
+        for k, meta in cross_stage(context, cfg, out, get_backend(cfg.backend)):
+            partitions.add(CROSS_TABLES, k, meta)
+            cross.append({"cluster": k, **{n: v for n, v in meta.items() if n != "path"}})
+    if cross:
+        context.log_event(AssetObservation(CROSS_TABLES, metadata={
+            "path": where(out, layout.CROSS_TABLES), "clusters": figures_table(cross)}))
     step = config.centroids_per_step
     for i in range(0, len(clusters), step):
         batch = clusters[i:i + step]
-        yield DynamicOutput(batch, mapping_key=f"clusters_{batch[0]}_{batch[-1]}")
+        yield DynamicOutput({"clusters": batch, "report_partitions": report},
+                            mapping_key=f"clusters_{batch[0]}_{batch[-1]}")
 
 
-@op(ins={"clusters": In(list)}, out=Out(dict), pool="gpu", tags=step_k8s_tags(),
+@op(ins={"work": In(dict)}, out=Out(dict), pool="gpu", tags=step_k8s_tags(),
     description="Rank, pairwise-score and extract a batch of clusters: their pruning tables "
-                "and unique_ids parts.")
+                "and unique_ids parts; their figures in one table event.")
 @reports_user_errors
-def dedup_clusters(context: OpExecutionContext, clusters: list, semdedup: SemdedupResource,
+def dedup_clusters(context: OpExecutionContext, work: dict, semdedup: SemdedupResource,
                    layout_storage: LayoutStorage) -> dict:
     cfg = semdedup.engine()
     out = layout_storage.output(cfg)
+    clusters = work["clusters"]
     removed_total: dict[str, int] = {}
-    for k, result, removed, secs in cluster_dedup_stage(context, cfg, out, clusters,
-                                                        get_backend(cfg.backend)):
-        if result is None:
-            continue
-        context.log_event(AssetMaterialization(PRUNING_TABLES, partition=str(k),
-                                               metadata=cluster_metadata(out, result, secs)))
-        context.log_event(AssetMaterialization(UNIQUE_IDS, partition=str(k),
-                                               metadata=removed_metadata(cfg, out, k, removed)))
-        for eps, n in removed.items():
-            removed_total[eps_text(eps)] = removed_total.get(eps_text(eps), 0) + n
+    figures = []
+    with PartitionReport(context, work["report_partitions"]) as partitions:
+        for k, result, removed, secs in cluster_dedup_stage(context, cfg, out, clusters,
+                                                            get_backend(cfg.backend)):
+            if result is None:
+                continue
+            row = {"cluster": k, "rows": result.size,
+                   "max_cosine_sim_score": round(result.max_score, 6),
+                   **{f"removed_{eps_text(e)}": int(n) for e, n in removed.items()},
+                   "seconds": round(secs, 3)}
+            figures.append(row)
+            partitions.add(PRUNING_TABLES, k, {
+                "path": where(out, layout.pruning_table(k)), "rows": result.size,
+                "max_cosine_sim_score": row["max_cosine_sim_score"]})
+            partitions.add(UNIQUE_IDS, k, removed_metadata(cfg, out, k, removed))
+            for eps, n in removed.items():
+                removed_total[eps_text(eps)] = removed_total.get(eps_text(eps), 0) + n
+    context.log_event(AssetObservation(
+        PRUNING_TABLES, description=f"clusters {clusters[0]}..{clusters[-1]} of this run",
+        metadata={"clusters": figures_table(figures),
+                  **{f"removed_{e}": n for e, n in removed_total.items()}}))
     return {"clusters": clusters, "removed": removed_total}
 
 

@@ -23,13 +23,21 @@ def run_k8s_tags() -> dict:
 
 
 def job_executor():
-    """SEMDEDUP_EXECUTOR=k8s runs each step in its own pod (dagster-k8s); else one process per
-    step locally (in-process for execute_in_process). Explicit, because the Definitions' default
-    executor (for asset runs, a chain with nothing to run in parallel) is in-process."""
+    """SEMDEDUP_EXECUTOR=k8s runs each step in its own pod (dagster-k8s). Elsewhere the steps run
+    one after the other in the run's own process unless the run config asks for
+    `execution: {config: {multiprocess: {}}}`: on one machine a step already uses every core
+    (BLAS and host threads) and the device, so parallel step processes only contend for them,
+    and each costs seconds to start (imports, definitions, its own instance)."""
     if os.environ.get("SEMDEDUP_EXECUTOR") == "k8s":
         from dagster_k8s import k8s_job_executor
 
         return k8s_job_executor
-    from dagster import multiprocess_executor
+    from dagster import ExecutorDefinition, Field, multi_or_in_process_executor
 
-    return multiprocess_executor
+    both = multi_or_in_process_executor  # Dagster's default, which starts in multiprocess mode
+    return ExecutorDefinition(
+        name="in_process_or_multiprocess",
+        config_schema=Field(both.config_field.config_type, default_value={"in_process": {}}),
+        requirements=both.get_requirements, executor_creation_fn=both.executor_creation_fn,
+        description="Steps in the run's process (default) or, with `multiprocess`, one process "
+                    "each.")

@@ -141,11 +141,15 @@ def test_job_in_process_equals_engine(planted, reference, tmp_path):
     png = base64.b64decode(md["removed_vs_eps_plot"].value.split("base64,")[1].rstrip(")"))
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| cluster | id | max_id | cosine_sim_score |" in md["example_pairs_0.01"].value
-    per_centroid = next(e for e in mats if e.asset_key.to_user_string() ==
-                        "semdedup_pruning_tables").step_materialization_data.materialization.metadata
-    assert "data:image/svg+xml;base64," in per_centroid["score_histogram"].value
-    assert per_centroid["closest_pairs"].value.startswith("| id | max_id | cosine_sim_score |")
-    assert "| 0.01 |" in per_centroid["removed_vs_eps"].value
+    # Few clusters: every partition of the shards, pruning tables and unique ids is reported,
+    # and each step's figures are in one table (checked against the files in
+    # test_job_events_per_step_with_every_cluster_in_its_table).
+    assert {p for k, p in keys if k == "semdedup_pruning_tables"} == {str(k) for k in range(7)}
+    tables = [e.asset_observation_data.asset_observation.metadata["clusters"].value
+              for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"
+              and e.asset_key.to_user_string() == "semdedup_pruning_tables"]
+    assert len(tables) == 4  # 7 clusters, 2 per step
+    assert sorted(r.data["cluster"] for t in tables for r in t.records) == list(range(7))
     curve = md["removed_vs_eps"].value  # eps 0.1 removes at least as much as eps 0.01
     row = {line.split("|")[1].strip(): int(line.split("|")[2].replace(",", ""))
            for line in curve.splitlines()[2:]}
@@ -534,3 +538,47 @@ def test_partitions_follow_the_latest_fit_and_the_summary_checks_what_it_reads(p
     outcome = check_tables_per_shard(storage)
     assert not outcome.passed and outcome.description == \
         "pruning tables without a shard: clusters 3"
+
+
+def test_job_events_per_step_with_every_cluster_in_its_table(planted, tmp_path):
+    """Above UNBATCHED_MAX_CLUSTERS on the default SQLite instance (each event its own write),
+    the job's events do not grow with the clusters: no partition is reported as materialised,
+    and each dedup step logs one table with every cluster's rows, best score and removals per
+    eps, as the files have them."""
+    from semdedup_dagster.reporting import UNBATCHED_MAX_CLUSTERS
+
+    folder, _ = planted
+    k = UNBATCHED_MAX_CLUSTERS + 20
+    out = tmp_path / "out"
+    (tmp_path / "home").mkdir()
+    with DagsterInstance.local_temp(str(tmp_path / "home")) as instance:
+        result = defs.resolve_job_def("semdedup").execute_in_process(
+            run_config=run_config_for(args_for(folder, out, n_clusters=k),
+                                      centroids_per_step=50), instance=instance)
+        assert result.success
+        counts = {}
+        for e in instance.all_logs(result.run_id):
+            if e.dagster_event is not None:
+                counts[e.dagster_event.event_type_value] = \
+                    counts.get(e.dagster_event.event_type_value, 0) + 1
+        steps = counts["STEP_SUCCESS"]
+        assert steps == 2 + -(-k // 50) + 1  # fit, assign, the dedup steps (k/50), summary
+        assert counts["ASSET_MATERIALIZATION"] == 2  # kmeans_centroids, dedup_summary
+        assert counts["ASSET_OBSERVATION"] == steps - 2  # the shards' table + one per dedup step
+        assert sum(counts.values()) < 20 * steps  # per step, not per cluster
+        for asset in ("embs_by_nearest_center", "semdedup_pruning_tables", "unique_ids"):
+            assert instance.get_materialized_partitions(AssetKey(asset)) == set()
+    rows = [r.data for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"
+            and e.asset_key.to_user_string() == "semdedup_pruning_tables"
+            for r in e.asset_observation_data.asset_observation.metadata["clusters"].value.records]
+    clusters = sorted(int(p.name.split("=")[1]) for p in
+                      (out / "clustering_results/embs_by_nearest_center").iterdir())
+    assert sorted(r["cluster"] for r in rows) == clusters and len(clusters) > UNBATCHED_MAX_CLUSTERS
+    for r in rows:
+        table = pq.read_table(out / f"extraction/semdedup_pruning_tables/cluster_{r['cluster']}"
+                                    ".parquet")
+        assert r["rows"] == table.num_rows
+        assert r["max_cosine_sim_score"] == round(float(table["cosine_sim_score"].to_numpy().max()), 6)
+        for eps in ("0.01", "0.1"):
+            part = out / f"extraction/unique_ids_{eps}.parquet/part.{r['cluster']}.parquet"
+            assert r[f"removed_{eps}"] == pq.read_metadata(part).num_rows

@@ -174,7 +174,8 @@ def deployment(postgres, s3_endpoint, tmp_path_factory):
            "SEMDEDUP_WATCH_PATH": "s3://curation/incoming",
            "SEMDEDUP_OUTPUT_ROOT": "s3://curation/dedup", "SEMDEDUP_N_CLUSTERS": "6",
            "SEMDEDUP_SETTLE_SECONDS": "1", "SEMDEDUP_SENSOR_INTERVAL_SECONDS": "5",
-           "SEMDEDUP_EXTRA_ARGS": json.dumps({"centroids_per_step": 2})}
+           "SEMDEDUP_EXTRA_ARGS": json.dumps({"centroids_per_step": 2}),
+           "DAGSTER_EVENT_BATCH_SIZE": "1000"}
     for var in ("AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
         env.pop(var, None)
     log = open(home / "code.log", "wb")  # noqa: SIM115
@@ -283,3 +284,59 @@ def test_failed_run_resumes_without_redoing_finished_centroids(deployment, plant
         assert path.stat().st_mtime_ns == mtime, f"{path.name} was rewritten"
     assert (out / "extraction/semdedup_pruning_tables/cluster_3.parquet").is_file()
     assert (out / "extraction/dedup_summary_0.01.csv").exists()
+
+
+def postgres_commits(port: int) -> int:
+    import psycopg2
+
+    with psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="dagster") as c:
+        with c.cursor() as cur:
+            cur.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = 'dagster'")
+            return int(cur.fetchone()[0])
+
+
+@pytest.mark.parametrize("batch", ["1000", "0"])
+def test_job_reports_every_partition_in_batches_on_postgres(postgres, planted, tmp_path,
+                                                            monkeypatch, batch):
+    """On deploy/'s Postgres storage with deploy/'s DAGSTER_EVENT_BATCH_SIZE, the job reports
+    every non-empty cluster's partition of the shards, pruning tables and unique ids, and
+    writes them in batches: the run's database commits are fewer than the partitions reported
+    (one write per event would take two commits each). Without the batch size the same run
+    reports none (more than UNBATCHED_MAX_CLUSTERS clusters)."""
+    from dagster import AssetKey, DagsterInstance
+
+    from semdedup_dagster.definitions import defs
+    from semdedup_dagster.reporting import UNBATCHED_MAX_CLUSTERS
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(yaml.safe_dump(
+        {"storage": load_yaml("dagster.yaml")["storage"]}))
+    for var, value in {"DAGSTER_POSTGRES_HOST": postgres["host"],
+                       "DAGSTER_POSTGRES_PORT": str(postgres["port"]),
+                       "DAGSTER_POSTGRES_USER": "postgres", "DAGSTER_POSTGRES_PASSWORD": "",
+                       "DAGSTER_POSTGRES_DB": "dagster", "DAGSTER_EVENT_BATCH_SIZE": batch}.items():
+        monkeypatch.setenv(var, value)
+    folder, _ = planted
+    k = UNBATCHED_MAX_CLUSTERS + 20
+    out = tmp_path / "out"
+    with DagsterInstance.from_config(str(home)) as instance:
+        before = postgres_commits(postgres["port"])
+        result = defs.resolve_job_def("semdedup").execute_in_process(
+            run_config=run_config_for({"input_embeddings_path": str(folder),
+                                       "output_path": str(out), "n_clusters": k}),
+            instance=instance)
+        commits = postgres_commits(postgres["port"]) - before
+        assert result.success
+        clusters = {p.name.split("=")[1] for p in
+                    (out / "clustering_results/embs_by_nearest_center").iterdir()}
+        reported = {a: instance.get_materialized_partitions(AssetKey(a))
+                    for a in ("embs_by_nearest_center", "semdedup_pruning_tables", "unique_ids")}
+    partitions = [e for e in result.all_events
+                  if e.event_type_value == "ASSET_MATERIALIZATION" and e.partition is not None]
+    if batch == "0":
+        assert partitions == []
+        return
+    assert len(partitions) == 3 * len(clusters)
+    assert all(r == clusters for r in reported.values()), reported
+    assert commits < 3 * len(clusters)
