@@ -65,7 +65,7 @@ def test_launchpad_run_and_summary_plots(planted, dagster_web, tmp_path):
             row = page.locator("tr", has=page.get_by_text(key, exact=True))
             row.get_by_text("[Show Markdown]").click()
             dialog = page.get_by_role("dialog").filter(has=page.get_by_text(key, exact=True))
-            img = dialog.locator('img[src^="data:image/png"]')
+            img = dialog.locator('img[src^="data:image/svg+xml"]')
             img.wait_for(timeout=20000)
             width, height, complete = img.evaluate(
                 "e => [e.naturalWidth, e.naturalHeight, e.complete]")

@@ -135,11 +135,14 @@ def test_job_in_process_equals_engine(planted, reference, tmp_path):
     summary = next(e for e in mats if e.asset_key.to_user_string() == "dedup_summary")
     md = summary.step_materialization_data.materialization.metadata
     assert md["total"].value == 3000 and "removed_vs_eps" in md
-    for picture in ("cluster_size_histogram", "score_distribution", "removed_vs_eps_plot"):
-        assert md[picture].value.startswith("![") and "data:image/png;base64," in md[picture].value
     import base64
-    png = base64.b64decode(md["removed_vs_eps_plot"].value.split("base64,")[1].rstrip(")"))
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import xml.etree.ElementTree as ET
+
+    for picture in ("cluster_size_histogram", "score_distribution", "removed_vs_eps_plot"):
+        value = md[picture].value
+        assert value.startswith("![") and "data:image/svg+xml;base64," in value
+        svg = ET.fromstring(base64.b64decode(value.split("base64,")[1].rstrip(")")))
+        assert svg.tag == "{http://www.w3.org/2000/svg}svg" and len(svg) > 10
     assert "| cluster | id | max_id | cosine_sim_score |" in md["example_pairs_0.01"].value
     # Few clusters: every partition of the shards, pruning tables and unique ids is reported,
     # and each step's figures are in one table (checked against the files in
