@@ -84,9 +84,10 @@ def max_similarity_to_earlier(backend: Backend, emb, tile: int, row_block: int |
         found = best > -xp.inf
         match[s0:s1] = xp.where(found, best_i, match[s0:s1])
         # The GEMM found the match; the score is then recomputed as one float64 dot product, so
-        # its bits do not depend on tile shapes, BLAS threads or the device.
+        # its bits do not depend on tile shapes, BLAS threads or the device. (float32 products
+        # are exact in float64; multiply casts as it goes, sparing two float64 copies.)
         earlier = backend.take_rows(emb, match[s0:s1])
-        exact = (earlier.astype(xp.float64) * rows.astype(xp.float64)).sum(axis=1)
+        exact = xp.multiply(earlier, rows, dtype=xp.float64).sum(axis=1)
         score[s0:s1] = xp.where(found, exact, 0).astype(xp.float32)
 
     blocks = range(first_row, n, rb)

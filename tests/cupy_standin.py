@@ -275,6 +275,9 @@ class HostCuPy(ModuleType):
     def minimum(self, x1, x2, out=None, *, dtype=None):
         return self._ufunc(np.minimum, "minimum", x1, x2, out, dtype)
 
+    def multiply(self, x1, x2, out=None, *, dtype=None):
+        return self._ufunc(np.multiply, "multiply", x1, x2, out, dtype)
+
     def sqrt(self, x, out=None, *, dtype=None):
         a = _plain(x, "sqrt")
         if out is None:
