@@ -3,6 +3,7 @@ every clip in streaming batches, writing each cluster's shard (several files, st
 assignment's buffer) and reading it back (in rank order for the pairwise and cross-cluster
 passes)."""
 
+import ctypes
 import io
 from dataclasses import dataclass
 
@@ -27,6 +28,20 @@ def shard_table(ids: pa.Array, emb: np.ndarray, centroid: np.ndarray) -> pa.Tabl
     embedding = pa.ListArray.from_arrays(offsets, pa.array(emb.reshape(-1)))
     return pa.table({layout.ID: ids, layout.EMBEDDING: embedding, layout.L2_DIST: l2,
                      layout.COSINE_DIST: cos})
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's freed pages back to the system (glibc's malloc_trim; elsewhere a no-op).
+    The writer's pieces are small arrays from the heap, which glibc keeps mapped once freed:
+    without this, what the buffer held stays in the process's RSS through the pruning."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+try:
+    _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):  # not glibc
+    _MALLOC_TRIM = None
 
 
 class ShardWriter:
@@ -105,6 +120,7 @@ class ShardWriter:
             self.held_bytes[c] = 0
         for c, rel in ordered_map(self._write_part, parts, self.workers):
             self.written.setdefault(c, []).append(rel)
+        release_freed_memory()
 
     def _write_part(self, job: tuple[int, list]) -> tuple[int, str]:
         c, pieces = job
