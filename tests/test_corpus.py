@@ -431,6 +431,12 @@ def test_store_segments_merge_like_a_binary_counter(tmp_path):
         writer.add(1, corpus_store.Block(pa.array(["a", "bb"]), np.eye(2, 4, dtype=np.float32),
                                          np.zeros(2)))
         writer.finish()
+    # A write that fails leaves nothing behind (the add's segment appears whole or not at all).
+    with pytest.raises(RuntimeError):
+        with store.writing_file(layout.store_segment(0, 1, "abc")) as f:
+            f.write(b"partial")
+            raise RuntimeError("killed")
+    assert store.list_files(layout.STORE) == [rel]
     segment = corpus_store.Segment(store, rel)
     block = segment.block(1)
     assert segment.block(0) is None and block.ids.to_pylist() == ["a", "bb"]
