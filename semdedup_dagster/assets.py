@@ -64,8 +64,9 @@ def where(out: Storage, rel: str = "") -> MetadataValue:
 # -- stage helpers (shared with jobs.py) ---------------------------------------------------------
 # A Dagster run holds its output folder (semdedup_core/run_record.py) under its root run id, so
 # its steps (separate processes) and a re-execution from failure share the hold. The lease is
-# renewed while a step runs and covers the gaps between steps; a run that died keeps the folder
-# until its lease runs out.
+# renewed while a step runs and covers the gaps between steps; a run whose steps run one at a
+# time gives the folder back when a step fails; otherwise a failed or dead run keeps it until
+# its lease runs out.
 DAGSTER_LEASE_S = 300.0
 
 
@@ -73,21 +74,53 @@ def run_owner(context) -> str:
     return context.run.root_run_id or context.run.run_id
 
 
+def steps_one_at_a_time(context) -> bool:
+    """Whether the run's steps run one after the other in its own process: asset runs,
+    `execute_in_process`, and the `semdedup` job unless its run config asks for `multiprocess`
+    (never on k8s)."""
+    executor = context.job_def.executor_def.name
+    chosen = (context.run_config.get("execution") or {}).get("config") or {}
+    if executor == "in_process_or_multiprocess":
+        return "multiprocess" not in chosen
+    return executor in ("in_process", "execute_in_process_executor")
+
+
+def run_has_failed(context) -> bool:
+    return context.instance.get_run_stats(context.run_id).steps_failed > 0
+
+
 @contextlib.contextmanager
 def holding_output(context, out: Storage) -> Iterator[run_record.OutputLock]:
     """This step's share of its run's hold on `out`: waits while another run holds it (the
     default instance has no run queue to serialise runs of one output), renews it while the
     step runs. The `semdedup` job's last step releases it; an asset step releases it when it
-    ends (asset runs are often partial: the record then waits for `dedup_summary`)."""
+    ends (asset runs are often partial: the record then waits for `dedup_summary`).
+
+    When the run's steps run one at a time, a step that fails, and any later step of a run
+    that already has a failed one, gives the folder back marked failed (run_record: a later
+    run takes it at once, a re-execution too): the run cannot finish, and other runs need not
+    wait for its lease. With parallel steps a sibling may still be writing, so the lease
+    stays."""
     def waiting(holder: run_record.Holder) -> None:
         context.log.info(f"{out.display()}: waiting for {holder.describe()}")
 
     lock = run_record.acquire(out, run_owner(context), None, wait=True,
                               lease_s=DAGSTER_LEASE_S, progress=waiting)
+    failed = False
     try:
         yield lock
+    except Exception:
+        failed = True
+        raise
     finally:
         lock.stop_heartbeat()
+        if steps_one_at_a_time(context) and (failed or run_has_failed(context)):
+            try:
+                lock.release(ok=False)
+            except Exception:  # the step's own error matters more (a full disk)
+                if not failed:
+                    raise
+                context.log.warning(f"{out.display()}: could not mark the run's hold as failed")
     if isinstance(context, AssetExecutionContext):
         lock.release(ok=True)
 

@@ -470,10 +470,11 @@ def test_user_errors_fail_the_step_with_the_command_lines_one_line(tmp_path, cap
     meta = failure.user_failure_data.metadata
     assert meta["path"].value == str(bad) and meta["clip"].value == "c3"
     assert failure.error.cause is None and "semdedup_core" not in failure.error.to_string()
-    # Nothing of the layout was written (the run's hold on the folder stays until its lease
-    # ends: semdedup_core/run_record.py).
+    # Nothing of the layout was written, and the failed run gave the folder back (no lock left
+    # for other runs to wait on).
     assert not (tmp_path / "out/clustering_results").exists()
     assert not (tmp_path / "out/extraction").exists()
+    assert not (tmp_path / "out" / layout.RUN_LOCK).exists()
 
     # Dagster's schema cannot say eps >= 1e-4: the first step says it, in the CLI's words.
     config = {"resources": {"semdedup": {"config": {**args, "eps_to_extract": [0.0]}}}}
@@ -585,3 +586,34 @@ def test_job_events_per_step_with_every_cluster_in_its_table(planted, tmp_path):
         for eps in ("0.01", "0.1"):
             part = out / f"extraction/unique_ids_{eps}.parquet/part.{r['cluster']}.parquet"
             assert r[f"removed_{eps}"] == pq.read_metadata(part).num_rows
+
+
+def test_a_failed_run_gives_the_output_folder_back(planted, tmp_path):
+    """A run whose steps run one at a time gives the folder back when a step fails after it
+    has written: the lock is marked failed with its lease over, so another run takes the folder
+    at once instead of waiting 5 minutes; re-executing the failed centroid then succeeds."""
+    from semdedup_core import run_record
+
+    folder, _ = planted
+    out = tmp_path / "out"
+    instance = DagsterInstance.ephemeral()
+    assert defs.resolve_job_def("semdedup").execute_in_process(
+        run_config=run_config_for(args_for(folder, out)), instance=instance).success
+    shard = next((out / layout.shard_dir(3)).iterdir())
+    good = shard.read_bytes()
+    shard.write_bytes(b"not parquet")
+    resources = {"semdedup": SemdedupResource.configure_at_launch(),
+                 "layout_storage": LayoutStorage(),
+                 "semdedup_layout": LayoutIOManager(layout_storage=LayoutStorage())}
+    failed = materialize([cluster_dedup], partition_key="3", instance=instance,
+                         run_config=run_config_for(args_for(folder, out)), resources=resources,
+                         raise_on_error=False)
+    assert not failed.success
+    holder = run_record.read_holder(Storage(str(out)))
+    assert holder.state == "failed" and holder.is_stale()
+    other = run_record.acquire(Storage(str(out)), "another-run", wait=False)  # not OutputBusy
+    other.release(ok=True)
+    shard.write_bytes(good)
+    assert materialize([cluster_dedup], partition_key="3", instance=instance,
+                       run_config=run_config_for(args_for(folder, out)),
+                       resources=resources).success
