@@ -86,7 +86,7 @@ def steps_one_at_a_time(context) -> bool:
 
 
 def run_has_failed(context) -> bool:
-    return context.instance.get_run_stats(context.run_id).steps_failed > 0
+    return context.instance.get_run_stats(context.run.run_id).steps_failed > 0
 
 
 @contextlib.contextmanager
