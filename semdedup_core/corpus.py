@@ -524,6 +524,8 @@ def format_add(report: AddReport) -> str:
 def format_show(corpus: Storage) -> str:
     manifest = read_manifest(corpus, READABLE_FORMATS)
     if manifest is None:
+        if not corpus.exists():  # a mistyped path is not an empty corpus
+            raise InputError(f"{corpus.display()}: no such folder")
         return f"corpus: {corpus.display()}\nno committed drops"
     s, drops = manifest["settings"], manifest["drops"]
     base = drops[0]["mean_cosine_dist"]

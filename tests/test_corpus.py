@@ -276,6 +276,10 @@ def test_cli_add_show_and_name_reuse_refused(drops, tmp_path, capsys):
     assert row[:7] == ["2", "d1", "800", "0.05", str(counts["removed"]), str(counts["inside"]),
                        str(counts["earlier"])]
     assert "2 drops, 1,600 clips" in out
+    # A mistyped corpus path is an error naming it, not an empty corpus.
+    code, out, err = run_cli(capsys, "corpus", "show", corpus + "-typo")
+    assert code == 1 and out == ""
+    assert err.strip().splitlines() == [f"semdedup: error: {corpus}-typo: no such folder"]
 
 
 def test_kill_mid_add_then_retry(drops, tmp_path):
