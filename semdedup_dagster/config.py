@@ -49,14 +49,19 @@ SemdedupResource = pydantic.create_model(
 )
 
 
-def run_config_for(args: dict[str, Any], centroids_per_step: int | None = None) -> dict[str, Any]:
+def run_config_for(args: dict[str, Any], centroids_per_step: int | None = None,
+                   report_partitions: bool | None = None) -> dict[str, Any]:
     """Run config for documented args (a job spec's `args`), normalised as Dagster's schema
     wants them (eps as a list, numbers as numbers). It serves the `semdedup` job and any
-    selection of the assets alike; `centroids_per_step` is the job's own knob."""
+    selection of the assets alike; `centroids_per_step` and `report_partitions` are the job's
+    own knobs (op config of assign_shards)."""
     values = make_config(**args).model_dump(exclude_unset=True)
     config: dict[str, Any] = {"resources": {RESOURCE_KEY: {"config": values}}}
-    if centroids_per_step is not None:
-        config["ops"] = {ASSIGN_OP: {"config": {"centroids_per_step": centroids_per_step}}}
+    knobs = {name: value for name, value in (("centroids_per_step", centroids_per_step),
+                                             ("report_partitions", report_partitions))
+             if value is not None}
+    if knobs:
+        config["ops"] = {ASSIGN_OP: {"config": knobs}}
     return config
 
 

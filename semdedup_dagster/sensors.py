@@ -128,10 +128,10 @@ def embedding_drop_sensor(context: SensorEvaluationContext, drop_watch: DropWatc
         if started.get(drop) == fingerprint:
             continue
         args = drop_watch.args_for(watch, drop)
-        # SEMDEDUP_EXTRA_ARGS may also set the job's own knob, beside the documented arguments.
-        per_step = args.pop("centroids_per_step", None)
+        # SEMDEDUP_EXTRA_ARGS may also set the job's own knobs, beside the documented arguments.
+        knobs = (args.pop("centroids_per_step", None), args.pop("report_partitions", None))
         requests.append(RunRequest(run_key=f"{drop}@{fingerprint}",
-                                   run_config=run_config_for(args, per_step),
+                                   run_config=run_config_for(args, *knobs),
                                    tags={"semdedup/drop": args["input_embeddings_path"],
                                          "semdedup/backend": str(args.get("backend", "auto")),
                                          **output_tag(args)}))

@@ -293,8 +293,10 @@ def test_drop_sensor_against_s3(planted, s3_client, s3_endpoint, aws_profile):
     upload_folder(s3_client, "drops", "incoming/2026-11-25/iv2_embd_parquet", folder)
     s3_client.put_object(Bucket="drops", Key="incoming/notes.txt", Body=b"not a drop")
     storage = LayoutStorage(aws_profile=aws_profile, aws_endpoint_url=s3_endpoint)
+    # The job's own knobs may ride in SEMDEDUP_EXTRA_ARGS beside the engine's arguments.
     watch = DropWatch(watch_path="s3://drops/incoming", n_clusters=5, settle_seconds=0,
-                      output_root="s3://drops/dedup")
+                      output_root="s3://drops/dedup",
+                      extra_args_json='{"centroids_per_step": 2, "report_partitions": false}')
     instance = DagsterInstance.ephemeral()
 
     def tick(cursor, watch=watch):
@@ -313,6 +315,8 @@ def test_drop_sensor_against_s3(planted, s3_client, s3_endpoint, aws_profile):
     assert args["input_embeddings_path"] == "s3://drops/incoming/2026-11-25/iv2_embd_parquet"
     assert args["output_path"] == "s3://drops/dedup/2026-11-25/iv2_embd_parquet"
     assert args["n_clusters"] == 5
+    assert runs[0].run_config["ops"] == {"assign_shards": {"config": {
+        "centroids_per_step": 2, "report_partitions": False}}}
     assert runs[0].run_key.startswith("2026-11-25/iv2_embd_parquet@")
     assert tick(cursor)[0] == []  # picked once
     # A zip drop next to it is a new drop; the folder is not started again.
