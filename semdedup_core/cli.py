@@ -10,7 +10,7 @@ import typing
 from typing import Any
 
 from semdedup_core.config import DedupConfig, checked_eps, eps_text, make_config, parse_job_spec
-from semdedup_core.errors import SemdedupError
+from semdedup_core.errors import InputError, SemdedupError
 
 log = logging.getLogger("semdedup")
 
@@ -191,7 +191,11 @@ def _inspect_or_sweep(ns: argparse.Namespace) -> int:
         reason = run_record.incomplete_reason(out)
         if reason is not None and not ns.incomplete:
             raise run_record.OutputIncomplete(reason + " (--incomplete reads it anyway)")
-        print(format_inspection(out, ns.id, ns.top, incomplete=reason))
+        text, missing = format_inspection(out, ns.id, ns.top, incomplete=reason)
+        print(text, flush=True)
+        if missing:
+            raise InputError(f"{out.display()}: clip {', '.join(missing)} not found in any "
+                             "pruning table")
         return 0
     # Validate the eps with the same rules as a run.
     eps = checked_eps(ns.eps)

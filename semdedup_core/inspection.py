@@ -161,9 +161,10 @@ def find_clip(out: Storage, clip_id: str) -> ClipReport | None:
 
 
 def format_inspection(out: Storage, ids: list[str], top: int = 10,
-                      incomplete: str | None = None) -> str:
-    """The `semdedup inspect` report; `incomplete`: why the folder is not a finished run, shown
-    first when it is read anyway."""
+                      incomplete: str | None = None) -> tuple[str, list[str]]:
+    """The `semdedup inspect` report, and the ids found in no pruning table; `incomplete`: why
+    the folder is not a finished run, shown first when it is read anyway."""
+    missing = []
     lines = [f"output: {out.display()}", ""]
     if incomplete:
         lines[1:1] = [f"WARNING: {incomplete}"]
@@ -187,6 +188,7 @@ def format_inspection(out: Storage, ids: list[str], top: int = 10,
         rep = find_clip(out, clip_id)
         if rep is None:
             lines.append(f"id {clip_id}: not found in any pruning table")
+            missing.append(clip_id)
             continue
         lines.append(f"id {rep.id}: cluster {rep.cluster}, rank {rep.rank} of {rep.cluster_size}")
         if rep.rank == 0:
@@ -207,4 +209,4 @@ def format_inspection(out: Storage, ids: list[str], top: int = 10,
                 if rule == "cross-cluster" else f" (matching {rep.max_id})"
                 if rule == "in-cluster" else "")
             lines.append(f"  eps {eps_text(e)}: {'REMOVED' + match if rule else 'kept'}")
-    return "\n".join(lines)
+    return "\n".join(lines), missing

@@ -95,6 +95,12 @@ def test_inspect_finds_a_removed_clip_and_its_match(finished):
                            clip], capture_output=True, text=True, check=True).stdout
     assert f"id {clip}: cluster {rep.cluster}" in text and "eps 0.01: REMOVED" in text
     assert rep.max_id in text and "largest clusters" in text
+    # An id that is in no pruning table is bad input: the report, then one error line, status 1.
+    run = subprocess.run([sys.executable, "-m", "semdedup_core.cli", "inspect", str(out), "--id",
+                          clip, "--id", "no-such-clip"], capture_output=True, text=True)
+    assert run.returncode == 1 and f"id {clip}: cluster {rep.cluster}" in run.stdout
+    assert run.stderr.strip().splitlines() == [
+        f"semdedup: error: {out}: clip no-such-clip not found in any pruning table"]
 
 
 def test_inspect_on_s3(finished, s3_client, s3_endpoint, aws_profile):
