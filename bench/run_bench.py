@@ -231,9 +231,9 @@ def main() -> None:
     def run(folder: str, rows: int, k: int) -> dict:
         out = os.path.join(a.workdir, f"output_{rows}x{a.dim}_k{k}")
         r = measure(folder, out, k, a.backend, a.extra, a.cold, a.keep_outputs)
-        print(f"{rows:,} x {a.dim}, k={k}: wall {r['wall']:.1f}s  "
+        print(f"{phase_line(r)}\n{rows:,} x {a.dim}, k={k}: wall {r['wall']:.1f}s  "
               f"throughput {rows / r['wall']:,.0f} clips/s  peak RSS {r['peak_rss_gib']:.2f} GiB"
-              f"  ({os.cpu_count()} cores)\n  {phase_line(r)}", flush=True)
+              f"  ({os.cpu_count()} cores)", flush=True)  # the summary last (scripts/gpu-check)
         return r
 
     if a.fit_rows is None:
