@@ -529,17 +529,18 @@ def format_show(corpus: Storage) -> str:
         return f"corpus: {corpus.display()}\nno committed drops"
     s, drops = manifest["settings"], manifest["drops"]
     base = drops[0]["mean_cosine_dist"]
+    w = max(24, *(len(d["name"]) for d in drops))  # the drop column fits the longest name
     lines = [f"corpus: {corpus.display()}",
              f"centroids: {s['n_clusters']} x {s['dim']}-d, fitted on "
              f"{'drop' if len(s['fit_on']) == 1 else 'drops'} {', '.join(s['fit_on'])} "
              f"({s['which_to_keep']}, {s['sim_metric']}, random_state {s['random_state']})",
              "",
-             f"{'#':>3}  {'drop':<24} {'clips':>10} {'eps':>7} {'removed':>9} {'inside':>9} "
+             f"{'#':>3}  {'drop':<{w}} {'clips':>10} {'eps':>7} {'removed':>9} {'inside':>9} "
              f"{'earlier':>9} {'drift':>7}"]
     for i, d in enumerate(drops):
         drift = "fit" if i == 0 else f"{d['mean_cosine_dist'] / base - 1:+.1%}"
         for j, (eps, r) in enumerate(d["eps"].items()):
-            head = f"{i + 1:>3}  {d['name']:<24} {d['clips']:>10,}" if j == 0 else " " * 40
+            head = f"{i + 1:>3}  {d['name']:<{w}} {d['clips']:>10,}" if j == 0 else " " * (w + 16)
             lines.append(f"{head} {eps:>7} {r['removed']:>9,} {r['inside']:>9,} "
                          f"{r['earlier']:>9,} {drift if j == 0 else '':>7}")
     lines += ["", f"{len(drops)} drops, {sum(d['clips'] for d in drops):,} clips"]

@@ -24,7 +24,7 @@ from semdedup_core import corpus_store
 from semdedup_core import layout
 from semdedup_core.backends import CpuBackend
 from semdedup_core.config import eps_text
-from semdedup_core.corpus import add_drop, lock_corpus, read_manifest
+from semdedup_core.corpus import add_drop, format_show, lock_corpus, read_manifest
 from semdedup_core.embeddings import normalize
 from semdedup_core.errors import ConfigError, InputError
 from semdedup_core.extraction import removed_mask
@@ -280,6 +280,23 @@ def test_cli_add_show_and_name_reuse_refused(drops, tmp_path, capsys):
     code, out, err = run_cli(capsys, "corpus", "show", corpus + "-typo")
     assert code == 1 and out == ""
     assert err.strip().splitlines() == [f"semdedup: error: {corpus}-typo: no such folder"]
+
+
+def test_show_aligns_long_drop_names(drops, tmp_path):
+    """Names as the corpus sensor makes them (`2026-11-30.iv2_embd_parquet`) outgrow the drop
+    column: the columns still line up."""
+    corpus = str(tmp_path / "corpus")
+    long = "2026-11-30.iv2_embd_parquet_from_the_night_run"
+    add_drop(corpus, "d0", {"input_embeddings_path": drops["d0"], "n_clusters": K,
+                            "eps_to_extract": EPS})
+    add_drop(corpus, long, {"input_embeddings_path": drops["d1"], "eps_to_extract": EPS})
+    lines = format_show(Storage(corpus)).splitlines()
+    table = lines[lines.index("") + 1:lines.index("", lines.index("") + 1)]
+    assert len(table) == 5 and long in table[3]
+    # Every row ends its eps column at the same place as the header's "eps".
+    ends = {line.index(eps) + len(eps) for line in table[1:] for eps in ("0.01", "0.05")
+            if eps in line.split()}
+    assert ends == {table[0].index(" eps ") + 4}
 
 
 def test_kill_mid_add_then_retry(drops, tmp_path):
