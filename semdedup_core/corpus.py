@@ -214,16 +214,18 @@ def _clean_pending(corpus: Storage, manifest: dict | None) -> None:
 def add_source(corpus: Storage, manifest: dict | None, name: str, cfg: DedupConfig,
                source: EmbeddingSource, backend: Backend, lock: OutputLock,
                timer: PhaseTimer | None = None, fit_source: EmbeddingSource | None = None,
-               input_label: str | None = None, fit_on: list[str] | None = None) -> AddReport:
+               input_label: str | None = None, fit_on: list[str] | None = None,
+               search_eps: float | None = None) -> AddReport:
     """Add one drop (the corpus is locked and `name` is not committed). The first add fits the
-    centroids on `fit_source` (default: the drop itself), the clips of the drops `fit_on`."""
+    centroids on `fit_source` (default: the drop itself), the clips of the drops `fit_on`, and
+    fixes the cross-cluster search radius at `search_eps` (default: its largest eps)."""
     timer = timer or PhaseTimer()
     start = time.perf_counter()
     drops = manifest["drops"] if manifest else []
     index, token = len(drops), uuid.uuid4().hex[:12]
     # The cross-cluster search radius: the largest eps of the first add, for every add.
     cross_eps = manifest["settings"].get("cross_cluster_eps") if manifest else None
-    cross_eps = cross_eps or max(cfg.eps_to_extract)
+    cross_eps = cross_eps or search_eps or max(cfg.eps_to_extract)
     _clean_pending(corpus, manifest)
     out = corpus.child(layout.drop_dir(name))
     out.delete_dir("")  # a crashed attempt's files (the name is not committed)
@@ -446,6 +448,9 @@ def rebuild(corpus_uri: str, into_uri: str, args: dict[str, Any],
                                        for d, src in zip(manifest["drops"], sources)
                                        for f in src.files], batch_rows=cfg0.read_batch_rows)
     backend = get_backend(cfg0.backend)
+    # The new corpus's cross-cluster radius covers every drop's eps (swept ones too), so the
+    # pairs a later add or sweep could not search are searched now.
+    search_eps = max(float(e) for d in manifest["drops"] for e in d["eps"])
     reports = []
     with lock_corpus(new, wait=False) as lock:
         current = read_manifest(new)
@@ -460,7 +465,8 @@ def rebuild(corpus_uri: str, into_uri: str, args: dict[str, Any],
             reports.append(add_source(new, current, d["name"], cfg, source, backend, lock,
                                       fit_source=everything if current is None else None,
                                       input_label=d["input"],
-                                      fit_on=[d["name"] for d in manifest["drops"]]))
+                                      fit_on=[d["name"] for d in manifest["drops"]],
+                                      search_eps=search_eps))
             current = read_manifest(new)
     return reports
 

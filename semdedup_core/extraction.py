@@ -126,11 +126,12 @@ def sweep(out: Storage, eps_list: list[float], progress=None, owner: str | None 
         cross = read_cross_table(out, clusters[0])
         covered = searched_eps(cross) if cross is not None else None
         if covered is not None and max(eps_list) > covered:
+            remedy = ("rebuild the corpus" if out.exists(layout.MAX_DROP_TABLE) else
+                      "re-run with cross_cluster at the larger eps")  # a corpus's drop or a run
             log.warning("%s: the cross-cluster search covered eps up to %s; near-duplicates "
-                        "across clusters between that and eps %s are not searched (re-run with "
-                        "cross_cluster at the larger eps to search them)",
-                        out.display(layout.CROSS_TABLES), eps_text(covered),
-                        eps_text(max(eps_list)))
+                        "across clusters between that and eps %s are not searched (%s to "
+                        "search them)", out.display(layout.CROSS_TABLES), eps_text(covered),
+                        eps_text(max(eps_list)), remedy)
         removed = dict.fromkeys(eps_list, 0)
         for counts in ordered_map(lambda c: extract_from_tables(out, c, eps_list), clusters,
                                   host_threads()):

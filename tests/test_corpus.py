@@ -401,6 +401,25 @@ def test_rebuild_refits_on_all_drops(drops, tmp_path, capsys):
     assert new["drops"][0]["input"] == drops["d0"]
 
 
+def test_rebuild_searches_across_clusters_up_to_every_drops_eps(drops, tmp_path, caplog,
+                                                                capsys):
+    """A later add's larger eps is beyond the corpus's cross-cluster radius (the first add's
+    largest eps); the add says a rebuild searches those pairs, and the rebuild does."""
+    corpus, into = str(tmp_path / "corpus"), str(tmp_path / "rebuilt")
+    add_drop(corpus, "d0", {"input_embeddings_path": drops["d0"], "n_clusters": K,
+                            "eps_to_extract": [0.01], "cross_cluster": True})
+    add_drop(corpus, "d1", {"input_embeddings_path": drops["d1"], "eps_to_extract": [0.05]})
+    assert "rebuild the corpus to search them" in caplog.text
+    assert read_manifest(Storage(corpus))["settings"]["cross_cluster_eps"] == 0.01
+    caplog.clear()  # a sweep of a drop says the same, and the rebuild covers its eps too
+    assert run_cli(capsys, "sweep", os.path.join(corpus, "drops/d0"), "--eps", "0.07")[0] == 0
+    assert "(rebuild the corpus to search them)" in caplog.text
+    corpus_mod.rebuild(corpus, into, {})
+    assert read_manifest(Storage(into))["settings"]["cross_cluster_eps"] == 0.07
+    table = pq.read_table(os.path.join(into, "drops/d1", layout.CROSS_TABLES))
+    assert table.schema.metadata[b"semdedup.cross_cluster.searched_eps"] == b"0.07"
+
+
 def test_s3_corpus_equals_local(drops, tmp_path, s3_client, s3_endpoint, aws_profile):
     s3_client.create_bucket(Bucket="corpus")
     local = str(tmp_path / "corpus")
