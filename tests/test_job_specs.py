@@ -151,6 +151,25 @@ def test_zip_spec_merges_flags_before_validating(tmp_path):
         "input_embeddings_path: required"]
 
 
+def test_readme_job_overrides_validate_against_the_job():
+    """The run config the README gives inline for the `semdedup` job (step processes, partition
+    reports) is accepted by Dagster's own validation of the job, added to run.yaml."""
+    from dagster._core.system_config.objects import ResolvedRunConfig
+
+    execution = re.search(r"`(execution: \{config: \{multiprocess: \{max_concurrent: N\}\}\})`",
+                          README).group(1)
+    assert "`report_partitions: true` (or `false`) under `assign_shards`" in README
+    config = yaml.safe_load(RUN_YAML)
+    config.update(yaml.safe_load(execution.replace("N", "2")))
+    config["ops"]["assign_shards"]["config"]["report_partitions"] = True
+    job = defs.resolve_job_def("semdedup")
+    default = ResolvedRunConfig.build(job, yaml.safe_load(RUN_YAML))
+    assert list(default.execution.execution_engine_config) == ["in_process"]
+    resolved = ResolvedRunConfig.build(job, config)
+    assert resolved.execution.execution_engine_config["multiprocess"]["max_concurrent"] == 2
+    assert resolved.ops["assign_shards"].config["report_partitions"] is True
+
+
 @pytest.mark.parametrize("output", ["in", "in/out", "."])
 def test_output_equal_to_inside_or_around_the_input_is_refused(tmp_path, capsys, output):
     (tmp_path / "in").mkdir()
