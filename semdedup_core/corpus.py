@@ -175,6 +175,10 @@ def corpus_config(corpus: Storage, manifest: dict | None, name: str,
         raise ConfigError("output_path: a corpus add writes into the corpus (drops/<name>/); "
                           "do not give an output path")
     if manifest is None:
+        if corpus.exists(layout.RUN_RECORD) or corpus.exists(layout.EXTRACTION):
+            # the corpus's centroids would overwrite the run's
+            raise ConfigError(f"{corpus.display()}: holds the output of a semdedup run, not a "
+                              "corpus; nothing was changed; give the corpus a folder of its own")
         if "n_clusters" not in args:
             raise ConfigError(f"{corpus.display()}: the first add fits the corpus's centroids; "
                               "give --n-clusters")

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 
 from semdedup_core import layout
 from semdedup_core.config import DedupConfig, eps_text
-from semdedup_core.errors import SemdedupError
+from semdedup_core.errors import ConfigError, SemdedupError
 from semdedup_core.storage import Storage, storage_faults
 
 log = logging.getLogger(__name__)
@@ -252,6 +252,9 @@ def take_output(out: Storage, owner: str | None = None, wait: bool = False,
 def begin_writing(out: Storage, lock: OutputLock, fingerprint: str | None = None) -> None:
     """Before the first write: the folder stops being complete. `fingerprint`: the input's,
     kept in the lock for the step that writes the record."""
+    if out.exists(layout.CORPUS_MANIFEST):  # the run's centroids would replace the corpus's
+        raise ConfigError(f"{out.display()}: holds a semdedup corpus, not a run's output; "
+                          "nothing was changed; give the run another output path")
     if fingerprint is not None:
         lock.fingerprint = fingerprint
     lock.check()

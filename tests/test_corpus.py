@@ -254,6 +254,25 @@ def test_cli_add_show_and_name_reuse_refused(drops, tmp_path, capsys):
     code, _, err = run_cli(capsys, "corpus", "add", str(tmp_path / "other"),
                            "--input-embeddings-path", drops["d0"], "--drop-name", "d0")
     assert code == 1 and "give --n-clusters" in err
+    # A run's output folder is not made a corpus (its centroids would be overwritten).
+    run_out = str(tmp_path / "run")
+    assert run_cli(capsys, "run", "--input-embeddings-path", drops["d1"], "--output-path",
+                   run_out, "--n-clusters", "3")[0] == 0
+    run_before = tree_digest(run_out)
+    code, _, err = run_cli(capsys, "corpus", "add", run_out, "--input-embeddings-path",
+                           drops["d0"], "--drop-name", "d0", "--n-clusters", str(K))
+    assert code == 1 and err.strip().splitlines() == [
+        f"semdedup: error: {run_out}: holds the output of a semdedup run, not a corpus; nothing "
+        "was changed; give the corpus a folder of its own"]
+    assert tree_digest(run_out) == run_before
+    # Nor is a run written into a corpus (the run's centroids would replace the corpus's).
+    corpus_before = tree_digest(corpus)
+    code, _, err = run_cli(capsys, "run", "--input-embeddings-path", drops["d1"],
+                           "--output-path", corpus, "--n-clusters", "3")
+    assert code == 1 and err.strip().splitlines() == [
+        f"semdedup: error: {corpus}: holds a semdedup corpus, not a run's output; nothing was "
+        "changed; give the run another output path"]
+    assert tree_digest(corpus) == corpus_before
     before = tree_digest(corpus)
     code, _, err = run_cli(capsys, "corpus", "add", corpus, "--input-embeddings-path",
                            drops["d1"], "--drop-name", "d0")
