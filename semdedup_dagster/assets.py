@@ -79,7 +79,7 @@ def steps_one_at_a_time(context) -> bool:
     `execute_in_process`, and the `semdedup` job unless its run config asks for `multiprocess`
     (never on k8s)."""
     executor = context.job_def.executor_def.name
-    chosen = (context.run_config.get("execution") or {}).get("config") or {}
+    chosen = (context.run.run_config.get("execution") or {}).get("config") or {}
     if executor == "in_process_or_multiprocess":
         return "multiprocess" not in chosen
     return executor in ("in_process", "execute_in_process_executor")

@@ -179,7 +179,7 @@ def corpus_definitions(spec: CorpusSpec) -> dict:
 
     # One step: in process, sparing a step process start per drop.
     job = define_asset_job(f"corpus_{spec.name}_add", selection=[corpus_drop.key],
-                           partitions_def=drops, tags={CORPUS_TAG: spec.corpus_path},
+                           tags={CORPUS_TAG: spec.corpus_path},
                            executor_def=in_process_executor,
                            description=f"Add one drop to {spec.corpus_path}.")
 
