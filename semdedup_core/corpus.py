@@ -166,6 +166,11 @@ class AddReport:
             if self.fit_mean_cosine_dist else 0.0
 
 
+def holds_run_output(folder: Storage) -> bool:
+    """Whether a folder without a corpus manifest holds a run's output (whole or partial)."""
+    return folder.exists(layout.RUN_RECORD) or folder.exists(layout.EXTRACTION)
+
+
 def corpus_config(corpus: Storage, manifest: dict | None, name: str,
                   args: dict[str, Any]) -> DedupConfig:
     """The add's config: the user's run arguments over the corpus's fixed settings; a fixed
@@ -175,8 +180,7 @@ def corpus_config(corpus: Storage, manifest: dict | None, name: str,
         raise ConfigError("output_path: a corpus add writes into the corpus (drops/<name>/); "
                           "do not give an output path")
     if manifest is None:
-        if corpus.exists(layout.RUN_RECORD) or corpus.exists(layout.EXTRACTION):
-            # the corpus's centroids would overwrite the run's
+        if holds_run_output(corpus):  # the corpus's centroids would overwrite the run's
             raise ConfigError(f"{corpus.display()}: holds the output of a semdedup run, not a "
                               "corpus; nothing was changed; give the corpus a folder of its own")
         if "n_clusters" not in args:
@@ -536,6 +540,9 @@ def format_show(corpus: Storage) -> str:
     if manifest is None:
         if not corpus.exists():  # a mistyped path is not an empty corpus
             raise InputError(f"{corpus.display()}: no such folder")
+        if holds_run_output(corpus):
+            raise InputError(f"{corpus.display()}: holds the output of a semdedup run, not a "
+                             "corpus (`semdedup inspect` reads a run's output)")
         return f"corpus: {corpus.display()}\nno committed drops"
     s, drops = manifest["settings"], manifest["drops"]
     base = drops[0]["mean_cosine_dist"]

@@ -265,6 +265,10 @@ def test_cli_add_show_and_name_reuse_refused(drops, tmp_path, capsys):
         f"semdedup: error: {run_out}: holds the output of a semdedup run, not a corpus; nothing "
         "was changed; give the corpus a folder of its own"]
     assert tree_digest(run_out) == run_before
+    code, out, err = run_cli(capsys, "corpus", "show", run_out)  # says what the folder is
+    assert code == 1 and out == "" and err.strip().splitlines() == [
+        f"semdedup: error: {run_out}: holds the output of a semdedup run, not a corpus "
+        "(`semdedup inspect` reads a run's output)"]
     # Nor is a run written into a corpus (the run's centroids would replace the corpus's).
     corpus_before = tree_digest(corpus)
     code, _, err = run_cli(capsys, "run", "--input-embeddings-path", drops["d1"],
