@@ -4,8 +4,6 @@ decode the next input and write the last results. Results always come back in in
 outputs never depend on thread timing; work in flight is capped, so memory stays bounded."""
 
 import contextlib
-import ctypes
-import functools
 import os
 import queue
 import threading
@@ -33,51 +31,16 @@ def host_threads() -> int:
     return max(1, min(MAX_HOST_THREADS, cores))
 
 
-@functools.cache
-def _openblas_thread_setters() -> tuple:
-    """(get, set) thread-count functions of every OpenBLAS loaded in this process (numpy's and
-    scipy's wheels each bundle one), found like threadpoolctl does; () off Linux."""
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f
-                            if "openblas" in line.rsplit("/", 1)[-1].lower()
-                            and line.split()[-1].startswith("/")})
-    except OSError:
-        return ()
-    found = []
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in ("scipy_openblas_{}_num_threads64_", "openblas_{}_num_threads64_",
-                     "scipy_openblas_{}_num_threads", "openblas_{}_num_threads"):
-            get = getattr(lib, name.format("get"), None)
-            set_ = getattr(lib, name.format("set"), None)
-            if get is not None and set_ is not None:
-                get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
-                found.append((get, set_))
-                break
-    return tuple(found)
-
-
 @contextlib.contextmanager
 def single_threaded_blas():
     """BLAS on one thread inside the block (process-wide), for work that runs many small GEMMs
     side by side on host threads: OpenBLAS splitting each of them over all cores costs more
     than the product (a 10 x 300 x 512 one took 0.1 ms alone, up to 10 ms with 2 BLAS threads
     on a loaded machine), and threads of both kinds would oversubscribe the cores."""
-    import numpy  # noqa: F401  (loads numpy's OpenBLAS before it is looked for)
+    from threadpoolctl import threadpool_limits
 
-    setters = _openblas_thread_setters()
-    before = [get() for get, _ in setters]
-    for _, set_ in setters:
-        set_(1)
-    try:
+    with threadpool_limits(limits=1, user_api="blas"):
         yield
-    finally:
-        for (_, set_), n in zip(setters, before):
-            set_(n)
 
 
 @contextlib.contextmanager

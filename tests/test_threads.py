@@ -90,11 +90,16 @@ def test_chain_ahead_stopped_early_leaves_no_thread_running():
 
 
 def test_single_threaded_blas_sets_and_restores_openblas_threads():
-    from semdedup_core.threads import _openblas_thread_setters, single_threaded_blas
+    import numpy  # noqa: F401  (loads numpy's OpenBLAS)
+    from threadpoolctl import threadpool_info
 
-    setters = _openblas_thread_setters()
-    assert setters, "numpy's OpenBLAS was not found"
-    before = [get() for get, _ in setters]
+    from semdedup_core.threads import single_threaded_blas
+
+    def blas_threads():
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    before = blas_threads()
+    assert before, "numpy's OpenBLAS was not found"
     with single_threaded_blas():
-        assert [get() for get, _ in setters] == [1] * len(setters)
-    assert [get() for get, _ in setters] == before
+        assert blas_threads() == [1] * len(before)
+    assert blas_threads() == before
