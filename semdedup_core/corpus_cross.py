@@ -27,7 +27,7 @@ from semdedup_core.config import DedupConfig, eps_text
 from semdedup_core.corpus_store import Block
 from semdedup_core.cross_cluster import (RESCORE_MARGIN, SEARCHED_EPS_KEY, CrossBest,
                                          compare_block, cross_cluster_tables, order_keys,
-                                         probe_radius, probe_targets)
+                                         Probes, probe_radius)
 from semdedup_core.pairwise import TIE_TOL
 from semdedup_core.shards import RankedShard, ranked_shard
 from semdedup_core.storage import Storage
@@ -57,7 +57,7 @@ class DropCross:
         for result in cross_cluster_tables(inside_cfg, out, clusters, backend):
             self.inside[result.cluster] = result.table
             self.flops += result.flops
-        radius = probe_radius([cross_eps])
+        probes = Probes(centroids, probe_radius([cross_eps]), cfg.cross_cluster_max_probes)
         self.ranked: dict[int, RankedShard] = {}
         self.key: dict[int, np.ndarray] = {}
         self.probes: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # b -> (rows, targets)
@@ -65,8 +65,7 @@ class DropCross:
         self.state = CrossBest(cfg.which_to_keep)
         for ranked in ordered_map(lambda c: ranked_shard(cfg, out, c), clusters, host_threads()):
             b = ranked.cluster
-            rows, targets = probe_targets(backend, ranked.emb, b, centroids, radius,
-                                          cfg.cross_cluster_max_probes)
+            rows, targets = probes.of_cluster(backend, ranked.emb, b)
             self.ranked[b], self.probes[b] = ranked, (rows, targets)
             self.key[b] = order_keys(cfg.which_to_keep, ranked.rank_dist, len(ranked.ids))
             for a in np.unique(targets).tolist():

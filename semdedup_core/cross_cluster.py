@@ -5,7 +5,7 @@ The global order extends every cluster's rank order to all clips (`order_keys`):
 hard: (distance to own centroid, id) descending; easy: both ascending; random: a clip's
 quantile in its cluster's seeded permutation, (rank + 0.5) / cluster size, ties by cluster index.
 
-Which pairs are compared (`probe_targets`). Assignment puts a clip y in cluster b when c_b is its
+Which pairs are compared (`Probes`). Assignment puts a clip y in cluster b when c_b is its
 nearest raw centroid (L2), so y lies on b's side of the bisector hyperplane of c_a and c_b. The
 signed distance of a point v to that hyperplane, h(v) = (|v-c_a|^2 - |v-c_b|^2) / (2|c_a-c_b|),
 changes by at most |v-w| between points v and w, and unit vectors with x.y >= 1 - eps are within
@@ -16,7 +16,7 @@ b) is compared when b is among x's probes AND a is among y's. A cap therefore mi
 when either clip has more than `max_probes` cluster boundaries nearer than the one between them.
 
 One streaming pass over the shards, clusters ascending (`cross_cluster_tables`): at cluster
-a's turn, each clip's probes come from one (n, k) GEMM (`probe_targets`); a's clips are compared
+a's turn, each clip's probes come from its distances to every centroid (`Probes`); a's clips are compared
 with the clips of earlier clusters that probe a and that a's clips probe (kept in memory since
 those clusters' turns), one block per cluster pair, each pair computed once: both sides take
 the similarity to the other side's EARLIER clips (`compare_block`). a's clips that probe later
@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 from semdedup_core import layout
 from semdedup_core.backends.base import Backend
 from semdedup_core.config import DedupConfig, eps_text
-from semdedup_core.kmeans import ASSIGN_CHUNK
+from semdedup_core.kmeans import ASSIGN_CHUNK, nearest_centroid
 from semdedup_core.pairwise import TIE_TOL
 from semdedup_core.parquet import read_table, write_table
 from semdedup_core.shards import RankedShard, load_centroids, ranked_shard
@@ -78,52 +78,103 @@ def probe_radius(eps_list: list[float]) -> float:
     return math.sqrt(2 * max(eps_list))
 
 
-def probe_targets(backend: Backend, emb: np.ndarray, cluster: int, centroids: np.ndarray,
-                  radius: float, max_probes: int) -> tuple[np.ndarray, np.ndarray]:
-    """The clusters each unit row of `emb` (clips of `cluster`) is compared with, as
-    (rows, targets) int64 host arrays, rows ascending (see the module's docstring).
-    Every row is in the same cluster a, so h_b(x) = x.(c_b - c_a)/g + (|c_a|^2 - |c_b|^2)/(2g),
-    g = |c_a - c_b|, is one GEMM plus one row of offsets for all b."""
-    xp = backend.xp
-    k = centroids.shape[0]
-    c64 = centroids.astype(np.float64)
-    diff = c64 - c64[cluster]
-    gap = np.linalg.norm(diff, axis=1)
-    # Itself, and a centroid equal to its own (one of the two cells is empty), are no target.
-    possible = gap > 0
-    possible[cluster] = False
-    g = np.where(possible, gap, 1.0)
-    w = np.where(possible[:, None], diff / g[:, None], 0).T.astype(np.float32)  # (d, k)
-    sq = (c64 * c64).sum(axis=1)
-    offset = np.where(possible, (sq[cluster] - sq) / (2 * g), -np.inf).astype(np.float32)
-    w_d, offset_d = backend.asarray(np.ascontiguousarray(w)), backend.asarray(offset)
-    bound = -(radius + BOUND_SLACK)
-    rows_out, targets_out = [], []
-    for s in range(0, emb.shape[0], ASSIGN_CHUNK):
-        h = backend.asarray(emb[s:s + ASSIGN_CHUNK]) @ w_d
-        h += offset_d
-        if max_probes == 0 or max_probes >= k - 1:  # every cluster the bound leaves
-            r, t = np.nonzero(backend.to_numpy(h >= bound))
-        else:
-            # The nearest bisectors by repeated argmax (first maximum on both backends, so
-            # ties resolve alike): max_probes passes over (rows, k), cheaper than a sort.
-            tops, oks = [], []
-            every = xp.arange(h.shape[0])
-            for _ in range(max_probes):
-                top = h.argmax(axis=1)
-                oks.append(h[every, top] >= bound)
-                tops.append(top)
-                h[every, top] = -xp.inf
-            top, ok = (np.stack([backend.to_numpy(a) for a in v], axis=1) for v in (tops, oks))
-            r, j = np.nonzero(ok)
-            t = top[r, j]
-        rows_out.append(r.astype(np.int64) + s)
-        targets_out.append(t.astype(np.int64))
-    if not rows_out:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    rows, targets = np.concatenate(rows_out), np.concatenate(targets_out)
-    order = np.lexsort((targets, rows))
-    return rows[order], targets[order]
+# Rows per pass over (rows, k) bisector distances: the temporaries stay in the CPU's cache.
+PROBE_ROWS = 1024
+# Added to the own-centroid term of a float32 squared-distance difference before it is scaled
+# by 1 / (2 |c_a - c_b|): larger than its rounding error (~1e-6 for unit rows), so that the
+# bound never rules out a real pair however close two centroids are.
+D2_SLACK = 1e-5
+
+
+class Probes:
+    """Which clusters each clip is compared with (see the module's docstring), from the
+    squared distances to every centroid that assignment computes (`kmeans.nearest_centroid`:
+    d2[i, b] = |x_i - c_b|^2 - 1 as float32): for a clip x of cluster a the signed distance to
+    the bisector of c_a and c_b is h_b(x) = (d2[a] - d2[b]) / (2 |c_a - c_b|), so the probes
+    cost no GEMM of their own where assignment's distances are at hand (`from_d2`), and one
+    like assignment's where not (`of_cluster`); both give the same bits.
+    Holds a (k, k) float32 table of the 1 / (2 |c_a - c_b|) (-inf where b = a or c_b = c_a:
+    no target); k = 5000 takes 100 MB."""
+
+    def __init__(self, centroids: np.ndarray, radius: float, max_probes: int):
+        self.centroids = centroids
+        k = len(centroids)
+        self.all = max_probes == 0 or max_probes >= k - 1  # every cluster the bound leaves
+        self.max_probes = max_probes
+        self.bound = np.float32(-(radius + BOUND_SLACK))
+        c64 = centroids.astype(np.float64)
+        sq = (c64 * c64).sum(axis=1)
+        gap2 = sq[:, None] + sq[None, :] - 2 * (c64 @ c64.T)
+        # Where the Gram form cancels (centroids close together), the difference itself.
+        for a, b in zip(*np.nonzero(gap2 < 1e-4)):
+            gap2[a, b] = ((c64[a] - c64[b]) ** 2).sum()
+        with np.errstate(divide="ignore"):
+            scale = np.where(gap2 > 0, 0.5 / np.sqrt(np.maximum(gap2, 0)), -np.inf)
+        np.fill_diagonal(scale, -np.inf)
+        self.scale = scale.astype(np.float32)
+        self._on_device = {}  # backend name -> the table there
+
+    def _scale(self, backend: Backend):
+        if backend.name not in self._on_device:
+            self._on_device[backend.name] = backend.asarray(self.scale)
+        return self._on_device[backend.name]
+
+    def from_d2(self, backend: Backend, d2, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, targets) int64 host arrays, rows ascending, for the rows of `d2` (backend
+        (n, k) float32, as `nearest_centroid` computes it) assigned to `labels` (host int64)."""
+        xp = backend.xp
+        n = d2.shape[0]
+        one = n > 0 and bool((labels == labels[0]).all())  # one cluster: one row of scales
+        scale_d = self._scale(backend)
+        scale_d = scale_d[int(labels[0])][None, :] if one else scale_d
+        labels_d = backend.asarray(labels)
+        rows_out, targets_out = [], []
+        for s in range(0, n, PROBE_ROWS):
+            e = min(n, s + PROBE_ROWS)
+            part = d2[s:e]
+            own = xp.take_along_axis(part, labels_d[s:e, None], axis=1) + D2_SLACK
+            # h >= the true distance to the bisector (D2_SLACK); -inf for no target.
+            h = (own - part) * (scale_d if one else scale_d[labels_d[s:e]])
+            if self.all:
+                r, t = np.nonzero(backend.to_numpy(h >= self.bound))
+            else:
+                # The nearest bisectors by repeated argmax (first maximum on both backends, so
+                # ties resolve alike): max_probes passes over (rows, k), cheaper than a sort.
+                tops, oks = [], []
+                every = xp.arange(e - s)
+                for _ in range(self.max_probes):
+                    top = h.argmax(axis=1)
+                    oks.append(h[every, top] >= self.bound)
+                    tops.append(top)
+                    h[every, top] = -xp.inf
+                top, ok = (np.stack([backend.to_numpy(a) for a in v], axis=1)
+                           for v in (tops, oks))
+                r, j = np.nonzero(ok)
+                t = top[r, j]
+            rows_out.append(r.astype(np.int64) + s)
+            targets_out.append(t.astype(np.int64))
+        if not rows_out:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        rows, targets = np.concatenate(rows_out), np.concatenate(targets_out)
+        order = np.lexsort((targets, rows))
+        return rows[order], targets[order]
+
+    def of_cluster(self, backend: Backend, emb: np.ndarray,
+                   cluster: int) -> tuple[np.ndarray, np.ndarray]:
+        """`from_d2` for unit rows `emb`, all of `cluster`, computing their distances to the
+        centroids as assignment does."""
+        rows_out, targets_out = [], []
+        labels = np.full(min(len(emb), ASSIGN_CHUNK), cluster, np.int64)
+
+        def chunk(start: int, d2, _lab) -> None:
+            r, t = self.from_d2(backend, d2, labels[:d2.shape[0]])
+            rows_out.append(r + start)
+            targets_out.append(t)
+
+        nearest_centroid(backend, emb, backend.asarray(self.centroids), on_chunk=chunk)
+        if not rows_out:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        return np.concatenate(rows_out), np.concatenate(targets_out)
 
 
 def _any_equal(a: np.ndarray, b: np.ndarray) -> bool:
@@ -294,7 +345,9 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
     targets = set(clusters if targets is None else targets)
     present = set(clusters)
     centroids = load_centroids(out)
-    radius = probe_radius(cfg.eps_to_extract)
+    probes = Probes(centroids, probe_radius(cfg.eps_to_extract), cfg.cross_cluster_max_probes)
+    has_shard = np.zeros(len(centroids), bool)
+    has_shard[sorted(present)] = True
     floor = np.float32(1 - max(cfg.eps_to_extract) - RESCORE_MARGIN)
     which = cfg.which_to_keep
     dim = centroids.shape[1]
@@ -313,9 +366,8 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
         ranked = ranked_shard(cfg, out, cluster)
         if ranked is None:
             return None
-        rows, to = probe_targets(backend, ranked.emb, cluster, centroids, radius,
-                                 cfg.cross_cluster_max_probes)
-        known = np.isin(to, np.fromiter(present, np.int64, len(present)))
+        rows, to = probes.of_cluster(backend, ranked.emb, cluster)
+        known = has_shard[to]
         return ranked, order_keys(which, ranked.rank_dist, len(ranked.ids)), rows[known], to[known]
 
     def block(a: int, x_rows, x_emb, x_key, b: int, y_rows, y_emb, y_key):

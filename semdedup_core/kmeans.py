@@ -14,10 +14,12 @@ from semdedup_core.backends.base import Backend
 ASSIGN_CHUNK = 16384  # rows per distance GEMM: (chunk, k) float32 scratch
 
 
-def nearest_centroid(backend: Backend, X, C, chunk: int = ASSIGN_CHUNK):
+def nearest_centroid(backend: Backend, X, C, chunk: int = ASSIGN_CHUNK, on_chunk=None):
     """For unit rows X (n, d) and centroids C (k, d): (labels int64 (n,), squared distance
     float32 (n,)). Ties go to the lowest centroid index. X may be on the host while the
-    backend is a device: chunks then move over one at a time."""
+    backend is a device: chunks then move over one at a time. `on_chunk(start, d2, labels)`
+    sees each chunk's distances to every centroid, d2 = ||x - c||^2 - 1 (float32, reused
+    after the call), and its labels (e.g. for the cross-cluster probes)."""
     xp = backend.xp
     c_sq = (C * C).sum(axis=1)
     minus_2ct = xp.ascontiguousarray((-2 * C).T)
@@ -30,6 +32,8 @@ def nearest_centroid(backend: Backend, X, C, chunk: int = ASSIGN_CHUNK):
         xp.matmul(backend.asarray(X[s:s + chunk]), minus_2ct, out=d2)  # ||x-c||^2 - 1 = ||c||^2 - 2 x.c
         d2 += c_sq
         lab = d2.argmin(axis=1)
+        if on_chunk is not None:
+            on_chunk(s, d2, lab)
         labels[s:s + chunk] = lab
         dist[s:s + chunk] = xp.take_along_axis(d2, lab[:, None], axis=1)[:, 0] + 1
     return labels, xp.maximum(dist, 0)

@@ -516,7 +516,7 @@ def test_cross_cluster_drops_one_by_one_equal_the_brute_force_batch(drops, tmp_p
     drop-major global order: a clip is also scored against clips of other clusters earlier in
     that order (earlier drops' and its own drop's) where both probe each other's cluster, here
     by float64 brute force over every pair."""
-    from semdedup_core.cross_cluster import order_keys, probe_radius, probe_targets
+    from semdedup_core.cross_cluster import Probes, order_keys, probe_radius
 
     corpus, names = str(tmp_path / "corpus"), ["d0", "d1", "d3"]  # d3: d0 re-delivered
     add_all(corpus, drops, names, cross_cluster=True)
@@ -524,7 +524,7 @@ def test_cross_cluster_drops_one_by_one_equal_the_brute_force_batch(drops, tmp_p
     manifest = read_manifest(store)
     assert manifest["settings"]["cross_cluster_eps"] == max(EPS)
     centroids = np.load(store.path(layout.CENTROIDS))
-    radius = probe_radius(EPS)
+    probes_of = Probes(centroids, probe_radius(EPS), 3)
     # Every clip of every drop: embedding, cluster, drop, key in its drop's global order, id.
     emb, cluster, drop, key, ids, probes = [], [], [], [], [], []
     for j, name in enumerate(names):
@@ -541,7 +541,7 @@ def test_cross_cluster_drops_one_by_one_equal_the_brute_force_batch(drops, tmp_p
             cluster += [k] * len(rows)
             drop += [j] * len(rows)
             p = np.zeros((len(rows), K), bool)
-            p[probe_targets(CPU, d_emb[rows], k, centroids, radius, 3)] = True
+            p[probes_of.of_cluster(CPU, d_emb[rows], k)] = True
             probes.append(p)
     emb, key, probes = np.concatenate(emb), np.concatenate(key), np.concatenate(probes)
     cluster, drop, ids = np.array(cluster), np.array(drop), np.array(ids, dtype=object)
