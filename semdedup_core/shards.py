@@ -9,13 +9,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from semdedup_core import layout
 from semdedup_core.backends.base import Backend
 from semdedup_core.embeddings import EmbeddingSource, normalize
 from semdedup_core.kmeans import centroid_distances, nearest_centroid
 from semdedup_core.config import DedupConfig
-from semdedup_core.parquet import content_sha, read_table, table_to_parquet_bytes
+from semdedup_core.parquet import (content_sha, plain_float_values, read_table,
+                                   table_to_parquet_bytes)
 from semdedup_core.ranking import rank_order
 from semdedup_core.storage import Storage
 from semdedup_core.threads import host_threads, ordered_map
@@ -226,6 +228,23 @@ def list_column_to_numpy(col) -> np.ndarray:
     return values.reshape(n, len(values) // n if n else 0)
 
 
+def read_shard_file_vectors(out: Storage, rel: str) -> tuple[pa.Table, np.ndarray]:
+    """One shard file as (its other columns, its embeddings float32 (rows, dim)). The
+    embeddings come straight from the file's pages where they are stored as the shard writer
+    stores them (`parquet.plain_float_values`), else through Arrow."""
+    data = out.read_bytes(rel)
+    file = pq.ParquetFile(pa.BufferReader(data))
+    names = file.schema_arrow.names
+    table = file.read(columns=[c for c in names if c != layout.EMBEDDING])
+    meta, n = file.metadata, table.num_rows
+    leaves = [i for i in range(meta.num_columns)
+              if meta.schema.column(i).path.split(".")[0] == layout.EMBEDDING]
+    values = plain_float_values(data, meta, leaves[0]) if len(leaves) == 1 else None
+    if values is None or n == 0 or len(values) % n:
+        return table, list_column_to_numpy(file.read(columns=[layout.EMBEDDING]).column(0))
+    return table, values.reshape(n, len(values) // n)
+
+
 @dataclass
 class RankedShard:
     cluster: int
@@ -237,17 +256,19 @@ class RankedShard:
 
 def ranked_shard(cfg: DedupConfig, out: Storage, cluster: int) -> RankedShard | None:
     """One cluster's shard in rank order; None when the cluster has no shard."""
-    shard = read_shard(out, cluster)
-    if shard is None:
+    files = shard_files(out, cluster)
+    if not files:
         return None
+    parts = [read_shard_file_vectors(out, f) for f in files]
+    shard = pa.concat_tables(table for table, _ in parts)
+    emb = parts[0][1] if len(parts) == 1 else np.concatenate([e for _, e in parts])
     ids = shard.column(layout.ID).combine_chunks()
     cos = shard.column(layout.COSINE_DIST).to_numpy()
     l2 = shard.column(layout.L2_DIST).to_numpy()
     order = rank_order(ids, l2, cos, cfg.sim_metric, cfg.which_to_keep, cfg.random_state,
                        cluster)
-    emb = list_column_to_numpy(shard.column(layout.EMBEDDING))[order]
     dist = cos if cfg.sim_metric == "cosine" else l2
-    return RankedShard(cluster, ids.take(pa.array(order)), emb, cos[order], dist[order])
+    return RankedShard(cluster, ids.take(pa.array(order)), emb[order], cos[order], dist[order])
 
 
 def save_centroids(out: Storage, centroids: np.ndarray) -> None:

@@ -4,13 +4,16 @@ readers that take only whole files."""
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from semdedup_core import layout
 from semdedup_core.embeddings import normalize
 from semdedup_core.kmeans import centroid_distances
-from semdedup_core.shards import (ShardWriter, read_shard, remove_stale_shards, shard_files,
-                                  shard_files_by_cluster)
+from semdedup_core.parquet import plain_float_values, table_to_parquet_bytes
+from semdedup_core.shards import (ShardWriter, list_column_to_numpy, read_shard,
+                                  read_shard_file_vectors, remove_stale_shards, shard_files,
+                                  shard_files_by_cluster, shard_table)
 from semdedup_core.storage import Storage
 
 
@@ -99,3 +102,53 @@ def test_readers_take_only_whole_files_and_a_rerun_removes_the_rest(tmp_path):
     (folder / "fedcba9876543210.parquet").write_bytes(b"an earlier run's file")
     remove_stale_shards(out, sizes, {1: writer.written[1]}, only={1})
     assert len(shard_files(out, 0)) == len(writer.written[0]) + 1
+
+
+def test_shard_vectors_read_from_the_pages_equal_arrows(tmp_path):
+    """The embeddings read straight from a shard's pages are Arrow's, bit for bit, for shards as
+    the writer writes them (one page, many pages, several row groups); any other encoding of
+    the column (compressed, dictionary, data page v2, nulls) is left to Arrow, same result."""
+    rng = np.random.default_rng(3)
+    out = Storage(str(tmp_path))
+    centroid = normalize(rng.standard_normal((1, 48)).astype(np.float32))[0]
+
+    def table(n: int) -> pa.Table:
+        ids = pa.array([f"clip-{i}" for i in range(n)])
+        return shard_table(ids, normalize(rng.standard_normal((n, 48)).astype(np.float32)),
+                           centroid)
+
+    def written(t: pa.Table, **options) -> bytes:
+        sink = pa.BufferOutputStream()
+        pq.write_table(t, sink, **options)
+        return sink.getvalue().to_pybytes()
+
+    def arrow(data: bytes) -> np.ndarray:
+        return list_column_to_numpy(pq.read_table(pa.BufferReader(data)).column(layout.EMBEDDING))
+
+    def leaf(data: bytes) -> tuple:
+        return pq.ParquetFile(pa.BufferReader(data)).metadata, 1  # id, then embedding's leaf
+
+    big = table(3000)  # 576 kB of vectors: several 64 kB pages below
+    ours = [table_to_parquet_bytes(t).to_pybytes() for t in (table(1), table(700), big)]
+    ours.append(written(big, use_dictionary=False, compression="none", data_page_size=64 << 10,
+                        row_group_size=1000))
+    for data in ours:
+        values = plain_float_values(data, *leaf(data))
+        assert values is not None
+        assert values.tobytes() == arrow(data).tobytes()
+    with_null = big.set_column(1, layout.EMBEDDING, pa.array(
+        [None if i == 5 else v for i, v in enumerate(big.column(1).to_pylist())],
+        type=pa.list_(pa.float32())))
+    others = [written(big), written(big, use_dictionary=False, compression="snappy"),
+              written(big, use_dictionary=False, compression="none", data_page_version="2.0"),
+              written(with_null, use_dictionary=False, compression="none")]
+    for data in others:
+        assert plain_float_values(data, *leaf(data)) is None
+    assert plain_float_values(ours[1][:len(ours[1]) // 2] + ours[1][-1000:], *leaf(ours[1])) \
+        is None  # a damaged file: no values, and no other error
+
+    for i, data in enumerate(ours + others[:3]):
+        out.write_bytes(f"f{i}.parquet", data)
+        rest, emb = read_shard_file_vectors(out, f"f{i}.parquet")
+        assert emb.tobytes() == arrow(data).tobytes() and emb.shape[1] == 48
+        assert rest.column_names == [layout.ID, layout.L2_DIST, layout.COSINE_DIST]
