@@ -1,21 +1,30 @@
 """The audit, on every run: how many near-duplicate pairs are still left among the KEPT clips,
 estimated from a seeded sample of kept clips checked exactly against all kept clips.
 
-Clusters are visited in ascending order, clips in rank order. Each clip is drawn into the
-sample with probability `rate` by a generator seeded with (random_state, AUDIT_STREAM,
-cluster), so the draw does not depend on eps; the drawn clips that are kept are checked. A
-sampled clip u counts c_u, the clips v visited after it with u.v >= 1 - eps, u and v both kept
-at that eps. Every kept pair is counted once, by its first member, so T / rate, with T the sum
-of c_u over the sample, estimates the pairs left without bias (Horvitz-Thompson). The 95%
-interval is the wider of a normal interval on that estimator's variance,
-(1 - rate) / rate^2 * sum c_u^2, and an exact Poisson (Garwood) interval on T scaled by
-1 / rate, which stays honest when the sample finds few or no pairs.
-With rate 1 (small runs) every kept clip is checked and the count is exact.
+Each clip is drawn into the sample with probability `rate` by a generator seeded with
+(random_state, AUDIT_STREAM, cluster), so the draw does not depend on eps; the drawn clips
+that are kept are checked. Clips are ordered by cluster, then rank. A sampled clip u counts
+c_u, the clips v after it with u.v >= 1 - eps, u and v both kept at that eps. Every kept pair
+is counted once, by its first member, so T / rate, with T the sum of c_u over the sample,
+estimates the pairs left without bias (Horvitz-Thompson). The 95% interval is the wider of a
+normal interval on that estimator's variance, (1 - rate) / rate^2 * sum c_u^2, and an exact
+Poisson (Garwood) interval on T scaled by 1 / rate, which stays honest when the sample finds
+few or no pairs. With rate 1 (small runs) every kept clip is checked and the count is exact.
 
-Cost: the sample is sized (`audit_rate`) so that its GEMMs, sample x kept clips, are at most
-AUDIT_FLOP_SHARE of the run's own GEMM work (assignment and pruning, from the cluster sizes, so
-every door and backend draws the same sample), and the pipeline feeds it the clusters it
-already holds in memory during pruning, so it reads nothing more.
+Which clips u is compared with, exactly and at a fraction of "every kept clip":
+- none of its own cluster: the ranked rule removes a clip when ANY earlier clip of its cluster
+  is within eps, so two kept clips of one cluster are never within eps of each other;
+- of the later clusters, only those the bisector bound of `cross_cluster` leaves: a twin of u
+  (cluster a) can only lie in cluster b when u is within r = sqrt(2 eps) of b's side of the
+  bisector of c_a and c_b (one float64 row of dot products with the centroids per sampled
+  clip); the others cannot hold one.
+
+Cost: the sample is sized (`audit_rate`) so that checking it against every kept clip would
+take at most AUDIT_FLOP_SHARE of the run's own GEMM work (assignment and pruning, from the
+cluster sizes, so every door and backend draws the same sample); the bound makes the real
+work a fraction of that (at 100k MiniLM clips, k=100, eps 0.05: about half; on well
+separated clusters almost nothing). The pipeline feeds it the clusters it already holds in
+memory during pruning, so it reads nothing more.
 """
 
 import json
@@ -27,12 +36,12 @@ from scipy.special import gammaincinv
 from semdedup_core import layout
 from semdedup_core.backends.base import Backend
 from semdedup_core.config import eps_text
+from semdedup_core.cross_cluster import BOUND_SLACK, probe_radius
 
 AUDIT_FLOP_SHARE = 0.02
 AUDIT_MIN_SAMPLE = 100  # below this the interval says little; tiny runs afford it
 AUDIT_STREAM = 0xA0D17  # keeps the sample's draws apart from the random ranking's
-AUDIT_TILE = 8192  # kept clips per GEMM: (sample x tile) float32 scratch
-AUDIT_DIRECT = 1024  # clusters this large are checked without gathering their kept rows
+AUDIT_TILE = 8192  # a cluster's clips per GEMM: (sample x tile) float32 scratch
 
 
 def audit_rate(sizes, dim: int, n_clusters: int) -> float:
@@ -61,63 +70,94 @@ class EpsAudit:
 
 
 class KeptPairsAudit:
-    """Feed clusters in ascending order (`add_cluster`), then read `result`. A cluster of at
-    least AUDIT_DIRECT clips is checked as it is (its removed clips masked out of the few hits,
-    not copied out of its rows); the kept clips of smaller ones are gathered until AUDIT_TILE
-    of them are pending, so the GEMMs are large however small the clusters are."""
+    """Feed every cluster once (`add_cluster`, clusters ascending), then read `result`.
 
-    def __init__(self, backend: Backend, eps_list: list[float], rate: float, seed: int):
+    A pass that reads its clusters itself (`extraction.audit_output`) can feed the steps
+    apart, in this order: every cluster's `add_kept` (which also draws its sample,
+    `drawn`), the sampled clips' vectors (`add_sample`), then `check` for each cluster in
+    `wanted()`; the counts are the same however the steps interleave, as long as a cluster
+    is checked after every sampled clip of the clusters before it was added."""
+
+    def __init__(self, backend: Backend, eps_list: list[float], rate: float, seed: int,
+                 centroids: np.ndarray):
         self.backend = backend
         self.eps = sorted(eps_list)
         self.rate = rate
         self.seed = seed
         self.kept = np.zeros(len(self.eps), np.int64)
-        self._sample = None  # backend (m, d) float32
-        self._sample_kept = np.zeros((0, len(self.eps)), bool)
-        self._counts = np.zeros((0, len(self.eps)), np.int64)
-        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # vecs, kept, drawn
-        self._pending_rows = 0
+        self._centroids = np.asarray(centroids, np.float64)
+        self._sq = (self._centroids**2).sum(axis=1)
+        self._reach = probe_radius(self.eps) + BOUND_SLACK
+        # Per cluster that was sampled: its sampled clips' vectors, kept masks and counts.
+        self._blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._waiting: dict[int, list[tuple[int, np.ndarray]]] = {}  # cluster -> [(block, rows)]
 
     def add_cluster(self, cluster: int, emb: np.ndarray, removed: dict[float, np.ndarray]) -> None:
         """`emb`: the cluster's unit rows in rank order; `removed[eps]`: which are removed."""
-        kept = np.stack([~removed[e] for e in self.eps], axis=1)  # (n, n_eps)
+        kept = self.add_kept(removed)
+        self.check(cluster, emb, kept)
+        picked = self.drawn(cluster, kept)
+        self.add_sample(cluster, emb[picked], kept[picked])
+
+    def add_kept(self, removed: dict[float, np.ndarray]) -> np.ndarray:
+        """Count a cluster's kept clips; returns which are kept, (n, n_eps) in rank order."""
+        kept = np.stack([~removed[e] for e in self.eps], axis=1)
         self.kept += kept.sum(axis=0)
-        drawn = np.random.default_rng([self.seed, AUDIT_STREAM, cluster]).random(len(kept)) \
-            < self.rate
-        if len(emb) >= AUDIT_DIRECT:
-            self._flush()
-            self._check(emb, kept, drawn)
+        return kept
+
+    def drawn(self, cluster: int, kept: np.ndarray) -> np.ndarray:
+        """The rows of the cluster's sampled clips that are kept (at the smallest eps: kept at
+        any). The draw does not depend on eps nor on the order clusters are fed in."""
+        rng = np.random.default_rng([self.seed, AUDIT_STREAM, cluster])
+        return np.flatnonzero((rng.random(len(kept)) < self.rate) & kept[:, 0])
+
+    def add_sample(self, cluster: int, vecs: np.ndarray, kept: np.ndarray) -> None:
+        """Sampled clips of `cluster` (unit rows, their kept masks): each will be checked
+        against the later clusters the bisector bound leaves it (`check`)."""
+        if not len(vecs):
             return
-        rows = np.flatnonzero(kept[:, 0])  # kept at the smallest eps: kept at any
-        if len(rows):
-            self._pending.append((emb[rows], kept[rows], drawn[rows]))
-            self._pending_rows += len(rows)
-        if self._pending_rows >= AUDIT_TILE:
-            self._flush()
+        block = len(self._blocks)
+        self._blocks.append((np.asarray(vecs, np.float32), kept,
+                             np.zeros((len(vecs), len(self.eps)), np.int64)))
+        rows, targets = self._targets(cluster, vecs)
+        for b in np.unique(targets).tolist():
+            self._waiting.setdefault(b, []).append((block, rows[targets == b]))
 
-    def _flush(self) -> None:
-        if self._pending:
-            self._check(*(np.concatenate(p) for p in zip(*self._pending)))
-            self._pending, self._pending_rows = [], 0
+    def _targets(self, cluster: int, vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, clusters): the clusters after `cluster` that may hold a clip within the
+        largest eps of each row (the bisector bound of `cross_cluster`:
+        h_b(x) = (x.c_b - x.c_a + (|c_a|^2 - |c_b|^2) / 2) / |c_a - c_b| >= -r), in float64
+        (a few hundred rows: exact beside the float32 assignment that BOUND_SLACK covers)."""
+        c, sq = self._centroids, self._sq
+        later = np.arange(cluster + 1, len(c))
+        gap2 = sq[cluster] + sq[later] - 2 * (c[later] @ c[cluster])
+        x = np.asarray(vecs, np.float64)
+        h = (x @ c[later].T - (x @ c[cluster])[:, None] + (sq[cluster] - sq[later]) / 2) \
+            / np.sqrt(np.maximum(gap2, 1e-12))
+        # A centroid (nearly) equal to this one: no bound to use, so always a target.
+        rows, j = np.nonzero((h >= -self._reach) | (gap2 <= 1e-12))
+        return rows, later[j]
 
-    def _check(self, vecs: np.ndarray, kept: np.ndarray, drawn: np.ndarray) -> None:
-        """Count the clips `vecs` (kept at each eps: `kept`) against the sample so far, then
-        their sampled kept clips against the clips after them (in visit order), and add those
-        to the sample."""
-        xp = self.backend.xp
-        if self._sample is not None:
-            self._counts += self._count(self._sample, vecs, kept, None)
-        picked = np.flatnonzero(drawn & kept[:, 0])
-        if len(picked):
-            mine = self.backend.asarray(vecs[picked])
-            counts = self._count(mine, vecs, kept, picked)
-            self._sample = mine if self._sample is None else xp.concatenate([self._sample, mine])
-            self._sample_kept = np.concatenate([self._sample_kept, kept[picked]])
-            self._counts = np.concatenate([self._counts, counts])
+    def wanted(self) -> list[int]:
+        """The clusters that sampled clips still wait for, ascending."""
+        return sorted(self._waiting)
 
-    def _count(self, sample, vecs: np.ndarray, kept: np.ndarray, after) -> np.ndarray:
-        """(m, n_eps): per sampled clip, the kept clips of `vecs` within each eps; with `after`
-        (the sample's own positions in `vecs`) only those after it. Each GEMM tile is compared
+    def check(self, cluster: int, emb: np.ndarray, kept: np.ndarray) -> None:
+        """Count, for each sampled clip that waits for `cluster`, its kept clips within each
+        eps: `emb` in rank order, `kept` (n, n_eps) as `add_kept` returned it."""
+        waiting = self._waiting.pop(cluster, None)
+        if not waiting:
+            return
+        sample = np.concatenate([self._blocks[b][0][rows] for b, rows in waiting])
+        counts = self._count(self.backend.asarray(sample), emb, kept)
+        at = 0
+        for b, rows in waiting:
+            self._blocks[b][2][rows] += counts[at:at + len(rows)]
+            at += len(rows)
+
+    def _count(self, sample, vecs: np.ndarray, kept: np.ndarray) -> np.ndarray:
+        """(m, n_eps): per sampled clip, the kept clips of `vecs` within each eps. Each GEMM
+        tile (clips x sample: with a thin sample, faster than sample x clips) is compared
         once, with the largest eps's threshold; the few hits are then counted per eps on the
         host (per-eps passes over the whole tile cost as much as the GEMM itself)."""
         backend = self.backend
@@ -126,26 +166,26 @@ class KeptPairsAudit:
         thresholds = [np.float32(1 - eps) for eps in self.eps]
         lowest = min(thresholds)
         for s in range(0, len(vecs), AUDIT_TILE):
-            sims = sample @ backend.asarray(vecs[s:s + AUDIT_TILE]).T
+            sims = backend.asarray(vecs[s:s + AUDIT_TILE]) @ sample.T
             flat = backend.xp.flatnonzero(sims >= lowest)
             if not len(flat):
                 continue
             values = backend.to_numpy(sims.ravel()[flat])
-            i, j = np.divmod(backend.to_numpy(flat), sims.shape[1])
-            if after is not None:
-                later = j + s > after[i]
-                i, j, values = i[later], j[later], values[later]
+            j, i = np.divmod(backend.to_numpy(flat), m)
             for e, threshold in enumerate(thresholds):
                 hit = (values >= threshold) & kept[s + j, e]
                 counts[:, e] += np.bincount(i[hit], minlength=m)
         return counts
 
     def result(self) -> list[EpsAudit]:
-        self._flush()
+        blocks = self._blocks or [(None, np.zeros((0, len(self.eps)), bool),
+                                   np.zeros((0, len(self.eps)), np.int64))]
+        sample_kept = np.concatenate([b[1] for b in blocks])
+        all_counts = np.concatenate([b[2] for b in blocks])
         rows = []
         for j, eps in enumerate(self.eps):
-            mine = self._sample_kept[:, j]
-            c = self._counts[mine, j]
+            mine = sample_kept[:, j]
+            c = all_counts[mine, j]
             t = int(c.sum())
             if self.rate >= 1:
                 low = high = est = float(t)

@@ -13,7 +13,7 @@ from semdedup_core.audit import EpsAudit, KeptPairsAudit, read_audit, write_audi
 from semdedup_core.backends import Backend, get_backend
 from semdedup_core.cross_cluster import read_cross_table, searched_eps
 from semdedup_core.parquet import read_table, row_count, write_table
-from semdedup_core.shards import list_column_to_numpy, read_shard
+from semdedup_core.shards import list_column_to_numpy, load_centroids, read_shard
 from semdedup_core.storage import Storage
 from semdedup_core.threads import LATENCY_BOUND_THREADS, host_threads, ordered_map
 
@@ -82,24 +82,37 @@ def extract_from_tables(out: Storage, cluster: int, eps_list: list[float]) -> di
 
 def audit_output(out: Storage, clusters: list[int], eps_list: list[float], backend: Backend,
                  rate: float, seed: int, cross_cluster: bool) -> list[EpsAudit]:
-    """The audit as a pass of its own over a finished output's shards and tables (Dagster's
-    summary step, `sweep`), in cluster order; writes `extraction/audit.json`."""
-    audit = KeptPairsAudit(backend, eps_list, rate, seed)
+    """The audit as a pass of its own over a finished output (Dagster's summary step,
+    `sweep`); writes `extraction/audit.json`. Every cluster's kept clips come from its tables;
+    only the shards of the clusters that hold sampled clips, then of those that the sampled
+    clips can reach, are read (the audit's steps: see `KeptPairsAudit`)."""
+    audit = KeptPairsAudit(backend, eps_list, rate, seed, load_centroids(out))
 
-    def load(c: int):
-        pruning = read_table(out, layout.pruning_table(c), [layout.ID, layout.SCORE])
-        cross = read_cross_table(out, c)
+    def tables(c: int) -> tuple[pa.Table, pa.Table | None]:
+        return read_table(out, layout.pruning_table(c), [layout.ID, layout.SCORE]), \
+            read_cross_table(out, c)
+
+    def ranked_emb(c: int) -> np.ndarray:
+        """The cluster's unit rows in its pruning table's (rank) order."""
+        pruning = read_table(out, layout.pruning_table(c), [layout.ID])
         shard = read_shard(out, c, [layout.ID, layout.EMBEDDING])
         if shard is None:
             raise InputError(f"{out.display(layout.shard_dir(c))}: no shard for the pruning "
                              f"table of cluster {c}; re-run assignment")
         where = pc.index_in(pruning.column(layout.ID).combine_chunks(),
                             value_set=shard.column(layout.ID).combine_chunks())
-        emb = list_column_to_numpy(shard.column(layout.EMBEDDING))[where.to_numpy()]
-        return c, emb, {e: removed_rows(pruning, cross, e) for e in eps_list}
+        return list_column_to_numpy(shard.column(layout.EMBEDDING))[where.to_numpy()]
 
-    for c, emb, removed in ordered_map(load, clusters, host_threads()):
-        audit.add_cluster(c, emb, removed)
+    kept, picked = {}, {}
+    for c, (pruning, cross) in zip(clusters, ordered_map(tables, clusters, host_threads())):
+        kept[c] = audit.add_kept({e: removed_rows(pruning, cross, e) for e in eps_list})
+        picked[c] = audit.drawn(c, kept[c])
+    sampled = [c for c in clusters if len(picked[c])]
+    for c, emb in zip(sampled, ordered_map(ranked_emb, sampled, host_threads())):
+        audit.add_sample(c, emb[picked[c]], kept[c][picked[c]])
+    reached = [c for c in audit.wanted() if c in kept]
+    for c, emb in zip(reached, ordered_map(ranked_emb, reached, host_threads())):
+        audit.check(c, emb, kept[c])
     rows = audit.result()
     write_audit(out, rate, seed, cross_cluster, rows)
     return rows

@@ -271,10 +271,11 @@ def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Back
     return removed
 
 
-def run_audit(cfg: DedupConfig, backend: Backend, sizes: np.ndarray, dim: int) -> KeptPairsAudit:
-    """The audit of a run with clusters of `sizes`."""
-    return KeptPairsAudit(backend, cfg.eps_to_extract, audit_rate(sizes, dim, cfg.n_clusters),
-                          cfg.random_state)
+def run_audit(cfg: DedupConfig, backend: Backend, sizes: np.ndarray,
+              centroids: np.ndarray) -> KeptPairsAudit:
+    """The audit of a run with clusters of `sizes` around `centroids`."""
+    rate = audit_rate(sizes, centroids.shape[1], cfg.n_clusters)
+    return KeptPairsAudit(backend, cfg.eps_to_extract, rate, cfg.random_state, centroids)
 
 
 # -- all stages ----------------------------------------------------------------------------------
@@ -311,7 +312,7 @@ def run_pipeline(cfg: DedupConfig, show_progress: bool = False,
             sizes = assign(cfg, source, fit.centroids, out, backend, timer, show_progress)
         clusters = [int(c) for c in np.flatnonzero(sizes)]
         cross_all(cfg, out, clusters, backend, timer, show_progress)
-        audit = run_audit(cfg, backend, sizes, fit.dim)
+        audit = run_audit(cfg, backend, sizes, fit.centroids)
         removed = prune_all(cfg, out, clusters, backend, timer, show_progress, audit)
         with timer.phase("summary"):
             summary = summarize(out, cfg.eps_to_extract, clusters, int(sizes.sum()), removed)

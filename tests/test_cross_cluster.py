@@ -301,10 +301,10 @@ def cluster_inputs(out_dir, cfg):
     return rows
 
 
-def feed_audit(clusters, eps_list, rate, seed):
+def feed_audit(clusters, eps_list, rate, seed, centroids):
     from semdedup_core.audit import KeptPairsAudit
 
-    audit = KeptPairsAudit(CpuBackend(), eps_list, rate, seed)
+    audit = KeptPairsAudit(CpuBackend(), eps_list, rate, seed, centroids)
     for c, emb, removed in clusters:
         audit.add_cluster(c, emb, removed)
     return {a.eps: a for a in audit.result()}
@@ -327,11 +327,13 @@ def test_audit_interval_covers_the_pairs_left(capped_output):
         assert row["kept"] == off.summary[e]["kept"]
         assert {a.eps: a for a in off.audit}[e].estimated_pairs == row["estimated_pairs"]
     clusters = cluster_inputs(root / "off", cfg)
-    full = feed_audit(clusters, cfg.eps_to_extract, 1.0, 0)
+    centroids = np.load(root / "off" / layout.CENTROIDS)
+    full = feed_audit(clusters, cfg.eps_to_extract, 1.0, 0, centroids)
     assert {e: full[e].estimated_pairs for e in truth} == truth
     # Over independent seeds the 95% interval covers the truth nearly always.
     covered = [a.low <= truth[0.05] <= a.high
-               for a in (feed_audit(clusters, [0.05], 0.1, s)[0.05] for s in range(20))]
+               for a in (feed_audit(clusters, [0.05], 0.1, s, centroids)[0.05]
+                         for s in range(20))]
     assert sum(covered) >= 17
     # With cross_cluster the exact pairs left are few, and the audit says so.
     left = kept_pairs_left(root / "on", cfg.model_copy(update={"output_path": str(root / "on")}))
