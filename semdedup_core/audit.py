@@ -36,7 +36,7 @@ from scipy.special import gammaincinv
 from semdedup_core import layout
 from semdedup_core.backends.base import Backend
 from semdedup_core.config import eps_text
-from semdedup_core.cross_cluster import BOUND_SLACK, probe_radius
+from semdedup_core.cross_cluster import BOUND_SLACK, D2_SLACK, probe_radius
 
 AUDIT_FLOP_SHARE = 0.02
 AUDIT_MIN_SAMPLE = 100  # below this the interval says little; tiny runs afford it
@@ -125,17 +125,19 @@ class KeptPairsAudit:
 
     def _targets(self, cluster: int, vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows, clusters): the clusters after `cluster` that may hold a clip within the
-        largest eps of each row (the bisector bound of `cross_cluster`:
-        h_b(x) = (x.c_b - x.c_a + (|c_a|^2 - |c_b|^2) / 2) / |c_a - c_b| >= -r), in float64
-        (a few hundred rows: exact beside the float32 assignment that BOUND_SLACK covers)."""
+        largest eps of each row: h_b(x) = (x.c_b - x.c_a + (|c_a|^2 - |c_b|^2) / 2) / g >= -r,
+        g = |c_a - c_b| (the bound of `cross_cluster`), in float64 for these few rows, widened
+        by the same slacks for the float32 assignment (BOUND_SLACK, and D2_SLACK / 2g for
+        centroids close together)."""
         c, sq = self._centroids, self._sq
         later = np.arange(cluster + 1, len(c))
         gap2 = sq[cluster] + sq[later] - 2 * (c[later] @ c[cluster])
+        close = gap2 < 1e-4  # where the Gram form cancels, the difference itself
+        gap2[close] = ((c[later[close]] - c[cluster]) ** 2).sum(axis=1)
+        gap = np.sqrt(np.maximum(gap2, 1e-300))
         x = np.asarray(vecs, np.float64)
-        h = (x @ c[later].T - (x @ c[cluster])[:, None] + (sq[cluster] - sq[later]) / 2) \
-            / np.sqrt(np.maximum(gap2, 1e-12))
-        # A centroid (nearly) equal to this one: no bound to use, so always a target.
-        rows, j = np.nonzero((h >= -self._reach) | (gap2 <= 1e-12))
+        h = (x @ c[later].T - (x @ c[cluster])[:, None] + (sq[cluster] - sq[later]) / 2) / gap
+        rows, j = np.nonzero(h >= -(self._reach + D2_SLACK / (2 * gap)))
         return rows, later[j]
 
     def wanted(self) -> list[int]:
