@@ -97,7 +97,7 @@ class Probes:
     no target); k = 5000 takes 100 MB."""
 
     def __init__(self, centroids: np.ndarray, radius: float, max_probes: int):
-        self.centroids = centroids
+        self.centroids, self.radius = centroids, radius
         k = len(centroids)
         self.all = max_probes == 0 or max_probes >= k - 1  # every cluster the bound leaves
         self.max_probes = max_probes
@@ -113,6 +113,9 @@ class Probes:
         np.fill_diagonal(scale, -np.inf)
         self.scale = scale.astype(np.float32)
         self._on_device = {}  # backend name -> the table there
+        # Shard file -> its rows' probes as (rows, max_probes) int32, -1 for none, ascending
+        # (filled by assignment: `of_distances`; capped search only).
+        self.by_file: dict[str, np.ndarray] = {}
 
     def _scale(self, backend: Backend):
         if backend.name not in self._on_device:
@@ -158,6 +161,25 @@ class Probes:
         rows, targets = np.concatenate(rows_out), np.concatenate(targets_out)
         order = np.lexsort((targets, rows))
         return rows[order], targets[order]
+
+    def of_distances(self, backend: Backend, d2, labels: np.ndarray) -> np.ndarray:
+        """`from_d2` as (rows, max_probes) int32, each row's targets ascending, -1 for none:
+        what assignment keeps per clip (`shards.assign_to_shards`, capped search only)."""
+        rows, targets = self.from_d2(backend, d2, labels)
+        probes = np.full((d2.shape[0], self.max_probes), -1, np.int32)
+        probes[rows, np.arange(len(rows)) - np.searchsorted(rows, rows)] = targets
+        return probes
+
+    def of_ranked(self, backend: Backend, ranked: RankedShard) -> tuple[np.ndarray, np.ndarray]:
+        """A ranked cluster's (rows, targets): from assignment's when it kept them for every
+        file of the shard (`by_file`), else computed (`of_cluster`)."""
+        if ranked.files and all(f in self.by_file for f in ranked.files):
+            kept = np.concatenate([self.by_file[f] for f in ranked.files])
+            if len(kept) == len(ranked.ids):
+                kept = kept[ranked.order]
+                rows, j = np.nonzero(kept >= 0)
+                return rows.astype(np.int64), kept[rows, j].astype(np.int64)
+        return self.of_cluster(backend, ranked.emb, ranked.cluster)
 
     def of_cluster(self, backend: Backend, emb: np.ndarray,
                    cluster: int) -> tuple[np.ndarray, np.ndarray]:
@@ -328,7 +350,8 @@ class CrossResult:
 
 
 def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Backend,
-                         targets: list[int] | None = None) -> Iterator[CrossResult]:
+                         targets: list[int] | None = None,
+                         probes: "Probes | None" = None) -> Iterator[CrossResult]:
     """Write `semdedup_cross_cluster_tables/cluster_<k>.parquet` for every cluster in
     `targets` (default: all of `clusters`, the clusters with a shard), yielding each result
     once its table is final, in one pass over the shards (ascending).
@@ -345,7 +368,8 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
     targets = set(clusters if targets is None else targets)
     present = set(clusters)
     centroids = load_centroids(out)
-    probes = Probes(centroids, probe_radius(cfg.eps_to_extract), cfg.cross_cluster_max_probes)
+    probes = probes or Probes(centroids, probe_radius(cfg.eps_to_extract),
+                              cfg.cross_cluster_max_probes)
     has_shard = np.zeros(len(centroids), bool)
     has_shard[sorted(present)] = True
     floor = np.float32(1 - max(cfg.eps_to_extract) - RESCORE_MARGIN)
@@ -366,7 +390,7 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
         ranked = ranked_shard(cfg, out, cluster)
         if ranked is None:
             return None
-        rows, to = probes.of_cluster(backend, ranked.emb, cluster)
+        rows, to = probes.of_ranked(backend, ranked)
         known = has_shard[to]
         return ranked, order_keys(which, ranked.rank_dist, len(ranked.ids)), rows[known], to[known]
 

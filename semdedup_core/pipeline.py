@@ -27,7 +27,8 @@ from semdedup_core.config import DedupConfig
 from semdedup_core.embeddings import EmbeddingSource, scan_input
 from semdedup_core.errors import InputError
 from semdedup_core.audit import EpsAudit, KeptPairsAudit, audit_rate, write_audit
-from semdedup_core.cross_cluster import cross_cluster_tables, read_cross_table
+from semdedup_core.cross_cluster import (Probes, cross_cluster_tables, probe_radius,
+                                         read_cross_table)
 from semdedup_core.extraction import removed_rows, summarize, write_removed
 from semdedup_core.shards import RankedShard, assign_to_shards, ranked_shard, save_centroids
 from semdedup_core.pairwise import max_similarity_to_earlier, pairwise_flops
@@ -124,16 +125,30 @@ def fit_centroids(cfg: DedupConfig, source: EmbeddingSource, backend: Backend,
 # -- stage 2: assign -----------------------------------------------------------------------------
 def assign(cfg: DedupConfig, source: EmbeddingSource, centroids: np.ndarray, out: Storage,
            backend: Backend, timer: PhaseTimer | None = None, show_progress: bool = False,
-           only: set[int] | None = None) -> np.ndarray:
-    """Write every `nearest_cent=<k>` shard (or those in `only`). Returns cluster sizes."""
+           only: set[int] | None = None, probes: Probes | None = None) -> np.ndarray:
+    """Write every `nearest_cent=<k>` shard (or those in `only`). Returns cluster sizes.
+    `probes` (`assign_probes`): also keep each clip's cross-cluster probes, from the
+    distances assignment computes anyway, for the cross step of the same run."""
     timer = timer or PhaseTimer()
     k, dim = centroids.shape
     with timer.phase("assign"), _bar(source.n_rows, "assign", "clip", show_progress) as bar:
         sizes = assign_to_shards(source, centroids, out, backend,
                                  buffer_bytes=cfg.buffer_bytes(source.n_rows, dim),
-                                 progress=bar.update, only=only)
+                                 progress=bar.update, only=only, per_clip=probes)
     timer.flops["assign"] = 2.0 * source.n_rows * k * dim
     return sizes
+
+
+def assign_probes(cfg: DedupConfig, centroids: np.ndarray) -> Probes | None:
+    """With a capped cross_cluster search, the probes for assignment to fill (`assign`) and
+    the cross step to use (`cross_all`): the cross step then needs no (clips x k) GEMM of its
+    own. Held in memory (max_probes x 4 bytes per clip), so only within one process; the
+    cross step computes the probes of any shard they do not cover (Dagster's steps),
+    with the same bits."""
+    if not cfg.cross_cluster or cfg.cross_cluster_max_probes == 0:
+        return None
+    probes = Probes(centroids, probe_radius(cfg.eps_to_extract), cfg.cross_cluster_max_probes)
+    return None if probes.all else probes
 
 
 def nonempty_clusters(out: Storage) -> list[int]:
@@ -228,16 +243,18 @@ def prune_cluster(cfg: DedupConfig, out: Storage, cluster: int, backend: Backend
 
 
 def cross_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Backend,
-              timer: PhaseTimer | None = None, show_progress: bool = False) -> None:
+              timer: PhaseTimer | None = None, show_progress: bool = False,
+              probes: Probes | None = None) -> None:
     """With cross_cluster, write every cluster's cross table (without it, those of an earlier
-    run are removed with the other leftovers at the end: `run_record.remove_leftovers`)."""
+    run are removed with the other leftovers at the end: `run_record.remove_leftovers`).
+    `probes`: those assignment kept (`assign_probes`)."""
     if not cfg.cross_cluster:
         return
     timer = timer or PhaseTimer()
     flops = 0
     with timer.phase("cross"), _bar(len(clusters), "cross-cluster", "cluster",
                                     show_progress) as bar:
-        for result in cross_cluster_tables(cfg, out, clusters, backend):
+        for result in cross_cluster_tables(cfg, out, clusters, backend, probes=probes):
             flops += result.flops
             bar.update(1)
     timer.flops["cross"] = float(flops)
@@ -309,9 +326,11 @@ def run_pipeline(cfg: DedupConfig, show_progress: bool = False,
             run_record.begin_writing(out, lock, input_fingerprint(source))
             with timer.phase("kmeans_fit"):
                 save_centroids(out, fit.centroids)
-            sizes = assign(cfg, source, fit.centroids, out, backend, timer, show_progress)
+            probes = assign_probes(cfg, fit.centroids)
+            sizes = assign(cfg, source, fit.centroids, out, backend, timer, show_progress,
+                           probes=probes)
         clusters = [int(c) for c in np.flatnonzero(sizes)]
-        cross_all(cfg, out, clusters, backend, timer, show_progress)
+        cross_all(cfg, out, clusters, backend, timer, show_progress, probes)
         audit = run_audit(cfg, backend, sizes, fit.centroids)
         removed = prune_all(cfg, out, clusters, backend, timer, show_progress, audit)
         with timer.phase("summary"):

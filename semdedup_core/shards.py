@@ -70,9 +70,13 @@ class ShardWriter:
         self.held_bytes = np.zeros(len(centroids), dtype=np.int64)
         self.peak_bytes = 0  # the most ever held (tests check the bound)
         self.written: dict[int, list[str]] = {}  # cluster -> its files, as written
+        self.extra_of: dict[str, np.ndarray] = {}  # file -> the `extra` of its rows
 
-    def add(self, labels: np.ndarray, ids: pa.Array, emb: np.ndarray) -> None:
-        """Hold a batch of clips (unit float32 rows) under their cluster labels."""
+    def add(self, labels: np.ndarray, ids: pa.Array, emb: np.ndarray,
+            extra: np.ndarray | None = None) -> None:
+        """Hold a batch of clips (unit float32 rows) under their cluster labels. `extra`:
+        per-clip rows kept in memory beside each written file's rows (`extra_of`), not
+        written (the cross-cluster probes)."""
         order = np.argsort(labels, kind="stable")
         by_cluster = labels[order]
         starts = np.flatnonzero(np.r_[True, by_cluster[1:] != by_cluster[:-1]]) if len(order) \
@@ -84,7 +88,7 @@ class ShardWriter:
         for s, e in zip(starts.tolist(), ends.tolist()):
             c = int(by_cluster[s])
             piece = (np.diff(offsets[s:e + 1]), data[offsets[s]:offsets[e]].copy(),
-                     emb[order[s:e]])
+                     emb[order[s:e]]) + (() if extra is None else (extra[order[s:e]],))
             self.held[c].append(piece)
             self.held_bytes[c] += sum(a.nbytes for a in piece)
         total = int(self.held_bytes.sum())
@@ -135,6 +139,8 @@ class ShardWriter:
         data = table_to_parquet_bytes(shard_table(ids, emb, self.centroids[c]))
         rel = layout.shard_file(c, content_sha(data))
         self.out.write_bytes(rel, data)
+        if len(pieces[0]) > 3:
+            self.extra_of[rel] = np.concatenate([p[3] for p in pieces])
         return c, rel
 
 
@@ -164,10 +170,13 @@ def remove_stale_shards(out: Storage, sizes: np.ndarray, written: dict[int, list
 
 def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storage,
                      backend: Backend, buffer_bytes: int = 128 << 20, progress=None,
-                     only: set[int] | None = None) -> np.ndarray:
+                     only: set[int] | None = None, per_clip=None) -> np.ndarray:
     """Assign every clip to its nearest centroid and write `embs_by_nearest_center` (all
     clusters, or just those in `only`) from the assignment's buffer (`ShardWriter`). Memory:
     a few input batches, `buffer_bytes`, and the files being encoded.
+    `per_clip`: an object with `of_distances(backend, d2, labels)` -> host rows (n, m) from
+    each chunk of distances to every centroid (`nearest_centroid`), and `by_file`, a dict
+    it gets filled with each written file's rows (the cross-cluster probes, `Probes`).
     Returns the sizes of all clusters (n_clusters,)."""
     k = len(centroids)
     C = backend.asarray(centroids)
@@ -177,19 +186,30 @@ def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storag
     if only is not None:
         wanted = np.zeros(k, dtype=bool)
         wanted[[c for c in only if 0 <= c < k]] = True
+    chunks: list[np.ndarray] = []  # a batch's per_clip rows, chunk by chunk
+
+    def keep_chunk(_start: int, d2, lab) -> None:
+        chunks.append(per_clip.of_distances(backend, d2, backend.to_numpy(lab)))
+
     for batch in source.iter_batches():
         emb = normalize(batch.emb, batch.norms)
-        labels, _ = nearest_centroid(backend, backend.asarray(emb), C)
+        labels, _ = nearest_centroid(backend, backend.asarray(emb), C,
+                                     on_chunk=None if per_clip is None else keep_chunk)
         labels = backend.to_numpy(labels)
+        extra = np.concatenate(chunks) if chunks else None
+        chunks.clear()
         sizes += np.bincount(labels, minlength=k)
         ids = batch.ids
         if wanted is not None:
             keep = wanted[labels]
             labels, ids, emb = labels[keep], ids.filter(pa.array(keep)), emb[keep]
-        writer.add(labels, ids, emb)
+            extra = None if extra is None else extra[keep]
+        writer.add(labels, ids, emb, extra)
         if progress is not None:
             progress(len(batch.ids))
     writer.finish()
+    if per_clip is not None:
+        per_clip.by_file.update(writer.extra_of)
     remove_stale_shards(out, sizes, writer.written, only)
     return sizes
 
@@ -252,6 +272,8 @@ class RankedShard:
     emb: np.ndarray  # unit float32 (n, d), rank order
     cosine_dist: np.ndarray  # float32 (n,), rank order
     rank_dist: np.ndarray | None = None  # float32 (n,): the distance the ranking used
+    files: list[str] | None = None  # the shard's files, in the order their rows were read
+    order: np.ndarray | None = None  # the rows read, in rank order
 
 
 def ranked_shard(cfg: DedupConfig, out: Storage, cluster: int) -> RankedShard | None:
@@ -268,7 +290,8 @@ def ranked_shard(cfg: DedupConfig, out: Storage, cluster: int) -> RankedShard | 
     order = rank_order(ids, l2, cos, cfg.sim_metric, cfg.which_to_keep, cfg.random_state,
                        cluster)
     dist = cos if cfg.sim_metric == "cosine" else l2
-    return RankedShard(cluster, ids.take(pa.array(order)), emb[order], cos[order], dist[order])
+    return RankedShard(cluster, ids.take(pa.array(order)), emb[order], cos[order], dist[order],
+                       files, order)
 
 
 def save_centroids(out: Storage, centroids: np.ndarray) -> None:

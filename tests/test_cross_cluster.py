@@ -391,3 +391,37 @@ def test_bench_synthetic_mode(tmp_path):
             assert kept_on < kept_off and float(row[8]) <= 1.0
         else:
             assert "no exact search" in text and row[1] == "-"
+
+
+def test_probes_kept_by_assignment_equal_those_computed_from_the_shards(real_clips, tmp_path):
+    """A run keeps each clip's probes from assignment's distances (`pipeline.assign_probes`);
+    a step without them (Dagster's) computes them from the shard. Both give the same
+    (rows, targets) for every cluster, here with clusters written in several files."""
+    from semdedup_core.cross_cluster import Probes
+    from semdedup_core.pipeline import (assign, assign_probes, nonempty_clusters, open_source,
+                                        output_storage)
+    from semdedup_core.shards import ranked_shard, save_centroids, shard_files
+
+    cfg = make_config(input_embeddings_path=str(real_clips), output_path=str(tmp_path / "out"),
+                      n_clusters=12, cross_cluster=True, eps_to_extract=[0.05, 0.01],
+                      read_batch_rows=300, spill_buffer_mb=0.5)
+    backend, out = CpuBackend(), output_storage(cfg)
+    with open_source(cfg) as source:
+        emb = np.concatenate([normalize(b.emb, b.norms) for b in source.iter_batches()])
+        centroids, _ = lloyd(backend, emb, 12, 100, 1e-4, 0)
+        save_centroids(out, centroids)
+        probes = assign_probes(cfg, centroids)
+        assign(cfg, source, centroids, out, backend, probes=probes)
+    computed = Probes(centroids, probes.radius, cfg.cross_cluster_max_probes)
+    several = 0
+    for c in nonempty_clusters(out):
+        files = shard_files(out, c)
+        assert set(files) <= set(probes.by_file)
+        several += len(files) > 1
+        ranked = ranked_shard(cfg, out, c)
+        kept, fresh = probes.of_ranked(backend, ranked), computed.of_ranked(backend, ranked)
+        assert len(kept[0]) > 0
+        np.testing.assert_array_equal(kept[0], fresh[0])
+        np.testing.assert_array_equal(kept[1], fresh[1])
+    assert several
+    assert assign_probes(cfg.model_copy(update={"cross_cluster_max_probes": 0}), centroids) is None
