@@ -265,6 +265,17 @@ def read_shard_file_vectors(out: Storage, rel: str) -> tuple[pa.Table, np.ndarra
     return table, values.reshape(n, len(values) // n)
 
 
+def read_shard_vectors(out: Storage, cluster: int) -> tuple[pa.Table, np.ndarray] | None:
+    """`read_shard`, with the embeddings apart as float32 (rows, dim) (`read_shard_file_vectors`);
+    None when the cluster has no shard."""
+    files = shard_files(out, cluster)
+    if not files:
+        return None
+    parts = [read_shard_file_vectors(out, f) for f in files]
+    table = pa.concat_tables(t for t, _ in parts)
+    return table, parts[0][1] if len(parts) == 1 else np.concatenate([e for _, e in parts])
+
+
 @dataclass
 class RankedShard:
     cluster: int
@@ -278,12 +289,10 @@ class RankedShard:
 
 def ranked_shard(cfg: DedupConfig, out: Storage, cluster: int) -> RankedShard | None:
     """One cluster's shard in rank order; None when the cluster has no shard."""
-    files = shard_files(out, cluster)
-    if not files:
+    read = read_shard_vectors(out, cluster)
+    if read is None:
         return None
-    parts = [read_shard_file_vectors(out, f) for f in files]
-    shard = pa.concat_tables(table for table, _ in parts)
-    emb = parts[0][1] if len(parts) == 1 else np.concatenate([e for _, e in parts])
+    shard, emb = read
     ids = shard.column(layout.ID).combine_chunks()
     cos = shard.column(layout.COSINE_DIST).to_numpy()
     l2 = shard.column(layout.L2_DIST).to_numpy()
