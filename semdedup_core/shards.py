@@ -265,12 +265,9 @@ def read_shard_file_vectors(out: Storage, rel: str) -> tuple[pa.Table, np.ndarra
     return table, values.reshape(n, len(values) // n)
 
 
-def read_shard_vectors(out: Storage, cluster: int) -> tuple[pa.Table, np.ndarray] | None:
-    """`read_shard`, with the embeddings apart as float32 (rows, dim) (`read_shard_file_vectors`);
-    None when the cluster has no shard."""
-    files = shard_files(out, cluster)
-    if not files:
-        return None
+def read_shard_vectors(out: Storage, files: list[str]) -> tuple[pa.Table, np.ndarray]:
+    """The rows of these shard files (one cluster's, `shard_files`), in order, with the
+    embeddings apart as float32 (rows, dim) (`read_shard_file_vectors`)."""
     parts = [read_shard_file_vectors(out, f) for f in files]
     table = pa.concat_tables(t for t, _ in parts)
     return table, parts[0][1] if len(parts) == 1 else np.concatenate([e for _, e in parts])
@@ -289,10 +286,10 @@ class RankedShard:
 
 def ranked_shard(cfg: DedupConfig, out: Storage, cluster: int) -> RankedShard | None:
     """One cluster's shard in rank order; None when the cluster has no shard."""
-    read = read_shard_vectors(out, cluster)
-    if read is None:
+    files = shard_files(out, cluster)
+    if not files:
         return None
-    shard, emb = read
+    shard, emb = read_shard_vectors(out, files)
     ids = shard.column(layout.ID).combine_chunks()
     cos = shard.column(layout.COSINE_DIST).to_numpy()
     l2 = shard.column(layout.L2_DIST).to_numpy()
