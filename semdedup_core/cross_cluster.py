@@ -35,7 +35,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from semdedup_core import layout
 from semdedup_core.backends.base import Backend
@@ -320,12 +319,14 @@ class CrossBest:
         ids = self.ids_of[cluster]
         span = slice(self.base[cluster], self.base[cluster] + len(ids))
         match_cluster, match_row = self.match_cluster[span], self.match_row[span]
-        max_id = ids
-        for c in np.unique(match_cluster[match_cluster >= 0]).tolist():
-            mine = match_cluster == c
-            picked = self.ids_of[c].take(pa.array(np.where(mine, match_row, 0)))
-            max_id = pc.if_else(pa.array(mine), picked, max_id)
         found = match_cluster >= 0
+        # One take from the own ids followed by those of the matched clusters.
+        matched = np.unique(match_cluster[found])
+        start = np.cumsum([len(ids)] + [len(self.ids_of[c]) for c in matched.tolist()])
+        at = np.arange(len(ids), dtype=np.int64)
+        at[found] = start[np.searchsorted(matched, match_cluster[found])] + match_row[found]
+        max_id = pa.concat_arrays([ids] + [self.ids_of[c] for c in matched.tolist()]).take(
+            pa.array(at)) if len(matched) else ids
         table = pa.table({layout.ID: ids, layout.MAX_ID: max_id,
                           layout.MAX_CLUSTER: pa.array(np.where(found, match_cluster, cluster)
                                                        .astype(np.int64)),
