@@ -75,6 +75,29 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
                 future.cancel()
 
 
+@contextlib.contextmanager
+def in_order_beside(backlog: int) -> Iterator[Callable[[Callable[[], None]], None]]:
+    """A `submit(call)` that runs the calls one after another, in order, on a thread of their
+    own beside the caller. At most `backlog` wait (then `submit` waits for the oldest), so
+    what they hold stays bounded; when the block ends all have run, and the first error is
+    raised here."""
+    with ThreadPoolExecutor(1, thread_name_prefix="semdedup-beside") as pool:
+        pending: deque = deque()
+
+        def submit(call: Callable[[], None]) -> None:
+            while len(pending) >= max(1, backlog):
+                pending.popleft().result()
+            pending.append(pool.submit(call))
+
+        try:
+            yield submit
+            while pending:
+                pending.popleft().result()
+        finally:  # the caller failed or a call did: start nothing more
+            for future in pending:
+                future.cancel()
+
+
 _ITEM, _ERROR, _END = range(3)
 
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from semdedup_core.threads import chain_ahead, ordered_map
+from semdedup_core.threads import chain_ahead, in_order_beside, ordered_map
 
 
 def test_ordered_map_keeps_order_and_caps_work_in_flight():
@@ -103,3 +103,40 @@ def test_single_threaded_blas_sets_and_restores_openblas_threads():
     with single_threaded_blas():
         assert blas_threads() == [1] * len(before)
     assert blas_threads() == before
+
+
+def test_in_order_beside_runs_calls_in_order_with_a_bounded_backlog():
+    """The calls run one at a time in submission order on another thread, `submit` waits
+    once `backlog` are queued, all have run when the block ends, and a failure is raised
+    there."""
+    done, caller = [], threading.get_ident()
+    gate = threading.Event()
+
+    def call(i):
+        def run():
+            gate.wait()
+            assert threading.get_ident() != caller
+            done.append(i)
+        return run
+
+    with in_order_beside(backlog=3) as submit:
+        for i in range(3):
+            submit(call(i))
+        assert done == []  # queued, not run: the gate is shut
+        gate.set()
+        for i in range(3, 40):
+            submit(call(i))
+            assert i + 1 - len(done) <= 3  # waited for the oldest beyond the backlog
+    assert done == list(range(40))
+
+    ran = []
+
+    def fail():
+        raise ValueError("call 2 failed")
+
+    with pytest.raises(ValueError, match="call 2 failed"):
+        with in_order_beside(backlog=10) as submit:
+            submit(lambda: ran.append(1))
+            submit(fail)
+            submit(lambda: (time.sleep(0.05), ran.append(3)))
+    assert ran[0] == 1
