@@ -131,15 +131,12 @@ class Probes:
         scale_d = scale_d[int(labels[0])][None, :] if one else scale_d
         labels_d = backend.asarray(labels)
         rows_out, targets_out = [], []
-        # Scratch reused across the parts (fresh temporaries cost more than the arithmetic).
-        h_buf = xp.empty((min(n, PROBE_ROWS), d2.shape[1]), xp.float32)
         for s in range(0, n, PROBE_ROWS):
             e = min(n, s + PROBE_ROWS)
             part = d2[s:e]
             own = xp.take_along_axis(part, labels_d[s:e, None], axis=1) + D2_SLACK
             # h >= the true distance to the bisector (D2_SLACK); -inf for no target.
-            h = xp.subtract(own, part, out=h_buf[:e - s])
-            xp.multiply(h, scale_d if one else scale_d[labels_d[s:e]], out=h)
+            h = (own - part) * (scale_d if one else scale_d[labels_d[s:e]])
             if self.all:
                 r, t = np.nonzero(backend.to_numpy(h >= self.bound))
             else:
