@@ -12,6 +12,19 @@ import numpy as np
 from semdedup_core.backends.base import Backend
 
 ASSIGN_CHUNK = 16384  # rows per distance GEMM: (chunk, k) float32 scratch
+SCRATCH_ELEMENTS = 1 << 24  # a (rows, k) float32 scratch of 64 MiB: ASSIGN_CHUNK rows at k=1024
+
+
+def assign_chunk(rows: int, k: int) -> int:
+    """Rows per distance GEMM when several assign side by side: ASSIGN_CHUNK, or above k=1024
+    fewer, so that each thread's scratch stays at 64 MiB; `rows` is then cut into equal parts
+    (thousands of rows each: BLAS gives a row of a product the same bits whatever rows share
+    its call, except in calls so small that it takes another kernel, which these are not)."""
+    cap = max(1, SCRATCH_ELEMENTS // max(k, 1))
+    if cap >= ASSIGN_CHUNK:
+        return ASSIGN_CHUNK
+    parts = -(-rows // cap)
+    return max(1, -(-rows // parts))
 
 
 def nearest_centroid(backend: Backend, X, C, chunk: int = ASSIGN_CHUNK, on_chunk=None):

@@ -5,6 +5,9 @@ passes)."""
 
 import ctypes
 import io
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +17,8 @@ import pyarrow.parquet as pq
 from semdedup_core import layout
 from semdedup_core.backends.base import Backend
 from semdedup_core.embeddings import EmbeddingSource, normalize
-from semdedup_core.kmeans import centroid_distances, nearest_centroid
+from semdedup_core.kmeans import (ASSIGN_CHUNK, assign_chunk, centroid_distances,
+                                  nearest_centroid)
 from semdedup_core.config import DedupConfig
 from semdedup_core.parquet import (content_sha, plain_float_values, read_table,
                                    table_to_parquet_bytes)
@@ -57,20 +61,35 @@ class ShardWriter:
     on average. A cluster's clips go out in input order, cut at batch boundaries into files of
     at most about `buffer_bytes / 8` (encoding one then needs little memory besides the buffer).
     Files are named by their content, so the same input and settings write the same files.
-    Writes run on `workers` host threads; the caller waits for them (on few cores the GEMMs
-    have no core to spare for overlap, and the kernel writes the pages back in the background)."""
+    Writes run on `workers` host threads of the writer's own while the caller goes on (the
+    assignment's next GEMMs): `add` waits only while the clips held and those being written
+    exceed `buffer_bytes`, so memory stays within the buffer and a batch, as if it waited for
+    every write. Which clips go into which file never depends on that timing.
+    Use it as a context manager: leaving the block early (an error) cancels the writes not yet
+    started and waits for the others."""
 
     def __init__(self, out: Storage, centroids: np.ndarray, buffer_bytes: int, workers: int):
-        self.out, self.centroids, self.workers = out, centroids, workers
+        self.out, self.centroids = out, centroids
         self.buffer_bytes = buffer_bytes
         self.part_bytes = max(1, buffer_bytes // 8)
         # Per cluster: pieces (id lengths int32, id bytes uint8, emb float32 (rows, d)).
         self.held: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = \
             [[] for _ in range(len(centroids))]
         self.held_bytes = np.zeros(len(centroids), dtype=np.int64)
-        self.peak_bytes = 0  # the most ever held (tests check the bound)
+        self.peak_bytes = 0  # the most ever held or being written (tests check the bound)
         self.written: dict[int, list[str]] = {}  # cluster -> its files, as written
         self.extra_of: dict[str, np.ndarray] = {}  # file -> the `extra` of its rows
+        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="semdedup-write")
+        self._writing: deque[tuple[Future, int]] = deque()  # (write of a part, its bytes)
+        self._writing_bytes = 0
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for future, _ in self._writing:
+            future.cancel()
+        self._pool.shutdown(wait=True)
 
     def add(self, labels: np.ndarray, ids: pa.Array, emb: np.ndarray,
             extra: np.ndarray | None = None) -> None:
@@ -92,13 +111,31 @@ class ShardWriter:
             self.held[c].append(piece)
             self.held_bytes[c] += sum(a.nbytes for a in piece)
         total = int(self.held_bytes.sum())
-        self.peak_bytes = max(self.peak_bytes, total)
+        self.peak_bytes = max(self.peak_bytes, total + self._writing_bytes)
         if total >= self.buffer_bytes:
             self._write(self._largest(total - self.buffer_bytes // 2))
+        # Held and being written, at most the buffer between batches: the peak is then the
+        # buffer and a batch, as when every write was waited for.
+        self._wait_while(lambda: int(self.held_bytes.sum()) + self._writing_bytes
+                         > self.buffer_bytes)
 
     def finish(self) -> None:
-        """Write every cluster's remaining clips."""
+        """Write every cluster's remaining clips; returns once all files are written."""
         self._write([int(c) for c in np.flatnonzero(self.held_bytes)])
+        self._wait_while(lambda: True)
+
+    def _wait_while(self, more: Callable[[], bool]) -> None:
+        """Wait for the oldest writes, in order, while `more()` and some are running (a failed
+        write raises here)."""
+        freed = False
+        while self._writing and more():
+            future, size = self._writing.popleft()
+            c, rel = future.result()
+            self.written.setdefault(c, []).append(rel)
+            self._writing_bytes -= size
+            freed = True
+        if freed and not self._writing:
+            release_freed_memory()
 
     def _largest(self, need: int) -> list[int]:
         """The clusters holding the most, largest first, until they hold `need` bytes."""
@@ -111,22 +148,23 @@ class ShardWriter:
         return chosen
 
     def _write(self, clusters: list[int]) -> None:
-        parts = []
+        """Hand the clusters' clips to the write threads, as parts of about `part_bytes`."""
         for c in clusters:
             part, size = [], 0
             for piece in self.held[c]:
                 part.append(piece)
                 size += sum(a.nbytes for a in piece)
                 if size >= self.part_bytes:
-                    parts.append((c, part))
+                    self._submit(c, part, size)
                     part, size = [], 0
             if part:
-                parts.append((c, part))
+                self._submit(c, part, size)
             self.held[c] = []
             self.held_bytes[c] = 0
-        for c, rel in ordered_map(self._write_part, parts, self.workers):
-            self.written.setdefault(c, []).append(rel)
-        release_freed_memory()
+
+    def _submit(self, c: int, pieces: list, size: int) -> None:
+        self._writing.append((self._pool.submit(self._write_part, (c, pieces)), size))
+        self._writing_bytes += size
 
     def _write_part(self, job: tuple[int, list]) -> tuple[int, str]:
         c, pieces = job
@@ -172,8 +210,12 @@ def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storag
                      backend: Backend, buffer_bytes: int = 128 << 20, progress=None,
                      only: set[int] | None = None, per_clip=None) -> np.ndarray:
     """Assign every clip to its nearest centroid and write `embs_by_nearest_center` (all
-    clusters, or just those in `only`) from the assignment's buffer (`ShardWriter`). Memory:
-    a few input batches, `buffer_bytes`, and the files being encoded.
+    clusters, or just those in `only`) from the assignment's buffer (`ShardWriter`).
+    Three kinds of work overlap: host threads decode the next batches, the backend's compute
+    pool (the CPU's cores, one BLAS thread each) assigns batches side by side, and the writer's
+    threads encode and write full clusters; this thread only hands clips from one to the next,
+    in input order, so the files do not depend on the timing. Memory: a few input batches per
+    thread, `buffer_bytes`, and the files being encoded.
     `per_clip`: an object with `of_distances(backend, d2, labels)` -> host rows (n, m) from
     each chunk of distances to every centroid (`nearest_centroid`), and `by_file`, a dict
     it gets filled with each written file's rows (the cross-cluster probes, `Probes`).
@@ -181,33 +223,39 @@ def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storag
     k = len(centroids)
     C = backend.asarray(centroids)
     sizes = np.zeros(k, dtype=np.int64)
-    writer = ShardWriter(out, centroids, buffer_bytes, host_threads())
     wanted = None
     if only is not None:
         wanted = np.zeros(k, dtype=bool)
         wanted[[c for c in only if 0 <= c < k]] = True
-    chunks: list[np.ndarray] = []  # a batch's per_clip rows, chunk by chunk
 
-    def keep_chunk(_start: int, d2, lab) -> None:
-        chunks.append(per_clip.of_distances(backend, d2, backend.to_numpy(lab)))
-
-    for batch in source.iter_batches():
+    def label(batch):
         emb = normalize(batch.emb, batch.norms)
+        chunks: list[np.ndarray] = []  # the batch's per_clip rows, chunk by chunk
+
+        def keep_chunk(_start: int, d2, lab) -> None:
+            chunks.append(per_clip.of_distances(backend, d2, backend.to_numpy(lab)))
+
         labels, _ = nearest_centroid(backend, backend.asarray(emb), C,
+                                     ASSIGN_CHUNK if pool is None else assign_chunk(len(emb), k),
                                      on_chunk=None if per_clip is None else keep_chunk)
-        labels = backend.to_numpy(labels)
-        extra = np.concatenate(chunks) if chunks else None
-        chunks.clear()
-        sizes += np.bincount(labels, minlength=k)
-        ids = batch.ids
-        if wanted is not None:
-            keep = wanted[labels]
-            labels, ids, emb = labels[keep], ids.filter(pa.array(keep)), emb[keep]
-            extra = None if extra is None else extra[keep]
-        writer.add(labels, ids, emb, extra)
-        if progress is not None:
-            progress(len(batch.ids))
-    writer.finish()
+        return batch.ids, emb, backend.to_numpy(labels), np.concatenate(chunks) if chunks else None
+
+    workers = host_threads()
+    with backend.compute_pool() as pool, ShardWriter(out, centroids, buffer_bytes,
+                                                     workers) as writer:
+        batches = source.iter_batches()
+        labelled = map(label, batches) if pool is None else \
+            ordered_map(label, batches, workers, pool=pool)
+        for ids, emb, labels, extra in labelled:
+            sizes += np.bincount(labels, minlength=k)
+            if progress is not None:
+                progress(len(ids))
+            if wanted is not None:
+                keep = wanted[labels]
+                labels, ids, emb = labels[keep], ids.filter(pa.array(keep)), emb[keep]
+                extra = None if extra is None else extra[keep]
+            writer.add(labels, ids, emb, extra)
+        writer.finish()
     if per_clip is not None:
         per_clip.by_file.update(writer.extra_of)
     remove_stale_shards(out, sizes, writer.written, only)

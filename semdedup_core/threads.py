@@ -9,7 +9,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -56,12 +56,14 @@ def compute_pool() -> Iterator[ThreadPoolExecutor]:
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
-                ahead: int | None = None) -> Iterator[R]:
-    """`fn(item)` for every item on `workers` threads, yielded in item order. At most `ahead`
-    (default: `workers`) calls are submitted but not yet consumed. `items` is iterated on the
-    calling thread, so a generator feeding it runs there (e.g. the device work)."""
+                ahead: int | None = None, pool: Executor | None = None) -> Iterator[R]:
+    """`fn(item)` for every item on `workers` threads (or on `pool`'s), yielded in item order.
+    At most `ahead` (default: `workers`) calls are submitted but not yet consumed. `items` is
+    iterated on the calling thread, so a generator feeding it runs there (e.g. the device
+    work)."""
     ahead = max(1, ahead or workers)
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="semdedup-io") as pool:
+    with contextlib.nullcontext(pool) if pool is not None else \
+            ThreadPoolExecutor(max(1, workers), thread_name_prefix="semdedup-io") as pool:
         pending: deque = deque()
         try:
             for item in items:

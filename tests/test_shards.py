@@ -9,12 +9,14 @@ import pytest
 
 from semdedup_core import layout
 from semdedup_core.embeddings import normalize
-from semdedup_core.kmeans import centroid_distances
+from semdedup_core.backends.cpu import CpuBackend
+from semdedup_core.kmeans import assign_chunk, centroid_distances, nearest_centroid
 from semdedup_core.parquet import plain_float_values, table_to_parquet_bytes
 from semdedup_core.shards import (ShardWriter, list_column_to_numpy, read_shard,
                                   read_shard_file_vectors, remove_stale_shards, shard_files,
                                   shard_files_by_cluster, shard_table)
 from semdedup_core.storage import Storage
+from semdedup_core.threads import single_threaded_blas
 
 
 @pytest.mark.parametrize("dim", [7, 64, 512])
@@ -27,6 +29,22 @@ def test_distances_do_not_depend_on_how_a_cluster_is_cut(dim):
         parts = [centroid_distances(p, centroid) for p in np.split(emb, cuts)]
         for col in (0, 1):
             assert np.concatenate([p[col] for p in parts]).tobytes() == whole[col].tobytes()
+
+
+def test_assigning_side_by_side_gives_the_bits_of_one_gemm():
+    # The assignment's compute threads use one BLAS thread each and, above k=1024, GEMMs of
+    # fewer rows (a bounded scratch each): every label and distance must stay the same bits.
+    rng = np.random.default_rng(5)
+    n, k, dim = 16384 + 77, 3000, 64
+    x = normalize(rng.standard_normal((n, dim)).astype(np.float32))
+    c = normalize(rng.standard_normal((k, dim)).astype(np.float32))
+    labels, dist = nearest_centroid(CpuBackend(), x, c)
+    chunk = assign_chunk(n, k)
+    assert chunk < n // 2
+    with single_threaded_blas():
+        side_labels, side_dist = nearest_centroid(CpuBackend(), x, c, chunk)
+    assert side_labels.tobytes() == labels.tobytes()
+    assert side_dist.tobytes() == dist.tobytes()
 
 
 def skewed_batches(rng, k: int, dim: int, batches: int, rows: int):
