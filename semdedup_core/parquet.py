@@ -62,7 +62,7 @@ def plain_float_values(data, meta, column: int) -> np.ndarray | None:
                for c in chunks):
             return None
         values = np.empty(sum(c.num_values for c in chunks), dtype=np.float32)
-        view, filled = memoryview(data), 0
+        view, filled = memoryview(data).cast("B"), 0  # unsigned bytes (an Arrow buffer's are signed)
         for c in chunks:
             at, end = c.data_page_offset, c.data_page_offset + c.total_compressed_size
             while at < end:

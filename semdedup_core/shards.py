@@ -299,8 +299,10 @@ def list_column_to_numpy(col) -> np.ndarray:
 def read_shard_file_vectors(out: Storage, rel: str) -> tuple[pa.Table, np.ndarray]:
     """One shard file as (its other columns, its embeddings float32 (rows, dim)). The
     embeddings come straight from the file's pages where they are stored as the shard writer
-    stores them (`parquet.plain_float_values`), else through Arrow."""
-    data = out.read_bytes(rel)
+    stores them (`parquet.plain_float_values`), else through Arrow. The file is read whole
+    (locally a memory map: no copy of the page cache)."""
+    with out.open_mapped(rel) as f:
+        data = f.read_buffer()
     file = pq.ParquetFile(pa.BufferReader(data))
     names = file.schema_arrow.names
     table = file.read(columns=[c for c in names if c != layout.EMBEDDING])

@@ -151,9 +151,10 @@ def test_shard_vectors_read_from_the_pages_equal_arrows(tmp_path):
     ours.append(written(big, use_dictionary=False, compression="none", data_page_size=64 << 10,
                         row_group_size=1000))
     for data in ours:
-        values = plain_float_values(data, *leaf(data))
-        assert values is not None
-        assert values.tobytes() == arrow(data).tobytes()
+        for buffer in (data, pa.py_buffer(data)):  # bytes, or an Arrow buffer (a memory map's)
+            values = plain_float_values(buffer, *leaf(data))
+            assert values is not None
+            assert values.tobytes() == arrow(data).tobytes()
     with_null = big.set_column(1, layout.EMBEDDING, pa.array(
         [None if i == 5 else v for i, v in enumerate(big.column(1).to_pylist())],
         type=pa.list_(pa.float32())))
