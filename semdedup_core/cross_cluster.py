@@ -410,8 +410,10 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
                       np.full(len(y_rows), a), x_rows[col_arg], x_key[col_arg])
         return mine, theirs
 
-    def turn(ranked: RankedShard, key: np.ndarray, rows: np.ndarray, to: np.ndarray,
-             pool) -> list[int]:
+    def start_turn(ranked: RankedShard, key: np.ndarray, rows: np.ndarray, to: np.ndarray,
+                   pool) -> tuple[int, list]:
+        """Cluster a's blocks, started on the pool (computed here without one); a's clips
+        that probe later clusters wait for those turns."""
         a = ranked.cluster
         state.add_cluster(a, ranked.ids)
         candidates[a] = flops[a] = 0
@@ -425,7 +427,21 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
                 jobs.append((a, x_rows, ranked.emb[x_rows], key[x_rows], b, y_rows, y_emb, y_key))
         # Blocks are independent: side by side on the CPU's compute threads.
         done = [block(*j) for j in jobs] if pool is None else \
-            [f.result() for f in [pool.submit(block, *j) for j in jobs]]
+            [pool.submit(block, *j) for j in jobs]
+        later = to > a
+        for b in np.unique(to[later]).tolist():
+            if a in targets or b in targets:
+                sel = rows[to == b]
+                waiting.setdefault(b, []).append((a, sel, ranked.emb[sel], key[sel]))
+        if a in targets:
+            last = int(to[later].max()) if later.any() else a
+            final_after.setdefault(last, []).append(a)
+        return a, done
+
+    def end_turn(a: int, done: list) -> list[int]:
+        """Merge cluster a's blocks (turn after turn, in block order: the same offers in the
+        same order however the blocks ran); the clusters whose tables are final now."""
+        done = [d if isinstance(d, tuple) else d.result() for d in done]
         mine = [m for m, _ in done if m is not None]  # offers to a's clips, in block order
         theirs = [t for _, t in done if t is not None]  # to earlier clusters' clips
         if theirs:  # distinct clips (one block per earlier cluster): one merge
@@ -439,14 +455,6 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
                 np.where(first, np.arange(len(order)), 0))
             for n in range(int(layer.max()) + 1):
                 state.offer(*(v[layer == n] for v in offers))
-        later = to > a
-        for b in np.unique(to[later]).tolist():
-            if a in targets or b in targets:
-                sel = rows[to == b]
-                waiting.setdefault(b, []).append((a, sel, ranked.emb[sel], key[sel]))
-        if a in targets:
-            last = int(to[later].max()) if later.any() else a
-            final_after.setdefault(last, []).append(a)
         return final_after.pop(a, [])
 
     def write(cluster: int) -> CrossResult:
@@ -456,9 +464,17 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
 
     def finished() -> Iterator[int]:
         with backend.compute_pool() as pool:
+            # A turn's blocks are merged once the next turn's are started: the compute
+            # threads do not wait at each turn's last block.
+            previous = None
             for loaded in ordered_map(load, sorted(present), host_threads()):
                 if loaded is not None:
-                    yield from turn(*loaded, pool)
+                    started = start_turn(*loaded, pool)
+                    if previous is not None:
+                        yield from end_turn(*previous)
+                    previous = started
+            if previous is not None:
+                yield from end_turn(*previous)
         # Clusters whose last probe went to a cluster that had no shard after all end here.
         for c in sorted(final_after):
             yield from final_after.pop(c)
