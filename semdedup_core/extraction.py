@@ -13,7 +13,7 @@ from semdedup_core.audit import EpsAudit, KeptPairsAudit, read_audit, write_audi
 from semdedup_core.backends import Backend, get_backend
 from semdedup_core.cross_cluster import read_cross_table, searched_eps
 from semdedup_core.parquet import read_table, row_count, write_table
-from semdedup_core.shards import list_column_to_numpy, load_centroids, read_shard
+from semdedup_core.shards import load_centroids, read_shard, read_shard_vectors, shard_files
 from semdedup_core.storage import Storage
 from semdedup_core.threads import LATENCY_BOUND_THREADS, host_threads, ordered_map
 
@@ -95,13 +95,14 @@ def audit_output(out: Storage, clusters: list[int], eps_list: list[float], backe
     def ranked_emb(c: int) -> np.ndarray:
         """The cluster's unit rows in its pruning table's (rank) order."""
         pruning = read_table(out, layout.pruning_table(c), [layout.ID])
-        shard = read_shard(out, c, [layout.ID, layout.EMBEDDING])
-        if shard is None:
+        files = shard_files(out, c)
+        if not files:
             raise InputError(f"{out.display(layout.shard_dir(c))}: no shard for the pruning "
                              f"table of cluster {c}; re-run assignment")
+        shard, emb = read_shard_vectors(out, files)
         where = pc.index_in(pruning.column(layout.ID).combine_chunks(),
                             value_set=shard.column(layout.ID).combine_chunks())
-        return list_column_to_numpy(shard.column(layout.EMBEDDING))[where.to_numpy()]
+        return emb[where.to_numpy()]
 
     kept, picked = {}, {}
     for c, (pruning, cross) in zip(clusters, ordered_map(tables, clusters, host_threads())):
