@@ -70,13 +70,12 @@ class EpsAudit:
 
 
 class KeptPairsAudit:
-    """Feed every cluster once (`add_cluster`, clusters ascending), then read `result`.
+    """Feed every cluster once, ascending (`add_cluster`), then read `result`.
 
-    A pass that reads its clusters itself (`extraction.audit_output`) can feed the steps
-    apart, in this order: every cluster's `add_kept` (which also draws its sample,
-    `drawn`), the sampled clips' vectors (`add_sample`), then `check` for each cluster in
-    `wanted()`; the counts are the same however the steps interleave, as long as a cluster
-    is checked after every sampled clip of the clusters before it was added."""
+    A pass that reads the clusters itself (`extraction.audit_output`) can read fewer: every
+    cluster's `add_kept` (from its tables alone), then `visit` the clusters whose sample
+    (`drawn`) is not empty, ascending, then `check` the clusters in `wanted()`. The counts
+    are the same: a cluster is checked after every sampled clip before it was added."""
 
     def __init__(self, backend: Backend, eps_list: list[float], rate: float, seed: int,
                  centroids: np.ndarray):
@@ -91,13 +90,17 @@ class KeptPairsAudit:
         # Per cluster that was sampled: its sampled clips' vectors, kept masks and counts.
         self._blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._waiting: dict[int, list[tuple[int, np.ndarray]]] = {}  # cluster -> [(block, rows)]
+        self.compared = 0  # (sampled clip, clip) pairs computed
 
     def add_cluster(self, cluster: int, emb: np.ndarray, removed: dict[float, np.ndarray]) -> None:
         """`emb`: the cluster's unit rows in rank order; `removed[eps]`: which are removed."""
-        kept = self.add_kept(removed)
+        self.visit(cluster, emb, self.add_kept(removed))
+
+    def visit(self, cluster: int, emb: np.ndarray, kept: np.ndarray) -> None:
+        """Check the sampled clips that wait for `cluster`, then add its own sampled clips."""
         self.check(cluster, emb, kept)
         picked = self.drawn(cluster, kept)
-        self.add_sample(cluster, emb[picked], kept[picked])
+        self._add_sample(cluster, emb[picked], kept[picked])
 
     def add_kept(self, removed: dict[float, np.ndarray]) -> np.ndarray:
         """Count a cluster's kept clips; returns which are kept, (n, n_eps) in rank order."""
@@ -111,7 +114,7 @@ class KeptPairsAudit:
         rng = np.random.default_rng([self.seed, AUDIT_STREAM, cluster])
         return np.flatnonzero((rng.random(len(kept)) < self.rate) & kept[:, 0])
 
-    def add_sample(self, cluster: int, vecs: np.ndarray, kept: np.ndarray) -> None:
+    def _add_sample(self, cluster: int, vecs: np.ndarray, kept: np.ndarray) -> None:
         """Sampled clips of `cluster` (unit rows, their kept masks): each will be checked
         against the later clusters the bisector bound leaves it (`check`)."""
         if not len(vecs):
@@ -151,6 +154,7 @@ class KeptPairsAudit:
         if not waiting:
             return
         sample = np.concatenate([self._blocks[b][0][rows] for b, rows in waiting])
+        self.compared += len(sample) * len(emb)
         counts = self._count(self.backend.asarray(sample), emb, kept)
         at = 0
         for b, rows in waiting:

@@ -84,8 +84,8 @@ def audit_output(out: Storage, clusters: list[int], eps_list: list[float], backe
                  rate: float, seed: int, cross_cluster: bool) -> list[EpsAudit]:
     """The audit as a pass of its own over a finished output (Dagster's summary step,
     `sweep`); writes `extraction/audit.json`. Every cluster's kept clips come from its tables;
-    only the shards of the clusters that hold sampled clips, then of those that the sampled
-    clips can reach, are read (the audit's steps: see `KeptPairsAudit`)."""
+    only the shards of the clusters that hold sampled clips, then of the others that sampled
+    clips can reach, are read, each once (see `KeptPairsAudit`)."""
     audit = KeptPairsAudit(backend, eps_list, rate, seed, load_centroids(out))
 
     def tables(c: int) -> tuple[pa.Table, pa.Table | None]:
@@ -104,14 +104,13 @@ def audit_output(out: Storage, clusters: list[int], eps_list: list[float], backe
                             value_set=shard.column(layout.ID).combine_chunks())
         return emb[where.to_numpy()]
 
-    kept, picked = {}, {}
+    kept = {}
     for c, (pruning, cross) in zip(clusters, ordered_map(tables, clusters, host_threads())):
         kept[c] = audit.add_kept({e: removed_rows(pruning, cross, e) for e in eps_list})
-        picked[c] = audit.drawn(c, kept[c])
-    sampled = [c for c in clusters if len(picked[c])]
+    sampled = [c for c in sorted(kept) if len(audit.drawn(c, kept[c]))]
     for c, emb in zip(sampled, ordered_map(ranked_emb, sampled, host_threads())):
-        audit.add_sample(c, emb[picked[c]], kept[c][picked[c]])
-    reached = [c for c in audit.wanted() if c in kept]
+        audit.visit(c, emb, kept[c])
+    reached = [c for c in audit.wanted() if c in kept]  # none of them sampled
     for c, emb in zip(reached, ordered_map(ranked_emb, reached, host_threads())):
         audit.check(c, emb, kept[c])
     rows = audit.result()

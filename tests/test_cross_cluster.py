@@ -425,3 +425,37 @@ def test_probes_kept_by_assignment_equal_those_computed_from_the_shards(real_cli
         np.testing.assert_array_equal(kept[1], fresh[1])
     assert several
     assert assign_probes(cfg.model_copy(update={"cross_cluster_max_probes": 0}), centroids) is None
+
+
+def test_audit_compares_only_what_the_bound_leaves_and_counts_exactly():
+    """Clips around well-apart centres, with near-copies of the clips nearest a boundary
+    leaning across it; each cluster ranked in a seeded order and pruned by the ranked rule.
+    With every clip sampled (rate 1), the audit counts exactly the kept pairs that a
+    brute force over all pairs finds, while computing a fraction of the pairs: none inside a
+    cluster (the rule leaves no kept pair there) and none with clusters out of the bound's
+    reach."""
+    from semdedup_core.audit import KeptPairsAudit
+
+    rng = np.random.default_rng(7)
+    centres = normalize(rng.standard_normal((16, 24)).astype(np.float32))
+    base = normalize(centres[rng.integers(0, 16, 1500)]
+                     + 0.2 * rng.standard_normal((1500, 24)).astype(np.float32))
+    emb = np.concatenate([base, near_copies(rng, base, 300, 0.95, 0.995, toward=centres)])
+    labels = ((emb[:, None, :].astype(np.float64) - centres[None]) ** 2).sum(-1).argmin(1)
+    eps_list = [0.02, 0.05]
+    audit = KeptPairsAudit(CpuBackend(), eps_list, 1.0, 0, centres)
+    kept = np.ones((len(emb), len(eps_list)), bool)
+    for c in range(len(centres)):
+        rows = rng.permutation(np.flatnonzero(labels == c))  # its rank order
+        e = emb[rows].astype(np.float64)
+        earlier = np.tril(e @ e.T, -1).max(axis=1, initial=-1)
+        removed = {eps: earlier >= 1 - eps for eps in eps_list}
+        kept[rows] = np.stack([~removed[eps] for eps in eps_list], axis=1)
+        audit.add_cluster(c, emb[rows], removed)
+    sims = np.triu(emb.astype(np.float64) @ emb.T.astype(np.float64), 1)
+    found = {a.eps: a.estimated_pairs for a in audit.result()}
+    for j, eps in enumerate(eps_list):
+        truth = int(((sims >= 1 - eps) & kept[:, j][:, None] & kept[:, j][None, :]).sum())
+        assert truth > 10 and found[eps] == truth, (eps, truth, found[eps])
+    n = len(emb)
+    assert audit.compared < 0.2 * n * (n - 1) / 2  # all pairs: 1
