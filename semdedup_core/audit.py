@@ -132,16 +132,15 @@ class KeptPairsAudit:
         g = |c_a - c_b| (the bound of `cross_cluster`), in float64 for these few rows, widened
         by the same slacks for the float32 assignment (BOUND_SLACK, and D2_SLACK / 2g for
         centroids close together)."""
-        c, sq = self._centroids, self._sq
-        later = np.arange(cluster + 1, len(c))
-        gap2 = sq[cluster] + sq[later] - 2 * (c[later] @ c[cluster])
-        close = gap2 < 1e-4  # where the Gram form cancels, the difference itself
-        gap2[close] = ((c[later[close]] - c[cluster]) ** 2).sum(axis=1)
+        own, c, sq = self._centroids[cluster], self._centroids[cluster + 1:], self._sq[cluster + 1:]
+        gap2 = self._sq[cluster] + sq - 2 * (c @ own)
+        close = np.flatnonzero(gap2 < 1e-4)  # where the Gram form cancels, the difference itself
+        gap2[close] = ((c[close] - own) ** 2).sum(axis=1)
         gap = np.sqrt(np.maximum(gap2, 1e-300))
         x = np.asarray(vecs, np.float64)
-        h = (x @ c[later].T - (x @ c[cluster])[:, None] + (sq[cluster] - sq[later]) / 2) / gap
+        h = (x @ c.T - (x @ own)[:, None] + (self._sq[cluster] - sq) / 2) / gap
         rows, j = np.nonzero(h >= -(self._reach + D2_SLACK / (2 * gap)))
-        return rows, later[j]
+        return rows, j + cluster + 1
 
     def wanted(self) -> list[int]:
         """The clusters that sampled clips still wait for, ascending."""
