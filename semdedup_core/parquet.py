@@ -80,7 +80,7 @@ def plain_float_values(data, meta, column: int) -> np.ndarray | None:
                 count = page[1]
                 if len(body) - level_bytes != 4 * count or filled + count > len(values):
                     return None  # a null element (levels without a value) or a short file
-                values[filled:filled + count] = np.frombuffer(body[level_bytes:], np.float32)
+                values[filled:filled + count] = np.frombuffer(body[level_bytes:], "<f4")
                 filled += count
         return values if filled == len(values) else None
     except (IndexError, KeyError, ValueError, RecursionError):  # damaged: Arrow says how
