@@ -79,6 +79,7 @@ def probe_radius(eps_list: list[float]) -> float:
 
 # Rows per pass over (rows, k) bisector distances: the temporaries stay in the CPU's cache.
 PROBE_ROWS = 1024
+SCALE_ROWS = 256  # rows of the (k, k) scale table built at once
 # Added to the own-centroid term of a float32 squared-distance difference before it is scaled
 # by 1 / (2 |c_a - c_b|): larger than its rounding error (~1e-6 for unit rows), so that the
 # bound never rules out a real pair however close two centroids are.
@@ -103,14 +104,16 @@ class Probes:
         self.bound = np.float32(-(radius + BOUND_SLACK))
         c64 = centroids.astype(np.float64)
         sq = (c64 * c64).sum(axis=1)
-        gap2 = sq[:, None] + sq[None, :] - 2 * (c64 @ c64.T)
-        # Where the Gram form cancels (centroids close together), the difference itself.
-        for a, b in zip(*np.nonzero(gap2 < 1e-4)):
-            gap2[a, b] = ((c64[a] - c64[b]) ** 2).sum()
-        with np.errstate(divide="ignore"):
-            scale = np.where(gap2 > 0, 0.5 / np.sqrt(np.maximum(gap2, 0)), -np.inf)
-        np.fill_diagonal(scale, -np.inf)
-        self.scale = scale.astype(np.float32)
+        self.scale = np.empty((k, k), np.float32)
+        for s in range(0, k, SCALE_ROWS):  # float64 scratch of SCALE_ROWS x k only
+            gap2 = sq[s:s + SCALE_ROWS, None] + sq[None, :] - 2 * (c64[s:s + SCALE_ROWS] @ c64.T)
+            # Where the Gram form cancels (centroids close together), the difference itself.
+            for i, b in zip(*np.nonzero(gap2 < 1e-4)):
+                gap2[i, b] = ((c64[s + i] - c64[b]) ** 2).sum()
+            gap2[np.arange(len(gap2)), np.arange(s, s + len(gap2))] = 0  # itself: no target
+            with np.errstate(divide="ignore"):
+                self.scale[s:s + SCALE_ROWS] = np.where(
+                    gap2 > 0, 0.5 / np.sqrt(np.maximum(gap2, 0)), -np.inf)
         self._on_device = {}  # backend name -> the table there
         # Shard file -> its rows' probes as (rows, max_probes) int32, -1 for none, ascending
         # (filled by assignment: `of_distances`; capped search only).
