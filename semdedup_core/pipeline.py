@@ -38,6 +38,10 @@ from semdedup_core.threads import host_threads, in_order_beside, ordered_map
 
 log = logging.getLogger(__name__)
 
+# Clusters queued for the audit beside the prune loop: it is faster than pruning, so a short
+# queue keeps the loop from waiting on it without holding many clusters' embeddings.
+AUDIT_BACKLOG = 2
+
 
 @dataclass
 class PhaseTimer:
@@ -284,7 +288,7 @@ def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Back
         timer.seconds["audit"] += time.thread_time() - start
 
     with timer.phase("prune"), _bar(len(clusters), "pairwise", "cluster", show_progress) as bar, \
-            in_order_beside(host_threads()) as beside:
+            in_order_beside(AUDIT_BACKLOG) as beside:
         for result in prune_clusters(cfg, out, clusters, backend):
             if result is not None:
                 flops += result.flops
