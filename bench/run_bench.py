@@ -16,7 +16,8 @@ Cost model (seconds per phase = sum of coefficients x counts, `PHASE_TERMS`; n c
 dims, k clusters, the fit's sample and iterations, the clusters' sizes as each run found them):
 scan ~ n.d (reads); kmeans_fit ~ sample.k.iterations.d + k^2.d (the k-means++ init);
 assign ~ n.k.d (the GEMM) + n.d (reads and writes); prune ~ sum(size^2).d (pairwise) + n.d;
-audit ~ its FLOPs (a share of assign's and prune's) + n.d; summary ~ k + n. The coefficients
+audit ~ n.d (its sample against the clusters the bisector bound leaves) + k (bookkeeping per
+cluster); summary ~ k + n. The coefficients
 are fitted (non-negative least squares) on the --fit-rows runs; with fewer fit runs than a
 phase has terms, only its leading terms are used. A phase is within the model when measured /
 predicted lies in [0.8, 1.25]. The input at --rows is generated once, file by file (memory:
@@ -40,7 +41,7 @@ PHASE_TERMS = {
     "kmeans_fit": ("sample.k.iters.d", "k^2.d"),
     "assign": ("n.k.d", "n.d"),
     "prune": ("sum(size^2).d", "n.d"),
-    "audit": ("audit_flops", "n.d"),
+    "audit": ("n.d", "k"),
     "summary": ("k", "n"),
 }
 WITHIN = (0.8, 1.25)
@@ -53,7 +54,7 @@ def counts(run: dict) -> dict[str, float]:
     sq = float((sizes ** 2).sum())
     return {"n.d": n * d, "n": n, "k": k, "n.k.d": n * k * d, "k^2.d": k * k * d,
             "sample.k.iters.d": run["sample_rows"] * k * run["kmeans_iterations"] * d,
-            "sum(size^2).d": sq * d, "audit_flops": 2.0 * n * k * d + sq * d}
+            "sum(size^2).d": sq * d}
 
 
 def fit_model(fit_runs: list[dict]) -> dict[str, dict[str, float]]:
