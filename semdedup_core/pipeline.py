@@ -275,17 +275,19 @@ def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Back
     """Prune and extract every cluster (results are not kept: memory stays at a few clusters),
     feeding each to `audit` in cluster order, on a thread of its own beside the pruning (so
     the prune loop never waits for it while a few clusters are queued). Returns the clips
-    removed per eps. The audit's phase is its CPU time: what it takes from the run at most."""
+    removed per eps. The audit's phase is, on the CPU, its thread's CPU time (what it takes
+    from the run at most); on a device, the wall time of its calls (its GEMMs run there)."""
     timer = timer or PhaseTimer()
     flops = 0
     removed = dict.fromkeys(cfg.eps_to_extract, 0)
     if audit is not None:
         timer.seconds.setdefault("audit", 0.0)
+    clock = time.thread_time if backend.name == "cpu" else time.perf_counter
 
     def check(result: ClusterResult) -> None:
-        start = time.thread_time()
+        start = clock()
         audit.add_cluster(result.cluster, result.emb, cluster_removed(cfg, result))
-        timer.seconds["audit"] += time.thread_time() - start
+        timer.seconds["audit"] += clock() - start
 
     with timer.phase("prune"), _bar(len(clusters), "pairwise", "cluster", show_progress) as bar, \
             in_order_beside(AUDIT_BACKLOG) as beside:
