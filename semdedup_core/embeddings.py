@@ -25,7 +25,7 @@ from semdedup_core.threads import LATENCY_BOUND_THREADS, chain_ahead, host_threa
 NORM_FLOOR = 1e-12
 READ_BUFFER_BYTES = 8 << 20
 GROUP_FILES = 64  # small files decoded into one batch by one thread
-RELEASE_BYTES = 1 << 20  # batches at least this large hand their pages back to the OS
+SCAN_AHEAD = 4  # batches decoded ahead per file in the scan: a file of 4 x 16,384 rows whole
 _FLOAT_TYPES = (pa.float16(), pa.float32(), pa.float64())
 
 
@@ -164,18 +164,21 @@ class EmbeddingSource:
             raise InputError(f"{where}: column {self.embedding_column!r} is {emb_type}, expected a "
                              "list of float16/float32/float64")
 
-    def iter_batches(self) -> Iterator[Batch]:
-        """Every row, file by file. Later files are decoded ahead on host threads (one batch
-        buffered per file), so decoding overlaps the caller's work. Each of the T threads
-        decodes batch_rows / T rows at a time, so about 2 x batch_rows rows are in memory
-        whatever the thread count. Runs of small files are decoded by one thread into one
-        batch, so an input of many tiny files costs little more than one file."""
+    def iter_batches(self, ahead: int = 1) -> Iterator[Batch]:
+        """Every row, file by file. Later files are decoded ahead on host threads (`ahead`
+        batches buffered per file), so decoding overlaps the caller's work. Each of the T
+        threads decodes batch_rows / T rows at a time, so about (1 + ahead) x batch_rows rows
+        are in memory whatever the thread count. Runs of small files are decoded by one thread
+        into one batch, so an input of many tiny files costs little more than one file.
+        With one batch ahead, a thread decoding a later file waits once it has one batch: that
+        suits a caller slower than decoding (the assignment's GEMMs); a fast caller (the scan)
+        keeps every thread decoding with more."""
         start = 0
         threads = host_threads()
         rows = -(-self.batch_rows // threads)
         producers = [functools.partial(self._decode_files, group, rows)
                      for group in self._groups(rows)]
-        for files, ids, emb, norms in chain_ahead(producers, threads):
+        for files, ids, emb, norms in chain_ahead(producers, threads, depth=ahead):
             if self.dim is None and len(emb):
                 self.dim = emb.shape[1]
             elif len(emb) and emb.shape[1] != self.dim:
@@ -413,7 +416,7 @@ def scan_input(source: EmbeddingSource, sample_size: int, seed: int,
     # Duplicate ids: keep a 64-bit fingerprint per clip (8 bytes/clip); a fingerprint collision
     # is confirmed against the real strings in a second, rare pass.
     fingerprints = np.empty(n, dtype=np.int64)
-    for batch in source.iter_batches():
+    for batch in source.iter_batches(ahead=SCAN_AHEAD):
         emb, rows, norms = batch.emb, len(batch.emb), batch.norms
         bad_rows = ~np.isfinite(norms)
         if bad_rows.any():
