@@ -7,9 +7,13 @@ it is as fast per iteration on these CPUs, holds no extra copy of the data, and 
 the GPU backend's default fit on CuPy (reproducible bit for bit, which cuML's is not).
 """
 
+import queue
+from concurrent.futures import Executor
+
 import numpy as np
 
 from semdedup_core.backends.base import Backend
+from semdedup_core.threads import host_threads, ordered_map
 
 ASSIGN_CHUNK = 16384  # rows per distance GEMM: (chunk, k) float32 scratch
 SCRATCH_ELEMENTS = 1 << 24  # a (rows, k) float32 scratch of 64 MiB: ASSIGN_CHUNK rows at k=1024
@@ -27,20 +31,30 @@ def assign_chunk(rows: int, k: int) -> int:
     return max(1, -(-rows // parts))
 
 
-def nearest_centroid(backend: Backend, X, C, chunk: int = ASSIGN_CHUNK, on_chunk=None):
+def nearest_centroid(backend: Backend, X, C, chunk: int = ASSIGN_CHUNK, on_chunk=None,
+                     pool: Executor | None = None):
     """For unit rows X (n, d) and centroids C (k, d): (labels int64 (n,), squared distance
     float32 (n,)). Ties go to the lowest centroid index. X may be on the host while the
     backend is a device: chunks then move over one at a time. `on_chunk(start, d2, labels)`
     sees each chunk's distances to every centroid, d2 = ||x - c||^2 - 1 (float32, reused
-    after the call), and its labels (e.g. for the cross-cluster probes)."""
+    after the call), and its labels (e.g. for the cross-cluster probes). With `pool` (the CPU's
+    compute threads, `Backend.compute_pool`), chunks of `assign_chunk` rows run side by side,
+    each thread with a scratch of its own: the same bits."""
     xp = backend.xp
     c_sq = (C * C).sum(axis=1)
     minus_2ct = xp.ascontiguousarray((-2 * C).T)
     n = X.shape[0]
     labels = xp.empty(n, dtype=xp.int64)
     dist = xp.empty(n, dtype=xp.float32)
-    buf = xp.empty((min(chunk, n), C.shape[0]), dtype=xp.float32)  # reused: no page faults
-    for s in range(0, n, chunk):
+    if pool is not None:
+        chunk = assign_chunk(n, C.shape[0])
+    workers = 1 if pool is None else host_threads()
+    scratch: queue.SimpleQueue = queue.SimpleQueue()  # reused buffers: no page faults
+    for _ in range(workers):
+        scratch.put(xp.empty((min(chunk, n), C.shape[0]), dtype=xp.float32))
+
+    def one(s: int) -> None:
+        buf = scratch.get()
         d2 = buf[: min(chunk, n - s)]
         xp.matmul(backend.asarray(X[s:s + chunk]), minus_2ct, out=d2)  # ||x-c||^2 - 1 = ||c||^2 - 2 x.c
         d2 += c_sq
@@ -49,6 +63,12 @@ def nearest_centroid(backend: Backend, X, C, chunk: int = ASSIGN_CHUNK, on_chunk
             on_chunk(s, d2, lab)
         labels[s:s + chunk] = lab
         dist[s:s + chunk] = xp.take_along_axis(d2, lab[:, None], axis=1)[:, 0] + 1
+        scratch.put(buf)
+
+    starts = range(0, n, chunk)
+    for _ in (map(one, starts) if pool is None else
+              ordered_map(one, starts, workers, pool=pool)):  # at most `workers` at once
+        pass
     return labels, xp.maximum(dist, 0)
 
 
@@ -96,20 +116,23 @@ def lloyd(backend: Backend, sample: np.ndarray, n_clusters: int, max_iter: int, 
     C = kmeans_pp_init(backend, X, n_clusters, np.random.default_rng(seed))
     prev_inertia = np.inf
     it = 0
-    for it in range(1, max_iter + 1):
-        labels, d2 = nearest_centroid(backend, X, C)
-        inertia = float(d2.sum(dtype=xp.float64))
-        sums = xp.zeros((n_clusters, d), dtype=xp.float32)
-        backend.scatter_add_rows(sums, labels, X)
-        counts = xp.bincount(labels, minlength=n_clusters)
-        C = sums / xp.maximum(counts, 1)[:, None].astype(xp.float32)
-        empty = xp.flatnonzero(counts == 0)
-        if len(empty):
-            far = backend.argsort_stable(-d2)[: len(empty)]
-            C[empty] = backend.take_rows(X, far)
-        if prev_inertia - inertia <= tol * inertia:
-            break
-        prev_inertia = inertia
+    # After the init: its matrix-vector products are split over BLAS's threads (their bits
+    # follow the split), while the compute threads' GEMMs give the same bits either way.
+    with backend.compute_pool() as pool:
+        for it in range(1, max_iter + 1):
+            labels, d2 = nearest_centroid(backend, X, C, pool=pool)
+            inertia = float(d2.sum(dtype=xp.float64))
+            sums = xp.zeros((n_clusters, d), dtype=xp.float32)
+            backend.scatter_add_rows(sums, labels, X, pool)
+            counts = xp.bincount(labels, minlength=n_clusters)
+            C = sums / xp.maximum(counts, 1)[:, None].astype(xp.float32)
+            empty = xp.flatnonzero(counts == 0)
+            if len(empty):
+                far = backend.argsort_stable(-d2)[: len(empty)]
+                C[empty] = backend.take_rows(X, far)
+            if prev_inertia - inertia <= tol * inertia:
+                break
+            prev_inertia = inertia
     return backend.to_numpy(C).astype(np.float32), it
 
 

@@ -8,6 +8,7 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from semdedup_core.backends import CpuBackend
+from semdedup_core.backends.base import Backend
 from semdedup_core.config import eps_text, make_config, parse_job_spec
 from semdedup_core.embeddings import normalize
 from semdedup_core.errors import ConfigError
@@ -156,6 +157,25 @@ def test_lloyd_recovers_separated_blobs_and_is_deterministic():
     # every blob maps to exactly one cluster
     assert all(len(set(labels[i * 200:(i + 1) * 200].tolist())) == 1 for i in range(5))
     assert len(set(labels.tolist())) == 5
+
+
+class OneThreadCpu(CpuBackend):
+    """The CPU backend as it fitted before the compute threads: every GEMM and the centroid
+    sums on the calling thread (BLAS splitting each product)."""
+
+    def compute_pool(self):
+        return Backend.compute_pool(self)
+
+
+@pytest.mark.parametrize("k", [40, 1100])
+def test_lloyd_on_the_compute_threads_gives_the_same_centroids(k):
+    # Above k=1024 the threads also take GEMMs of fewer rows (a bounded scratch each).
+    rng = np.random.default_rng(k)
+    x = normalize(rng.standard_normal((20000, 24)).astype(np.float32))
+    threads, iters = lloyd(CPU, x, k, 4, 0.0, 3)
+    alone, iters_alone = lloyd(OneThreadCpu(), x, k, 4, 0.0, 3)
+    assert iters == iters_alone == 4
+    assert threads.tobytes() == alone.tobytes()
 
 
 def test_eps_text_is_shortest_float():

@@ -38,8 +38,9 @@ class Backend:
         """Indices sorting `a`, ties in index order."""
         return self.xp.argsort(a, kind="stable")
 
-    def scatter_add_rows(self, out, labels, rows) -> None:
-        """`out[labels[i]] += rows[i]` for every i (K-means' centroid sums)."""
+    def scatter_add_rows(self, out, labels, rows, pool: Executor | None = None) -> None:
+        """`out[labels[i]] += rows[i]` for every i, in order of i (K-means' centroid sums);
+        `pool`: compute threads to share the work (`compute_pool`)."""
         raise NotImplementedError
 
     def fit_kmeans(self, sample: np.ndarray, n_clusters: int, max_iter: int, tol: float,

@@ -94,7 +94,7 @@ class GpuBackend(Backend):
     def is_host(self, a) -> bool:
         return isinstance(a, np.ndarray)
 
-    def scatter_add_rows(self, out, labels, rows) -> None:
+    def scatter_add_rows(self, out, labels, rows, pool=None) -> None:
         # A one-hot GEMM instead of atomic adds: atomics sum in a different order on every run,
         # and results must be deterministic.
         xp = self.xp
