@@ -303,7 +303,7 @@ def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Back
                     beside(functools.partial(check, result))
             bar.update(1)
     timer.seconds["prune"] -= timer.seconds.get("audit", 0.0)  # counted once, as audit
-    if "audit" in timer.seconds:
+    if "audit" in timer.seconds and clock is time.thread_time:  # its thread's, out of prune's
         timer.cpu_seconds["audit"] = timer.seconds["audit"]
         timer.cpu_seconds["prune"] -= timer.seconds["audit"]
     timer.flops["prune"] = float(flops)
