@@ -174,11 +174,14 @@ class ShardWriter:
         ids = pa.StringArray.from_buffers(len(lengths), pa.py_buffer(offsets),
                                           pa.py_buffer(np.concatenate([p[1] for p in pieces])))
         emb = pieces[0][2] if len(pieces) == 1 else np.concatenate([p[2] for p in pieces])
+        extra = np.concatenate([p[3] for p in pieces]) if len(pieces[0]) > 3 else None
+        pieces.clear()  # the joined copies replace them: the part is in memory once while encoded
         data = table_to_parquet_bytes(shard_table(ids, emb, self.centroids[c]))
+        del emb
         rel = layout.shard_file(c, content_sha(data))
         self.out.write_bytes(rel, data)
-        if len(pieces[0]) > 3:
-            self.extra_of[rel] = np.concatenate([p[3] for p in pieces])
+        if extra is not None:
+            self.extra_of[rel] = extra
         return c, rel
 
 
