@@ -89,7 +89,7 @@ def audit_output(out: Storage, clusters: list[int], eps_list: list[float], backe
     audit = KeptPairsAudit(backend, eps_list, rate, seed, load_centroids(out))
 
     def tables(c: int) -> tuple[pa.Table, pa.Table | None]:
-        return read_table(out, layout.pruning_table(c), [layout.ID, layout.SCORE]), \
+        return read_table(out, layout.pruning_table(c), [layout.SCORE]), \
             read_cross_table(out, c)
 
     def ranked_emb(c: int) -> np.ndarray:
