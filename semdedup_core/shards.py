@@ -3,6 +3,7 @@ every clip in streaming batches, writing each cluster's shard (several files, st
 assignment's buffer) and reading it back (in rank order for the pairwise and cross-cluster
 passes)."""
 
+import contextlib
 import ctypes
 import io
 from collections import deque
@@ -244,11 +245,13 @@ def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storag
         return batch.ids, emb, backend.to_numpy(labels), np.concatenate(chunks) if chunks else None
 
     workers = host_threads()
-    with backend.compute_pool() as pool, ShardWriter(out, centroids, buffer_bytes,
-                                                     workers) as writer:
-        batches = source.iter_batches()
-        labelled = map(label, batches) if pool is None else \
-            ordered_map(label, batches, workers, pool=pool)
+    # On an error the threads stop in turn: assigning, decoding, writing, the compute pool.
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(backend.compute_pool())
+        writer = stack.enter_context(ShardWriter(out, centroids, buffer_bytes, workers))
+        batches = stack.enter_context(contextlib.closing(source.iter_batches()))
+        labelled = map(label, batches) if pool is None else stack.enter_context(
+            contextlib.closing(ordered_map(label, batches, workers, pool=pool)))
         for ids, emb, labels, extra in labelled:
             sizes += np.bincount(labels, minlength=k)
             if progress is not None:
