@@ -81,16 +81,22 @@ def extract_from_tables(out: Storage, cluster: int, eps_list: list[float]) -> di
 
 
 def audit_output(out: Storage, clusters: list[int], eps_list: list[float], backend: Backend,
-                 rate: float, seed: int, cross_cluster: bool) -> list[EpsAudit]:
+                 rate: float, seed: int, cross_cluster: bool,
+                 scores: dict[int, np.ndarray] | None = None) -> list[EpsAudit]:
     """The audit as a pass of its own over a finished output (Dagster's summary step,
-    `sweep`); writes `extraction/audit.json`. Every cluster's kept clips come from its tables;
-    only the shards of the clusters that hold sampled clips, then of the others that sampled
-    clips can reach, are read, each once (see `KeptPairsAudit`)."""
+    `sweep`); writes `extraction/audit.json`. Every cluster's kept clips come from its tables
+    (or `scores`: each cluster's deciding score, the larger of its pruning and cross scores,
+    as `inspection.score_stats` keeps them); only the shards of the clusters that hold sampled
+    clips, then of the others that sampled clips can reach, are read, each once (see
+    `KeptPairsAudit`)."""
     audit = KeptPairsAudit(backend, eps_list, rate, seed, load_centroids(out))
 
-    def tables(c: int) -> tuple[pa.Table, pa.Table | None]:
-        return read_table(out, layout.pruning_table(c), [layout.SCORE]), \
-            read_cross_table(out, c)
+    def deciding(c: int) -> np.ndarray:
+        score = read_table(out, layout.pruning_table(c), [layout.SCORE]).column(layout.SCORE)
+        cross = read_cross_table(out, c)
+        if cross is None:
+            return score.to_numpy()
+        return np.maximum(score.to_numpy(), cross.column(layout.SCORE).to_numpy())
 
     def ranked_emb(c: int) -> np.ndarray:
         """The cluster's unit rows in its pruning table's (rank) order."""
@@ -104,9 +110,10 @@ def audit_output(out: Storage, clusters: list[int], eps_list: list[float], backe
                             value_set=shard.column(layout.ID).combine_chunks())
         return emb[where.to_numpy()]
 
-    kept = {}
-    for c, (pruning, cross) in zip(clusters, ordered_map(tables, clusters, host_threads())):
-        kept[c] = audit.add_kept({e: removed_rows(pruning, cross, e) for e in eps_list})
+    if scores is None:
+        scores = dict(zip(clusters, ordered_map(deciding, clusters, host_threads())))
+    kept = {c: audit.add_kept({e: removed_mask(scores[c], e) for e in eps_list})
+            for c in clusters}
     sampled = [c for c in sorted(kept) if len(audit.drawn(c, kept[c]))]
     for c, emb in zip(sampled, ordered_map(ranked_emb, sampled, host_threads())):
         audit.visit(c, emb, kept[c])

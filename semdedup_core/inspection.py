@@ -3,7 +3,7 @@ tables, no recomputation), the largest clusters, and what happened to one clip."
 
 import csv
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -54,6 +54,9 @@ class ScoreStats:
     histogram: np.ndarray  # int64 (SCORE_BINS,): clips per score bin over [0, 1]
     # (score, cluster, id, max_id) of the clips just inside `examples_eps`, lowest scores first
     examples: list[tuple[float, int, str, str]]
+    # With `keep_scores`: each cluster's deciding scores in rank order (float32: 4 bytes a
+    # clip), for a pass that needs every clip's removals after this one (the audit).
+    scores: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -83,7 +86,7 @@ def removal_scores(out: Storage, cluster: int, columns: list[str], cross: bool):
 
 
 def score_stats(out: Storage, clusters: list[int] | None = None, eps_grid=EPS_GRID,
-                examples_eps: float | None = None) -> ScoreStats:
+                examples_eps: float | None = None, keep_scores: bool = False) -> ScoreStats:
     """One pass over the pruning tables, and the cross tables where the output has them (read
     on I/O threads: on S3 each is a round trip): sizes, removed counts per eps, a histogram of
     the deciding score and, with `examples_eps`, the EXAMPLES_PER_CLUSTER lowest-scoring
@@ -100,12 +103,14 @@ def score_stats(out: Storage, clusters: list[int] | None = None, eps_grid=EPS_GR
             for i in inside[np.argsort(scores[inside], kind="stable")][:EXAMPLES_PER_CLUSTER]:
                 examples.append((float(scores[i]), c, table.column(layout.ID)[int(i)].as_py(),
                                  table.column(layout.MAX_ID)[int(i)].as_py()))
-        return (c, len(scores), [int(removed_mask(scores, e).sum()) for e in eps_grid],
+        return (c, scores, [int(removed_mask(scores, e).sum()) for e in eps_grid],
                 np.histogram(scores, bins=SCORE_BINS, range=(0, 1))[0], examples)
 
     stats = ScoreStats({}, dict.fromkeys(eps_grid, 0), np.zeros(SCORE_BINS, np.int64), [])
-    for c, n, removed, hist, examples in ordered_map(one, clusters, LATENCY_BOUND_THREADS):
-        stats.sizes[c] = n
+    for c, scores, removed, hist, examples in ordered_map(one, clusters, LATENCY_BOUND_THREADS):
+        stats.sizes[c] = len(scores)
+        if keep_scores:
+            stats.scores[c] = scores
         for e, r in zip(eps_grid, removed):
             stats.removed[e] += r
         stats.histogram += hist

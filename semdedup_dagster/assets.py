@@ -235,14 +235,15 @@ def summary_stage(context, cfg: DedupConfig, storage: LayoutStorage) -> dict:
         run_record.begin_writing(out, lock)
         clusters = nonempty_clusters(out)
         # Example pairs just inside the first eps: the ones a user checks when choosing eps.
-        stats = score_stats(out, clusters, EPS_GRID, examples_eps=cfg.eps_to_extract[0])
+        stats = score_stats(out, clusters, EPS_GRID, examples_eps=cfg.eps_to_extract[0],
+                            keep_scores=True)
         total = stats.total
         rows = summarize(out, cfg.eps_to_extract, clusters, total)  # removed: from the parts
         dim = int(load_centroids(out).shape[1])
         # The audit, as `semdedup run` does it, in a pass of its own (pruning ran in other steps).
         audited = audit_output(out, clusters, cfg.eps_to_extract, get_backend(cfg.backend),
                                audit_rate([stats.sizes[c] for c in clusters], dim, cfg.n_clusters),
-                               cfg.random_state, cfg.cross_cluster)
+                               cfg.random_state, cfg.cross_cluster, stats.scores)
         run_record.remove_leftovers(out, cfg, clusters)
         run_record.write_record(out, lock, cfg, run_record.counts(total, dim, clusters, rows))
         lock.release(ok=True)
