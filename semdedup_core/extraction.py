@@ -93,7 +93,7 @@ def audit_output(out: Storage, clusters: list[int], eps_list: list[float], backe
 
     def deciding(c: int) -> np.ndarray:
         score = read_table(out, layout.pruning_table(c), [layout.SCORE]).column(layout.SCORE)
-        cross = read_cross_table(out, c)
+        cross = read_cross_table(out, c) if cross_cluster else None  # not an earlier run's
         if cross is None:
             return score.to_numpy()
         return np.maximum(score.to_numpy(), cross.column(layout.SCORE).to_numpy())

@@ -86,14 +86,16 @@ def removal_scores(out: Storage, cluster: int, columns: list[str], cross: bool):
 
 
 def score_stats(out: Storage, clusters: list[int] | None = None, eps_grid=EPS_GRID,
-                examples_eps: float | None = None, keep_scores: bool = False) -> ScoreStats:
+                examples_eps: float | None = None, keep_scores: bool = False,
+                cross: bool | None = None) -> ScoreStats:
     """One pass over the pruning tables, and the cross tables where the output has them (read
     on I/O threads: on S3 each is a round trip): sizes, removed counts per eps, a histogram of
     the deciding score and, with `examples_eps`, the EXAMPLES_PER_CLUSTER lowest-scoring
-    removed clips of each cluster."""
+    removed clips of each cluster. `cross`: whether to use the cross tables (default: when
+    there are any; a run's summary says, as an earlier run's may still be there)."""
     clusters = _clusters(out) if clusters is None else clusters
     columns = [layout.SCORE] + ([layout.ID, layout.MAX_ID] if examples_eps is not None else [])
-    cross = has_cross_tables(out)
+    cross = has_cross_tables(out) if cross is None else cross
 
     def one(c: int):
         table, scores, _ = removal_scores(out, c, columns, cross)

@@ -236,7 +236,7 @@ def summary_stage(context, cfg: DedupConfig, storage: LayoutStorage) -> dict:
         clusters = nonempty_clusters(out)
         # Example pairs just inside the first eps: the ones a user checks when choosing eps.
         stats = score_stats(out, clusters, EPS_GRID, examples_eps=cfg.eps_to_extract[0],
-                            keep_scores=True)
+                            keep_scores=True, cross=cfg.cross_cluster)
         total = stats.total
         rows = summarize(out, cfg.eps_to_extract, clusters, total)  # removed: from the parts
         dim = int(load_centroids(out).shape[1])

@@ -459,3 +459,25 @@ def test_audit_compares_only_what_the_bound_leaves_and_counts_exactly():
         assert truth > 10 and found[eps] == truth, (eps, truth, found[eps])
     n = len(emb)
     assert audit.compared < 0.2 * n * (n - 1) / 2  # all pairs: 1
+
+
+def test_summary_audit_and_curve_leave_out_an_earlier_runs_cross_tables(capped_output, tmp_path):
+    """A run without cross_cluster into a folder where an earlier run left cross tables (they
+    go at the end of the run): the summary step's score curve and audit use its pruning tables
+    alone, so they equal those of the same run into a clean folder."""
+    from semdedup_core.extraction import audit_output
+    from semdedup_core.inspection import EPS_GRID, score_stats
+
+    root, _, _ = capped_output
+    shutil.copytree(root / "on", tmp_path / "out")
+    out, clean = Storage(str(tmp_path / "out")), Storage(str(root / "off"))
+    clusters = sorted(map(layout.cluster_of_shard_dir, out.list_dirs(layout.SHARDS)))
+    stats = score_stats(out, clusters, EPS_GRID, keep_scores=True, cross=False)
+    assert stats.removed == score_stats(clean, clusters, EPS_GRID).removed
+    ran = json.loads((root / "off" / layout.AUDIT).read_text())
+    for scores in (stats.scores, None):
+        (tmp_path / "out" / layout.AUDIT).unlink()
+        audit_output(out, clusters, [0.01, 0.05], CpuBackend(), ran["sample_rate"], ran["seed"],
+                     False, scores)
+        assert (tmp_path / "out" / layout.AUDIT).read_text() == \
+            (root / "off" / layout.AUDIT).read_text()
