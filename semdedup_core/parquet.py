@@ -2,13 +2,16 @@
 gives the same bytes (and the same content hash); and a fast read of the vectors those options
 store (`plain_float_values`)."""
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from semdedup_core.storage import Storage
+from semdedup_core.errors import StorageError
+from semdedup_core.storage import Storage, describe_fault, storage_faults
 
 
 def table_to_parquet_bytes(table: pa.Table) -> pa.Buffer:
@@ -35,15 +38,27 @@ def write_table(out: Storage, rel: str, table: pa.Table) -> None:
     out.write_bytes(rel, table_to_parquet_bytes(table))
 
 
+@contextlib.contextmanager
+def reading(out: Storage, rel: str) -> Iterator[None]:
+    """Reading the artifact `rel` inside the block: a storage fault, or a file cut short or
+    damaged since it was written (Arrow raises ArrowInvalid or OSError, naming no file), is one
+    StorageError line naming it."""
+    try:
+        with storage_faults(out.display(rel), "read"):
+            yield
+    except pa.ArrowInvalid as exc:
+        raise StorageError(f"{out.display(rel)}: cannot read: {describe_fault(exc)}") from None
+
+
 def read_table(out: Storage, rel: str, columns: list[str] | None = None) -> pa.Table:
     # ParquetFile.read, not pq.read_table: the latter goes through the dataset machinery,
     # ~0.5 ms more per file (measured), which adds up over one small file per cluster.
-    with out.open_input(rel) as f:
+    with reading(out, rel), out.open_input(rel) as f:
         return pq.ParquetFile(f).read(columns=columns)
 
 
 def row_count(out: Storage, rel: str) -> int:
-    with out.open_input(rel) as f:
+    with reading(out, rel), out.open_input(rel) as f:
         return pq.ParquetFile(f).metadata.num_rows
 
 

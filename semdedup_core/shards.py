@@ -21,7 +21,7 @@ from semdedup_core.embeddings import EmbeddingSource, normalize
 from semdedup_core.kmeans import (ASSIGN_CHUNK, assign_chunk, centroid_distances,
                                   nearest_centroid)
 from semdedup_core.config import DedupConfig
-from semdedup_core.parquet import (content_sha, plain_float_values, read_table,
+from semdedup_core.parquet import (content_sha, plain_float_values, read_table, reading,
                                    table_to_parquet_bytes)
 from semdedup_core.ranking import rank_order
 from semdedup_core.storage import Storage
@@ -307,18 +307,19 @@ def read_shard_file_vectors(out: Storage, rel: str) -> tuple[pa.Table, np.ndarra
     embeddings come straight from the file's pages where they are stored as the shard writer
     stores them (`parquet.plain_float_values`), else through Arrow. The file is read whole
     (locally a memory map: no copy of the page cache)."""
-    with out.open_mapped(rel) as f:
-        data = f.read_buffer()
-    file = pq.ParquetFile(pa.BufferReader(data))
-    names = file.schema_arrow.names
-    table = file.read(columns=[c for c in names if c != layout.EMBEDDING])
-    meta, n = file.metadata, table.num_rows
-    leaves = [i for i in range(meta.num_columns)
-              if meta.schema.column(i).path.split(".")[0] == layout.EMBEDDING]
-    values = plain_float_values(data, meta, leaves[0]) if len(leaves) == 1 else None
-    if values is None or n == 0 or len(values) % n:
-        return table, list_column_to_numpy(file.read(columns=[layout.EMBEDDING]).column(0))
-    return table, values.reshape(n, len(values) // n)
+    with reading(out, rel):
+        with out.open_mapped(rel) as f:
+            data = f.read_buffer()
+        file = pq.ParquetFile(pa.BufferReader(data))
+        names = file.schema_arrow.names
+        table = file.read(columns=[c for c in names if c != layout.EMBEDDING])
+        meta, n = file.metadata, table.num_rows
+        leaves = [i for i in range(meta.num_columns)
+                  if meta.schema.column(i).path.split(".")[0] == layout.EMBEDDING]
+        values = plain_float_values(data, meta, leaves[0]) if len(leaves) == 1 else None
+        if values is None or n == 0 or len(values) % n:
+            return table, list_column_to_numpy(file.read(columns=[layout.EMBEDDING]).column(0))
+        return table, values.reshape(n, len(values) // n)
 
 
 def read_shard_vectors(out: Storage, files: list[str]) -> tuple[pa.Table, np.ndarray]:

@@ -238,6 +238,33 @@ def test_corrupt_parquet_pages_name_the_file(planted, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("damage", ["cut short", "page header"])
+def test_damaged_shard_names_the_file_then_a_rewritten_one_reads(clean, tmp_path, capsys,
+                                                                damage):
+    """A shard damaged after assignment: the pass that reads the shards' vectors (here the
+    sweep's audit, as in Dagster's summary step and the prune loop) fails in one line naming
+    the shard, whichever part is damaged; with the shard back, the same sweep completes."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    shutil.copytree(clean[2], out)
+    victim = sorted((out / layout.shard_dir(3)).glob("*.parquet"))[0]
+    good = victim.read_bytes()
+    data = bytearray(good)
+    if damage == "cut short":
+        del data[len(data) // 2:]
+    else:  # the embedding column's first page header: the footer stays readable
+        meta = pq.ParquetFile(victim).metadata
+        at = next(meta.row_group(0).column(i).data_page_offset for i in range(meta.num_columns)
+                  if meta.schema.column(i).path.startswith(layout.EMBEDDING))
+        data[at:at + 12] = b"\xff" * 12
+    victim.write_bytes(bytes(data))
+    line = one_line_error(cli_here(capsys, "sweep", out, "--eps", 0.02))
+    assert str(victim) in line and "cannot read" in line, line
+    victim.write_bytes(good)
+    assert cli_here(capsys, "sweep", out, "--eps", 0.02).returncode == 0
+
+
 def test_full_disk_is_one_line_and_leaves_no_partial_files(planted, clean, tmp_path):
     """A small tmpfs (needs root to mount) for the output, then for the scratch files."""
     folder, _ = planted
