@@ -28,6 +28,14 @@ from semdedup_core.storage import Storage
 from semdedup_core.threads import host_threads, ordered_map
 
 
+def piece_bytes(piece: tuple[np.ndarray, ...]) -> int:
+    """The bytes a held piece counts for in the buffer: its clips' ids and vectors, not its
+    `extra` (kept apart, not written), so that which clips go into which file is the same
+    whether or not extra rows are kept (a run with cross_cluster's probes or a Dagster step
+    without them)."""
+    return sum(a.nbytes for a in piece[:3])
+
+
 def shard_table(ids: pa.Array, emb: np.ndarray, centroid: np.ndarray) -> pa.Table:
     l2, cos = centroid_distances(emb, centroid)
     n, d = emb.shape
@@ -110,7 +118,7 @@ class ShardWriter:
             piece = (np.diff(offsets[s:e + 1]), data[offsets[s]:offsets[e]].copy(),
                      emb[order[s:e]]) + (() if extra is None else (extra[order[s:e]],))
             self.held[c].append(piece)
-            self.held_bytes[c] += sum(a.nbytes for a in piece)
+            self.held_bytes[c] += piece_bytes(piece)
         total = int(self.held_bytes.sum())
         self.peak_bytes = max(self.peak_bytes, total + self._writing_bytes)
         if total >= self.buffer_bytes:
@@ -154,7 +162,7 @@ class ShardWriter:
             part, size = [], 0
             for piece in self.held[c]:
                 part.append(piece)
-                size += sum(a.nbytes for a in piece)
+                size += piece_bytes(piece)
                 if size >= self.part_bytes:
                     self._submit(c, part, size)
                     part, size = [], 0

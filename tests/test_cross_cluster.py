@@ -425,6 +425,13 @@ def test_probes_kept_by_assignment_equal_those_computed_from_the_shards(real_cli
         np.testing.assert_array_equal(kept[1], fresh[1])
     assert several
     assert assign_probes(cfg.model_copy(update={"cross_cluster_max_probes": 0}), centroids) is None
+    # Keeping the probes does not move clips between files: the shards are those of a step
+    # that keeps none (Dagster's assign step, a run without cross_cluster), name for name.
+    bare = output_storage(cfg.model_copy(update={"output_path": str(tmp_path / "bare")}))
+    with open_source(cfg) as source:
+        assign(cfg, source, centroids, bare, backend)
+    for c in nonempty_clusters(out):
+        assert shard_files(bare, c) == shard_files(out, c)
 
 
 def test_audit_compares_only_what_the_bound_leaves_and_counts_exactly():
