@@ -69,7 +69,8 @@ class ShardWriter:
     at the end; with k clusters sharing the buffer, files hold about 1.5 x buffer / k bytes
     on average. A cluster's clips go out in input order, cut at batch boundaries into files of
     at most about `buffer_bytes / 8` (encoding one then needs little memory besides the buffer).
-    Files are named by their content, so the same input and settings write the same files.
+    Files are named by their content, so the same input and settings write the same files
+    (on as many host threads: batches, and so the cuts, follow the thread count).
     Writes run on `workers` host threads of the writer's own while the caller goes on (the
     assignment's next GEMMs): `add` waits only while the clips held and those being written
     exceed `buffer_bytes`, so memory stays within the buffer and a batch, as if it waited for

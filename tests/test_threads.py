@@ -140,3 +140,44 @@ def test_in_order_beside_runs_calls_in_order_with_a_bounded_backlog():
             submit(fail)
             submit(lambda: (time.sleep(0.05), ran.append(3)))
     assert ran[0] == 1
+
+
+def test_a_run_writes_the_same_outputs_whatever_the_host_thread_count(planted, tmp_path,
+                                                                      monkeypatch):
+    """The thread count comes from the cores the process may use (`host_threads`): 1 and 3
+    give the same bytes in every artifact (centroids, pruning and cross tables, unique_ids,
+    summaries, audit.json) and the same clips in every shard. Only which of a cluster's clips
+    share a shard file may differ (files are cut at decoded batches, read_batch_rows / threads
+    rows: README, Shards)."""
+    import os
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from semdedup_core import layout
+    from semdedup_core.config import make_config
+    from semdedup_core.pipeline import run_pipeline
+    from tests.test_end_to_end import tree
+
+    folder, _ = planted
+    trees, shards = [], []
+    for threads in (1, 3):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=threads: set(range(n)))
+        out = tmp_path / f"t{threads}"
+        run_pipeline(make_config(input_embeddings_path=str(folder), output_path=str(out),
+                                 n_clusters=6, eps_to_extract=[0.01, 0.1], cross_cluster=True,
+                                 which_to_keep="random", read_batch_rows=700,
+                                 spill_buffer_mb=0.05))
+        files = tree(out)
+        trees.append({f: h for f, h in files.items() if not f.startswith(layout.SHARDS)})
+        content = {}
+        for c in range(6):
+            table = pq.read_table(out / layout.shard_dir(c)).sort_by(layout.ID)
+            content[c] = (table.column(layout.ID).to_pylist(),
+                          np.stack(table.column(layout.EMBEDDING).to_numpy(zero_copy_only=False)))
+        shards.append(content)
+    assert trees[0] == trees[1]
+    assert any(f.endswith("audit.json") for f in trees[0])
+    for c in range(6):
+        assert shards[0][c][0] == shards[1][c][0]
+        np.testing.assert_array_equal(shards[0][c][1], shards[1][c][1])
