@@ -16,13 +16,13 @@ b) is compared when b is among x's probes AND a is among y's. A cap therefore mi
 when either clip has more than `max_probes` cluster boundaries nearer than the one between them.
 
 One streaming pass over the shards, clusters ascending (`cross_cluster_tables`): at cluster
-a's turn, each clip's probes come from its distances to every centroid (`Probes`); a's clips are compared
-with the clips of earlier clusters that probe a and that a's clips probe (kept in memory since
-those clusters' turns), one block per cluster pair, each pair computed once: both sides take
-the similarity to the other side's EARLIER clips (`compare_block`). a's clips that probe later
-clusters wait for those turns. Each clip keeps its best match (`CrossBest`): the earliest clip in
-the global order within `TIE_TOL` of the best where the score can remove it (as inside clusters;
-scored by one float64 dot product), the first best below that.
+a's turn, each clip's probes come from its distances to every centroid (`Probes`); a's clips
+are compared with the clips of earlier clusters that probe a and that a's clips probe (kept in
+memory since those clusters' turns), one block per cluster pair, each pair computed once: both
+sides take the similarity to the other side's EARLIER clips (`compare_block`). a's clips that
+probe later clusters wait for those turns. Each clip keeps its best match (`CrossBest`): the
+earliest clip in the global order within `TIE_TOL` of the best where the score can remove it
+(as inside clusters; scored by one float64 dot product), the first best below that.
 
 For a caller with its own rows and candidates (a corpus: new clips against earlier drops'),
 `compare_block` plus `CrossBest.offer` is the "score these rows against these earlier
