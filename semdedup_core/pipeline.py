@@ -279,7 +279,9 @@ def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Back
     feeding each to `audit` in cluster order, on a thread of its own beside the pruning (so
     the prune loop never waits for it while a few clusters are queued). Returns the clips
     removed per eps. The audit's phase is, on the CPU, its thread's CPU time (what it takes
-    from the run at most); on a device, the wall time of its calls (its GEMMs run there)."""
+    from the run at most); on a device, the wall time of its calls (its GEMMs run there). The
+    prune phase keeps the loop's whole wall time: the audit overlaps it, so subtracting the
+    audit's time would flatter the prune row (its seconds are what #14's GFLOP/s divide)."""
     timer = timer or PhaseTimer()
     flops = 0
     removed = dict.fromkeys(cfg.eps_to_extract, 0)
@@ -302,7 +304,6 @@ def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Back
                 if audit is not None:
                     beside(functools.partial(check, result))
             bar.update(1)
-    timer.seconds["prune"] -= timer.seconds.get("audit", 0.0)  # counted once, as audit
     if "audit" in timer.seconds and clock is time.thread_time:  # its thread's, out of prune's
         timer.cpu_seconds["audit"] = timer.seconds["audit"]
         timer.cpu_seconds["prune"] -= timer.seconds["audit"]
