@@ -234,10 +234,9 @@ def _earlier_best(sims: np.ndarray, first: np.ndarray, floor: float):
             arg[s:e] = np.where(better, band_arg + lo, arg[s:e])
             top[s:e] = np.where(better, band_top, top[s:e])
     near = np.flatnonzero(top >= floor)
-    if len(near):  # the earliest within TIE_TOL of the best (the best itself is one)
-        width = int(first[near[-1]])
-        hit = sims[near, :width] >= (top[near] - TIE_TOL)[:, None]
-        hit &= np.arange(width) < first[near, None]
+    if len(near):  # the earliest within TIE_TOL of the best: the best itself is one, so the
+        # first hit lies in the row's prefix, whatever lies past it
+        hit = sims[near, :int(first[near[-1]])] >= (top[near] - TIE_TOL)[:, None]
         arg[near] = hit.argmax(axis=1)
     return top, arg
 

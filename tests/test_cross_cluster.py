@@ -488,3 +488,44 @@ def test_summary_audit_and_curve_leave_out_an_earlier_runs_cross_tables(capped_o
                      False, scores)
         assert (tmp_path / "out" / layout.AUDIT).read_text() == \
             (root / "off" / layout.AUDIT).read_text()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_compare_block_follows_the_rule_pair_by_pair(tied):
+    """A block big enough for the banded staircase (and, with keys equal across the sides, the
+    masked path) on real clips with near-copies and exact repeats: each row's and column's
+    best earlier clip and its choice within TIE_TOL, against the rule applied pair by pair."""
+    from semdedup_core import cross_cluster
+    from semdedup_core.pairwise import TIE_TOL
+
+    rng = np.random.default_rng(7)
+    table = pq.read_table(REAL).slice(0, 700)
+    emb = normalize(np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+                    .astype(np.float32))
+    emb = np.concatenate([emb, near_copies(rng, emb, 200)])
+    emb[rng.choice(len(emb), 40, replace=False)] = emb[rng.choice(len(emb), 40, replace=False)]
+    pick = rng.permutation(len(emb))
+    x, y = emb[pick[:400]], emb[pick[400:]]
+    assert x.shape[0] * y.shape[0] >= cross_cluster.STAIRCASE_MIN
+    # Ascending keys with runs of equal keys on each side; across the sides only when `tied`.
+    x_key = np.sort(rng.integers(0, 300, len(x))) * 2.0
+    y_key = np.sort(rng.integers(0, 300, len(y))) * 2.0 + (0 if tied else 1)
+    floor = np.float32(0.9)
+    got = cross_cluster.compare_block(CpuBackend(), "random", x, x_key, lambda i: ("x", 1),
+                                      y, y_key, lambda j: ("y", 0), floor)
+    sims = x @ y.T
+    # y (cluster 0) comes first on equal keys under random's tie rule.
+    y_first = (y_key[None, :] < x_key[:, None]) | (y_key[None, :] == x_key[:, None])
+    want = []
+    for s, earlier in ((sims, y_first), (sims.T, ~y_first.T)):
+        top, arg = np.full(len(s), -np.inf, np.float32), np.zeros(len(s), np.int64)
+        for i in range(len(s)):
+            cand = np.flatnonzero(earlier[i])
+            if len(cand):
+                top[i] = s[i, cand].max()
+                lim = top[i] - TIE_TOL if top[i] >= floor else top[i]
+                arg[i] = cand[np.flatnonzero(s[i, cand] >= lim)[0]]
+        want += [top, arg]
+    assert (want[0] >= floor).sum() > 20 and (want[2] >= floor).sum() > 20
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and np.array_equal(g, w)
