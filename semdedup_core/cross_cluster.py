@@ -208,6 +208,8 @@ class Probes:
 BANDS = 8
 BAND_ROWS = 64
 STAIRCASE_MIN = 1 << 17
+# Pairs per task of a turn's blocks on the compute threads (`cross_cluster_tables`).
+GROUP_PAIRS = 1 << 16
 
 
 def _earlier_best(sims: np.ndarray, first: np.ndarray, floor: float):
@@ -455,6 +457,9 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
                       np.full(len(y_rows), a), x_rows[col_arg], x_key[col_arg])
         return mine, theirs
 
+    def blocks(jobs: list) -> list:
+        return [block(*j) for j in jobs]
+
     def start_turn(ranked: RankedShard, key: np.ndarray, rows: np.ndarray, to: np.ndarray,
                    pool) -> tuple[int, list]:
         """Cluster a's blocks, started on the pool (computed here without one); a's clips
@@ -477,9 +482,18 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
                 candidates[a] += len(y_rows) if a in targets else 0
                 candidates[b] += len(x_rows) if b in targets else 0
                 jobs.append((a, x_rows, ranked.emb[x_rows], key[x_rows], b, y_rows, y_emb, y_key))
-        # Blocks are independent: side by side on the CPU's compute threads.
-        done = [block(*j) for j in jobs] if pool is None else \
-            [pool.submit(block, *j) for j in jobs]
+        # Blocks are independent: side by side on the CPU's compute threads, consecutive
+        # blocks in tasks of about GROUP_PAIRS pairs (most blocks are tiny: a task each cost
+        # more in hand-offs than their work).
+        groups, pairs = [], GROUP_PAIRS
+        for j in jobs:
+            if pairs >= GROUP_PAIRS:
+                groups.append([])
+                pairs = 0
+            groups[-1].append(j)
+            pairs += len(j[1]) * len(j[5])
+        done = [blocks(g) for g in groups] if pool is None else \
+            [pool.submit(blocks, g) for g in groups]
         later = to > a
         for b in targets_of[targets_of > a].tolist():
             if a in targets or b in targets:
@@ -493,7 +507,7 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
     def end_turn(a: int, done: list) -> list[int]:
         """Merge cluster a's blocks (turn after turn, in block order: the same offers in the
         same order however the blocks ran); the clusters whose tables are final now."""
-        done = [d if isinstance(d, tuple) else d.result() for d in done]
+        done = [one for d in done for one in (d if isinstance(d, list) else d.result())]
         mine = [m for m, _ in done if m is not None]  # offers to a's clips, in block order
         theirs = [t for _, t in done if t is not None]  # to earlier clusters' clips
         if theirs:  # distinct clips (one block per earlier cluster): one merge
