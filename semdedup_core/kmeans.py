@@ -31,15 +31,39 @@ def assign_chunk(rows: int, k: int) -> int:
     return max(1, -(-rows // parts))
 
 
+class Scratch:
+    """The (rows, k) float32 distance buffers of `nearest_centroid`, kept for its next calls
+    (every Lloyd iteration, every batch of an assignment): a fresh 64 MiB buffer per call is
+    mapped, faulted in page by page and unmapped each time, which cost more CPU than the
+    distances' argmin. Thread-safe; holds as many buffers as calls ran side by side."""
+
+    def __init__(self, xp):
+        self.xp = xp
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+
+    def get(self, rows: int, k: int):
+        try:
+            buf = self._free.get_nowait()
+        except queue.Empty:
+            buf = None
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != k:
+            buf = self.xp.empty((rows, k), dtype=self.xp.float32)
+        return buf
+
+    def put(self, buf) -> None:
+        self._free.put(buf)
+
+
 def nearest_centroid(backend: Backend, X, C, chunk: int = ASSIGN_CHUNK, on_chunk=None,
-                     pool: Executor | None = None):
+                     pool: Executor | None = None, scratch: Scratch | None = None):
     """For unit rows X (n, d) and centroids C (k, d): (labels int64 (n,), squared distance
     float32 (n,)). Ties go to the lowest centroid index. X may be on the host while the
     backend is a device: chunks then move over one at a time. `on_chunk(start, d2, labels)`
     sees each chunk's distances to every centroid, d2 = ||x - c||^2 - 1 (float32, reused
     after the call), and its labels (e.g. for the cross-cluster probes). With `pool` (the CPU's
     compute threads, `Backend.compute_pool`), chunks of `assign_chunk` rows run side by side,
-    each thread with a scratch of its own: the same bits."""
+    each thread with a scratch of its own: the same bits. `scratch`: buffers to reuse across
+    calls (`Scratch`); by default this call's own."""
     xp = backend.xp
     c_sq = (C * C).sum(axis=1)
     minus_2ct = xp.ascontiguousarray((-2 * C).T)
@@ -49,12 +73,11 @@ def nearest_centroid(backend: Backend, X, C, chunk: int = ASSIGN_CHUNK, on_chunk
     if pool is not None:
         chunk = assign_chunk(n, C.shape[0])
     workers = 1 if pool is None else host_threads()
-    scratch: queue.SimpleQueue = queue.SimpleQueue()  # reused buffers: no page faults
-    for _ in range(workers):
-        scratch.put(xp.empty((min(chunk, n), C.shape[0]), dtype=xp.float32))
+    scratch = Scratch(xp) if scratch is None else scratch
+    rows, k = min(chunk, n), C.shape[0]
 
     def one(s: int) -> None:
-        buf = scratch.get()
+        buf = scratch.get(rows, k)  # one per thread at a time: reused, no page faults
         d2 = buf[: min(chunk, n - s)]
         xp.matmul(backend.asarray(X[s:s + chunk]), minus_2ct, out=d2)  # ||x-c||^2 - 1 = ||c||^2 - 2 x.c
         d2 += c_sq
@@ -118,9 +141,10 @@ def lloyd(backend: Backend, sample: np.ndarray, n_clusters: int, max_iter: int, 
     it = 0
     # After the init: its matrix-vector products are split over BLAS's threads (their bits
     # follow the split), while the compute threads' GEMMs give the same bits either way.
+    scratch = Scratch(xp)
     with backend.compute_pool() as pool:
         for it in range(1, max_iter + 1):
-            labels, d2 = nearest_centroid(backend, X, C, pool=pool)
+            labels, d2 = nearest_centroid(backend, X, C, pool=pool, scratch=scratch)
             inertia = float(d2.sum(dtype=xp.float64))
             sums = xp.zeros((n_clusters, d), dtype=xp.float32)
             backend.scatter_add_rows(sums, labels, X, pool)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from semdedup_core import layout
 from semdedup_core.backends.base import Backend
 from semdedup_core.embeddings import EmbeddingSource, normalize
-from semdedup_core.kmeans import (ASSIGN_CHUNK, assign_chunk, centroid_distances,
+from semdedup_core.kmeans import (ASSIGN_CHUNK, Scratch, assign_chunk, centroid_distances,
                                   nearest_centroid)
 from semdedup_core.config import DedupConfig
 from semdedup_core.parquet import (content_sha, plain_float_values, read_table, reading,
@@ -241,6 +241,8 @@ def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storag
         wanted = np.zeros(k, dtype=bool)
         wanted[[c for c in only if 0 <= c < k]] = True
 
+    scratch = Scratch(backend.xp)  # the compute threads' distance buffers, batch after batch
+
     def label(batch):
         emb = normalize(batch.emb, batch.norms)
         chunks: list[np.ndarray] = []  # the batch's per_clip rows, chunk by chunk
@@ -250,7 +252,8 @@ def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storag
 
         labels, _ = nearest_centroid(backend, backend.asarray(emb), C,
                                      ASSIGN_CHUNK if pool is None else assign_chunk(len(emb), k),
-                                     on_chunk=None if per_clip is None else keep_chunk)
+                                     on_chunk=None if per_clip is None else keep_chunk,
+                                     scratch=scratch)
         return batch.ids, emb, backend.to_numpy(labels), np.concatenate(chunks) if chunks else None
 
     workers = host_threads()
