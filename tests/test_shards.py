@@ -10,7 +10,7 @@ import pytest
 from semdedup_core import layout
 from semdedup_core.embeddings import normalize
 from semdedup_core.backends.cpu import CpuBackend
-from semdedup_core.kmeans import assign_chunk, centroid_distances, nearest_centroid
+from semdedup_core.kmeans import Scratch, assign_chunk, centroid_distances, nearest_centroid
 from semdedup_core.parquet import plain_float_values, table_to_parquet_bytes
 from semdedup_core.shards import (ShardWriter, list_column_to_numpy, read_shard,
                                   read_shard_file_vectors, remove_stale_shards, shard_files,
@@ -45,6 +45,29 @@ def test_assigning_side_by_side_gives_the_bits_of_one_gemm():
         side_labels, side_dist = nearest_centroid(CpuBackend(), x, c, chunk)
     assert side_labels.tobytes() == labels.tobytes()
     assert side_dist.tobytes() == dist.tobytes()
+
+
+def test_distance_buffers_are_reused_across_calls_with_the_same_bits():
+    # Assignment and Lloyd hand one Scratch to every call (batch, iteration): its buffers are
+    # reused, not mapped afresh, and a call's results do not depend on what it reused.
+    rng = np.random.default_rng(6)
+    k, dim = 300, 32
+    c = normalize(rng.standard_normal((k, dim)).astype(np.float32))
+    scratch = Scratch(np)
+    seen: list[int] = []
+    held = []
+
+    def where(_s, d2, _lab):
+        seen.append(d2.__array_interface__["data"][0])
+
+    for rows in (5000, 1200, 5000, 5000):  # a smaller call in between: the buffer is kept
+        x = normalize(rng.standard_normal((rows, dim)).astype(np.float32))
+        fresh = nearest_centroid(CpuBackend(), x, c)
+        reused = nearest_centroid(CpuBackend(), x, c, on_chunk=where, scratch=scratch)
+        for a, b in zip(fresh, reused):
+            assert a.tobytes() == b.tobytes()
+        held.append(np.ones((5000, k), np.float32))  # takes any buffer a call let go
+    assert len(set(seen)) == 1
 
 
 def skewed_batches(rng, k: int, dim: int, batches: int, rows: int):
