@@ -35,6 +35,8 @@ from semdedup_core.run_record import input_fingerprint
 from semdedup_core.sample import write_sample
 from semdedup_core.storage import Storage
 
+from run_bench import remove_output  # bench/ is this script's folder: on sys.path
+
 UPSTREAM_GIT = "https://github.com/facebookresearch/SemDeDup"
 UPSTREAM_COMMIT = "6b4194511202c29b0e1ac8c730996777449ea2a4"  # 2023-10-01, its only commit
 # What upstream's modules import (its conda file pins torch 1.11, faiss 1.7.3, numpy 1.23 and
@@ -147,7 +149,7 @@ def measured(cmd: list[str], log: str, **kw) -> tuple[float, float]:
 
 
 def run_semdedup(a, data: str, out: str) -> tuple[float, float]:
-    shutil.rmtree(out, ignore_errors=True)
+    remove_output(out)  # settled: see remove_output
     cmd = [sys.executable, "-m", "semdedup_core.cli", "run", "--input-embeddings-path", data,
            "--output-path", out, "--n-clusters", str(a.clusters), "--max-iter", str(a.max_iter),
            "--eps-to-extract", *map(str, a.eps), "--which-to-keep", a.which_to_keep,
@@ -156,7 +158,7 @@ def run_semdedup(a, data: str, out: str) -> tuple[float, float]:
 
 
 def run_upstream(a, python: str, tree: str, mm: dict, out: str) -> tuple[float, float, dict]:
-    shutil.rmtree(out, ignore_errors=True)
+    remove_output(out)  # settled: see remove_output
     os.makedirs(out)
     cfg = {"upstream": tree, "emb": mm["emb"], "paths": mm["paths"], "paths_dtype": PATHS_DTYPE,
            "rows": mm["rows"], "dim": mm["dim"], "clusters": a.clusters, "max_iter": a.max_iter,
