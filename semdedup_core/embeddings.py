@@ -35,14 +35,19 @@ def row_norms(emb: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("ij,ij->i", emb, emb, dtype=np.float64))
 
 
-def normalize(emb: np.ndarray, norms: np.ndarray | None = None) -> np.ndarray:
-    """`e / max(||e||, 1e-12)` row-wise, in place for writeable float32 input; returns
-    float32. `norms`: the rows' norms when already computed."""
+def normalize(emb: np.ndarray, norms: np.ndarray | None = None,
+              out: np.ndarray | None = None) -> np.ndarray:
+    """`e / max(||e||, 1e-12)` row-wise, in place for writeable float32 input (or into `out`,
+    a float32 array of emb's shape); returns float32. `norms`: the rows' norms when already
+    computed."""
     emb = np.asarray(emb, dtype=np.float32)
+    norms = row_norms(emb) if norms is None else norms
+    scale = np.maximum(norms, NORM_FLOOR).astype(np.float32)[:, None]
+    if out is not None:
+        return np.divide(emb, scale, out=out)
     if not emb.flags.writeable:  # a zero-copy view of Arrow memory
         emb = emb.copy()
-    norms = row_norms(emb) if norms is None else norms
-    emb /= np.maximum(norms, NORM_FLOOR).astype(np.float32)[:, None]
+    emb /= scale
     return emb
 
 

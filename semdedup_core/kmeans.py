@@ -32,22 +32,23 @@ def assign_chunk(rows: int, k: int) -> int:
 
 
 class Scratch:
-    """The (rows, k) float32 distance buffers of `nearest_centroid`, kept for its next calls
-    (every Lloyd iteration, every batch of an assignment): a fresh 64 MiB buffer per call is
-    mapped, faulted in page by page and unmapped each time, which cost more CPU than the
-    distances' argmin. Thread-safe; holds as many buffers as calls ran side by side."""
+    """Float32 (rows, cols) buffers kept for reuse: `nearest_centroid`'s distances across its
+    calls (every Lloyd iteration, every batch of an assignment), the assignment's unit rows.
+    A fresh 64 MiB buffer per call is mapped, faulted in page by page and unmapped each time,
+    which cost more CPU than the distances' argmin. Thread-safe; holds as many buffers as
+    were in use at once. `get` may hand out a buffer of more rows: take its first rows."""
 
     def __init__(self, xp):
         self.xp = xp
         self._free: queue.SimpleQueue = queue.SimpleQueue()
 
-    def get(self, rows: int, k: int):
+    def get(self, rows: int, cols: int):
         try:
             buf = self._free.get_nowait()
         except queue.Empty:
             buf = None
-        if buf is None or buf.shape[0] < rows or buf.shape[1] != k:
-            buf = self.xp.empty((rows, k), dtype=self.xp.float32)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols:
+            buf = self.xp.empty((rows, cols), dtype=self.xp.float32)
         return buf
 
     def put(self, buf) -> None:

@@ -242,9 +242,13 @@ def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storag
         wanted[[c for c in only if 0 <= c < k]] = True
 
     scratch = Scratch(backend.xp)  # the compute threads' distance buffers, batch after batch
+    # The batches' unit rows: handed back once the writer has copied them (`add`), so that
+    # normalising a batch out of Arrow's read-only buffer does not map fresh memory each time.
+    unit_rows = Scratch(np)
 
     def label(batch):
-        emb = normalize(batch.emb, batch.norms)
+        rows = unit_rows.get(len(batch.emb), batch.emb.shape[1])
+        emb = normalize(batch.emb, batch.norms, out=rows[:len(batch.emb)])
         chunks: list[np.ndarray] = []  # the batch's per_clip rows, chunk by chunk
 
         def keep_chunk(_start: int, d2, lab) -> None:
@@ -254,7 +258,8 @@ def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storag
                                      ASSIGN_CHUNK if pool is None else assign_chunk(len(emb), k),
                                      on_chunk=None if per_clip is None else keep_chunk,
                                      scratch=scratch)
-        return batch.ids, emb, backend.to_numpy(labels), np.concatenate(chunks) if chunks else None
+        return (batch.ids, emb, backend.to_numpy(labels),
+                np.concatenate(chunks) if chunks else None, rows)
 
     workers = host_threads()
     # On an error the threads stop in turn: assigning, decoding, writing, the compute pool.
@@ -264,7 +269,7 @@ def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storag
         batches = stack.enter_context(contextlib.closing(source.iter_batches()))
         labelled = map(label, batches) if pool is None else stack.enter_context(
             contextlib.closing(ordered_map(label, batches, workers, pool=pool)))
-        for ids, emb, labels, extra in labelled:
+        for ids, emb, labels, extra, rows in labelled:
             sizes += np.bincount(labels, minlength=k)
             if progress is not None:
                 progress(len(ids))
@@ -272,7 +277,8 @@ def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storag
                 keep = wanted[labels]
                 labels, ids, emb = labels[keep], ids.filter(pa.array(keep)), emb[keep]
                 extra = None if extra is None else extra[keep]
-            writer.add(labels, ids, emb, extra)
+            writer.add(labels, ids, emb, extra)  # copies the rows out
+            unit_rows.put(rows)
         writer.finish()
     if per_clip is not None:
         per_clip.by_file.update(writer.extra_of)

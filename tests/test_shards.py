@@ -70,6 +70,18 @@ def test_distance_buffers_are_reused_across_calls_with_the_same_bits():
     assert len(set(seen)) == 1
 
 
+def test_normalizing_into_a_reused_buffer_gives_the_same_bits():
+    # The assignment normalises each batch out of Arrow's read-only buffer into a reused one.
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((257, 48)) * 3).astype(np.float32)
+    x[5] = 0  # the norm floor
+    arrow_view = pa.array(x.reshape(-1)).to_numpy().reshape(x.shape)
+    assert not arrow_view.flags.writeable
+    out = np.full((300, 48), np.nan, np.float32)[:257]
+    assert normalize(arrow_view, out=out) is out
+    assert out.tobytes() == normalize(x.copy()).tobytes()
+
+
 def skewed_batches(rng, k: int, dim: int, batches: int, rows: int):
     """Batches of (labels, ids, unit rows); cluster c is drawn with weight 1/(c+1)."""
     weights = 1 / np.arange(1, k + 1)
