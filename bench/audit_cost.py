@@ -15,10 +15,9 @@ audit at most 5% of the run. Data as in bench/cross_cluster.py (same options).
 """
 import argparse
 import json
-import tempfile
 import time
 
-from cross_cluster import make_input, make_synthetic
+from cross_cluster import add_input_arguments, input_from
 
 from semdedup_core import audit, layout
 from semdedup_core.config import make_config
@@ -27,23 +26,11 @@ from semdedup_core.pipeline import run_pipeline
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, default=None, help="real vectors to use (default: all)")
-    p.add_argument("--synthetic", type=int, default=None, metavar="N",
-                   help="N synthetic clips instead of the real set")
-    p.add_argument("--dim", type=int, default=512, help="dimension of synthetic clips")
-    p.add_argument("--copies", type=float, default=0.25, help="near-copies, as a fraction")
-    p.add_argument("--clusters", type=int, default=100)
-    p.add_argument("--eps", type=float, nargs="+", default=[0.05, 0.01])
+    add_input_arguments(p)
     p.add_argument("--cross-cluster", action="store_true")
     p.add_argument("--repeats", type=int, default=3, help="runs of each, alternating")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", default=None)
     ns = p.parse_args()
-    work = ns.workdir or tempfile.mkdtemp(prefix="semdedup-bench-audit-")
-    if ns.synthetic:
-        n = make_synthetic(f"{work}/in", ns.synthetic, ns.dim, ns.clusters, ns.copies, ns.seed)
-    else:
-        n = make_input(f"{work}/in", ns.rows, ns.copies, ns.seed)
+    work, n = input_from(ns, "semdedup-bench-audit-")
     cfg = make_config(input_embeddings_path=f"{work}/in", output_path=f"{work}/out",
                       n_clusters=ns.clusters, backend="cpu", eps_to_extract=ns.eps,
                       cross_cluster=ns.cross_cluster)

@@ -161,8 +161,8 @@ def removed(out_dir: str, eps: float) -> set:
                .column("id").to_pylist())
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_input_arguments(p: argparse.ArgumentParser) -> None:
+    """The input's options, shared with bench/audit_cost.py (see `input_from`)."""
     p.add_argument("--rows", type=int, default=None, help="real vectors to use (default: all)")
     p.add_argument("--synthetic", type=int, default=None, metavar="N",
                    help="N synthetic clips instead of the real set")
@@ -170,19 +170,30 @@ def main() -> None:
     p.add_argument("--copies", type=float, default=0.25, help="near-copies, as a fraction")
     p.add_argument("--clusters", type=int, default=100)
     p.add_argument("--eps", type=float, nargs="+", default=[0.05, 0.01])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default=None)
+
+
+def input_from(ns: argparse.Namespace, prefix: str) -> tuple[str, int]:
+    """(work folder, clips): the input that `add_input_arguments`' options ask for, written
+    under `work`/in (the work folder is --workdir or a new temporary one)."""
+    work = ns.workdir or tempfile.mkdtemp(prefix=prefix)
+    if ns.synthetic:
+        return work, make_synthetic(f"{work}/in", ns.synthetic, ns.dim, ns.clusters, ns.copies,
+                                    ns.seed)
+    return work, make_input(f"{work}/in", ns.rows, ns.copies, ns.seed)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_input_arguments(p)
     p.add_argument("--which-to-keep", default="hard")
     p.add_argument("--max-probes", type=int, default=None, help="cross_cluster_max_probes")
     p.add_argument("--repeats", type=int, default=1, help="runs of each, alternating")
     p.add_argument("--exact-max", type=int, default=200_000,
                    help="largest clip count to run the exact all-pairs search on")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", default=None)
     ns = p.parse_args()
-    work = ns.workdir or tempfile.mkdtemp(prefix="semdedup-bench-cross-")
-    if ns.synthetic:
-        n = make_synthetic(f"{work}/in", ns.synthetic, ns.dim, ns.clusters, ns.copies, ns.seed)
-    else:
-        n = make_input(f"{work}/in", ns.rows, ns.copies, ns.seed)
+    work, n = input_from(ns, "semdedup-bench-cross-")
     args = {"input_embeddings_path": f"{work}/in", "n_clusters": ns.clusters, "backend": "cpu",
             "eps_to_extract": ns.eps, "which_to_keep": ns.which_to_keep}
     extra = {} if ns.max_probes is None else {"cross_cluster_max_probes": ns.max_probes}
