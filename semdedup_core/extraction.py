@@ -136,43 +136,72 @@ def sweep(out: Storage, eps_list: list[float], progress=None, owner: str | None 
     """New eps from existing pruning (and cross-cluster) tables: writes `unique_ids_<eps>`, the
     summaries and the audit, recomputing nothing else. Only a finished output is swept (it has
     a completion record, which then lists the swept eps); the folder is held for the sweep like
-    for a run."""
+    for a run. A sweep that fails leaves the folder as it found it: the files of eps it did
+    not hold before are deleted and the audit put back (the eps it held are rewritten with the
+    same bytes)."""
     with run_record.take_output(out, owner, wait) as lock:
         run_record.require_complete(out, lock)
         clusters = pruned_clusters(out)
         if not clusters:
             raise InputError(f"{out.display(layout.PRUNING_TABLES)}: no pruning tables; run the "
                              "pipeline first")
-        cross = read_cross_table(out, clusters[0])
-        covered = searched_eps(cross) if cross is not None else None
-        if covered is not None and max(eps_list) > covered:
-            remedy = ("rebuild the corpus" if out.exists(layout.MAX_DROP_TABLE) else
-                      "re-run with cross_cluster at the larger eps")  # a corpus's drop or a run
-            log.warning("%s: the cross-cluster search covered eps up to %s; near-duplicates "
-                        "across clusters between that and eps %s are not searched (%s to "
-                        "search them)", out.display(layout.CROSS_TABLES), eps_text(covered),
-                        eps_text(max(eps_list)), remedy)
-        removed = dict.fromkeys(eps_list, 0)
-        for counts in ordered_map(lambda c: extract_from_tables(out, c, eps_list), clusters,
-                                  host_threads()):
-            for eps, n in counts.items():
-                removed[eps] += n
-            if progress is not None:
-                progress(1)
-        rows = summarize(out, eps_list, clusters, removed_by_eps=removed)
-        # The audit again, for these eps, with the run's sample rate and seed (as a fresh run
-        # with these eps would write it); outputs from before the audit have none to follow.
-        previous = read_audit(out)
-        if previous is not None:
-            audit_output(out, clusters, eps_list, backend or get_backend("auto"),
-                         previous["sample_rate"], previous["seed"], previous["cross_cluster"])
-        run_record.add_swept_eps(out, lock, eps_list, rows)
+        new_eps = [e for e in eps_list if not out.exists(layout.summary_csv(e))]
+        previous_audit = out.read_bytes(layout.AUDIT) if out.exists(layout.AUDIT) else None
+        try:
+            rows = _sweep_held(out, lock, eps_list, clusters, progress, backend)
+        except BaseException:
+            _undo_sweep(out, new_eps, previous_audit)
+            raise
     drop = run_record.committed_corpus_drop(out)
     if drop is not None:  # the corpus's manifest counts the drop's removals per eps too
         from semdedup_core.corpus import record_sweep  # (corpus imports this module)
 
         record_sweep(*drop, eps_list, rows)
     return rows
+
+
+def _sweep_held(out: Storage, lock, eps_list: list[float], clusters: list[int], progress,
+                backend: Backend | None) -> dict[float, dict]:
+    """The sweep's writes, the folder held: parts, summaries, the audit, the record."""
+    cross = read_cross_table(out, clusters[0])
+    covered = searched_eps(cross) if cross is not None else None
+    if covered is not None and max(eps_list) > covered:
+        remedy = ("rebuild the corpus" if out.exists(layout.MAX_DROP_TABLE) else
+                  "re-run with cross_cluster at the larger eps")  # a corpus's drop or a run
+        log.warning("%s: the cross-cluster search covered eps up to %s; near-duplicates "
+                    "across clusters between that and eps %s are not searched (%s to "
+                    "search them)", out.display(layout.CROSS_TABLES), eps_text(covered),
+                    eps_text(max(eps_list)), remedy)
+    removed = dict.fromkeys(eps_list, 0)
+    for counts in ordered_map(lambda c: extract_from_tables(out, c, eps_list), clusters,
+                              host_threads()):
+        for eps, n in counts.items():
+            removed[eps] += n
+        if progress is not None:
+            progress(1)
+    rows = summarize(out, eps_list, clusters, removed_by_eps=removed)
+    # The audit again, for these eps, with the run's sample rate and seed (as a fresh run
+    # with these eps would write it); outputs from before the audit have none to follow.
+    previous = read_audit(out)
+    if previous is not None:
+        audit_output(out, clusters, eps_list, backend or get_backend("auto"),
+                     previous["sample_rate"], previous["seed"], previous["cross_cluster"])
+    run_record.add_swept_eps(out, lock, eps_list, rows)
+    return rows
+
+
+def _undo_sweep(out: Storage, new_eps: list[float], previous_audit: bytes | None) -> None:
+    """After a failed sweep: delete what it wrote for eps the folder did not hold, and put the
+    audit back. Best effort: the sweep's own error is the one to report."""
+    try:
+        for eps in new_eps:
+            out.delete_file(layout.summary_csv(eps))  # first: a summary marks a whole eps
+            out.delete_dir(layout.unique_ids_dir(eps))
+        if previous_audit is not None:
+            out.write_bytes(layout.AUDIT, previous_audit)
+    except Exception:  # noqa: BLE001
+        log.warning("%s: could not undo the failed sweep; sweep again", out.display(),
+                    exc_info=True)
 
 
 def summarize(out: Storage, eps_list: list[float], clusters: list[int], total: int | None = None,

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from semdedup_core import layout
 from semdedup_core.backends.base import Backend
 from semdedup_core.embeddings import EmbeddingSource, normalize
+from semdedup_core.errors import InputError
 from semdedup_core.kmeans import (ASSIGN_CHUNK, Scratch, assign_chunk, centroid_distances,
                                   nearest_centroid)
 from semdedup_core.config import DedupConfig
@@ -334,6 +335,9 @@ def read_shard_file_vectors(out: Storage, rel: str) -> tuple[pa.Table, np.ndarra
         meta, n = file.metadata, table.num_rows
         leaves = [i for i in range(meta.num_columns)
                   if meta.schema.column(i).path.split(".")[0] == layout.EMBEDDING]
+        if not leaves:
+            raise InputError(f"{out.display(rel)}: no {layout.EMBEDDING} column: not a shard as "
+                             "semdedup writes them; re-run assignment")
         values = plain_float_values(data, meta, leaves[0]) if len(leaves) == 1 else None
         if values is None or n == 0 or len(values) % n:
             return table, list_column_to_numpy(file.read(columns=[layout.EMBEDDING]).column(0))

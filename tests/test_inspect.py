@@ -11,6 +11,7 @@ from dagster import DagsterInstance
 
 from semdedup_core import layout
 from semdedup_core.config import make_config
+from semdedup_core.errors import InputError
 from semdedup_core.extraction import sweep
 from semdedup_core.inspection import find_clip, score_stats
 from semdedup_core.pipeline import run_pipeline
@@ -65,6 +66,35 @@ def test_sweep_cli_and_bad_eps(finished, tmp_path):
     with pytest.raises(OutputIncomplete, match="no semdedup output here"):
         sweep(Storage(str(tmp_path / "empty")), [0.1])
     assert not (tmp_path / "empty").exists()
+
+
+def file_bytes(root) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("damage", ["shard_missing", "vectors_missing"])
+def test_a_failed_sweep_leaves_the_folder_as_it_found_it(finished, tmp_path, damage):
+    """The sweep fails in its extraction (a cluster's shard is gone: parts of the clusters
+    before it are written by then) or in its audit (the shards have no vectors: parts and
+    summaries are written by then). Either way no unique_ids_<eps> of the new eps is left
+    without its summary, nothing of the eps the folder held changes, and the error names the
+    file."""
+    _, _, out, _, _ = finished
+    work = tmp_path / "w"
+    subprocess.run(["cp", "-r", str(out), str(work)], check=True)
+    shards = sorted((work / layout.SHARDS).iterdir())
+    if damage == "shard_missing":
+        subprocess.run(["rm", "-r", str(shards[3])], check=True)
+        error = f"{shards[3]}: no shard"
+    else:
+        for f in work.joinpath(layout.SHARDS).rglob("*.parquet"):
+            pq.write_table(pq.read_table(f).drop_columns([layout.EMBEDDING]), f)
+        error = "no embedding column"
+    before = file_bytes(work)
+    with pytest.raises(InputError, match=error):
+        sweep(Storage(str(work)), [0.01, 0.2])
+    assert file_bytes(work) == before
 
 
 def test_inspect_finds_a_removed_clip_and_its_match(finished):
