@@ -76,8 +76,8 @@ class ShardWriter:
     assignment's next GEMMs): `add` waits only while the clips held and those being written
     exceed `buffer_bytes`, so memory stays within the buffer and a batch, as if it waited for
     every write. Which clips go into which file never depends on that timing.
-    Use it as a context manager: leaving the block early (an error) cancels the writes not yet
-    started and waits for the others."""
+    Use it as a context manager (its write threads start and end with the block): leaving the
+    block early (an error) cancels the writes not yet started and waits for the others."""
 
     def __init__(self, out: Storage, centroids: np.ndarray, buffer_bytes: int, workers: int):
         self.out, self.centroids = out, centroids
@@ -90,17 +90,20 @@ class ShardWriter:
         self.peak_bytes = 0  # the most ever held or being written (tests check the bound)
         self.written: dict[int, list[str]] = {}  # cluster -> its files, as written
         self.extra_of: dict[str, np.ndarray] = {}  # file -> the `extra` of its rows
-        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="semdedup-write")
+        self.workers = max(1, workers)
+        self._pool: ThreadPoolExecutor | None = None  # while inside the `with` block
         self._writing: deque[tuple[Future, int]] = deque()  # (write of a part, its bytes)
         self._writing_bytes = 0
 
     def __enter__(self) -> "ShardWriter":
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="semdedup-write")
         return self
 
     def __exit__(self, *exc) -> None:
         for future, _ in self._writing:
             future.cancel()
         self._pool.shutdown(wait=True)
+        self._pool = None
 
     def add(self, labels: np.ndarray, ids: pa.Array, emb: np.ndarray,
             extra: np.ndarray | None = None) -> None:
@@ -174,6 +177,8 @@ class ShardWriter:
             self.held_bytes[c] = 0
 
     def _submit(self, c: int, pieces: list, size: int) -> None:
+        if self._pool is None:  # outside `with`, a failure would leave its threads running
+            raise RuntimeError("ShardWriter writes only inside a `with ShardWriter(...)` block")
         self._writing.append((self._pool.submit(self._write_part, (c, pieces)), size))
         self._writing_bytes += size
 

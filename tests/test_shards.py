@@ -97,15 +97,15 @@ def test_writer_writes_every_clip_once_within_its_buffer(tmp_path):
     out = Storage(str(tmp_path))
     centroids = normalize(rng.standard_normal((k, dim)).astype(np.float32))
     buffer = 80_000  # ~1,100 clips of 72 bytes: about two batches
-    writer = ShardWriter(out, centroids, buffer, workers=2)
     expected: dict[int, list] = {}
     batch_bytes = 0
-    for labels, ids, emb in skewed_batches(rng, k, dim, batches=12, rows=rows):
-        writer.add(labels, ids, emb)
-        batch_bytes = max(batch_bytes, emb.nbytes + ids.nbytes)
-        for i, c in enumerate(labels.tolist()):
-            expected.setdefault(c, []).append((ids[i].as_py(), emb[i]))
-    writer.finish()
+    with ShardWriter(out, centroids, buffer, workers=2) as writer:
+        for labels, ids, emb in skewed_batches(rng, k, dim, batches=12, rows=rows):
+            writer.add(labels, ids, emb)
+            batch_bytes = max(batch_bytes, emb.nbytes + ids.nbytes)
+            for i, c in enumerate(labels.tolist()):
+                expected.setdefault(c, []).append((ids[i].as_py(), emb[i]))
+        writer.finish()
     assert writer.peak_bytes <= buffer + batch_bytes
 
     files = shard_files_by_cluster(out)
@@ -130,14 +130,27 @@ def test_writer_writes_every_clip_once_within_its_buffer(tmp_path):
     assert len(files[k - 1]) == 1
 
 
+def test_writer_writes_only_inside_its_block(tmp_path):
+    """Its write threads live as long as the `with` block: outside one, a write is refused
+    (a failure there would have left the threads running), and nothing is written."""
+    rng = np.random.default_rng(2)
+    centroids = normalize(rng.standard_normal((3, 8)).astype(np.float32))
+    writer = ShardWriter(Storage(str(tmp_path)), centroids, 2_000, workers=1)
+    labels, ids, emb = next(skewed_batches(rng, 3, 8, batches=1, rows=60))
+    with pytest.raises(RuntimeError, match="inside a `with ShardWriter"):
+        writer.add(labels, ids, emb)
+        writer.finish()
+    assert not list(tmp_path.iterdir())
+
+
 def test_readers_take_only_whole_files_and_a_rerun_removes_the_rest(tmp_path):
     rng = np.random.default_rng(1)
     out = Storage(str(tmp_path))
     centroids = normalize(rng.standard_normal((3, 8)).astype(np.float32))
-    writer = ShardWriter(out, centroids, 2_000, workers=1)
-    for labels, ids, emb in skewed_batches(rng, 3, 8, batches=4, rows=60):
-        writer.add(labels, ids, emb)
-    writer.finish()
+    with ShardWriter(out, centroids, 2_000, workers=1) as writer:
+        for labels, ids, emb in skewed_batches(rng, 3, 8, batches=4, rows=60):
+            writer.add(labels, ids, emb)
+        writer.finish()
     rows = {c: read_shard(out, c).num_rows for c in range(3)}
     # What a killed write leaves: a cut-short temporary, and an older run's file.
     folder = tmp_path / layout.shard_dir(0)
