@@ -25,12 +25,14 @@ def max_similarity_to_earlier(backend: Backend, emb, tile: int, row_block: int |
 
     Blocks of `row_block` rows (default `row_block_size(tile)`) are multiplied with the clips
     before them in column tiles of `tile`, so memory is O(row_block x tile): the columns before
-    the block in one GEMM of all its rows; where a tile reaches the block's own clips, those
-    columns by sub-blocks of `sub_block` rows (default `sub_block_size`), each against the
-    columns before its end only: of the triangle above the diagonal, only the sub-blocks' own
-    squares are computed (and masked). All of a tile's products for a row land in one buffer
-    and are reduced together, however many GEMMs computed them. Products are reduced
-    along the row, i.e. along contiguous memory. Ties go to the earliest clip: float32 GEMMs
+    the block in one GEMM of all its rows; the block's own square, where one tile holds it and
+    the backend has a symmetric product (`Backend.gram_lower`: OpenBLAS's ssyrk on the CPU, the
+    same bits), as its lower triangle only; else by sub-blocks of `sub_block` rows (default
+    `sub_block_size`), each against the columns before its end only. Either way, sub-block
+    by sub-block, the part at or above the diagonal is masked (of the square above the
+    diagonal only the sub-blocks' own squares are reduced). All of a tile's products for a row
+    land in one buffer and are reduced together, however many GEMMs computed them. Products
+    are reduced along the row, i.e. along contiguous memory. Ties go to the earliest clip: float32 GEMMs
     round the same dot product differently at different positions of a tile (and on different
     devices), so values within TIE_TOL of the best count as ties. Within a column tile the
     earliest such column wins; a later tile only wins when greater by more than TIE_TOL. Column
@@ -69,13 +71,17 @@ def max_similarity_to_earlier(backend: Backend, emb, tile: int, row_block: int |
                 _fold_tile(xp, sims[:, :before], i0, best, best_i)
                 continue
             d0 = max(i0, j0)  # the tile reaches the block's own clips from column d0 on
+            # The block's own square inside this tile: its lower triangle in one product.
+            gram = i0 <= j0 and j1 <= i1 and backend.gram_lower(rows, sims[:, j0 - i0:j1 - i0])
             for r0 in range(j0, j1, sb):
                 r1 = min(r0 + sb, j1)
                 c1 = min(i1, r1)  # columns from r1 on come after every row of the sub-block
                 if c1 <= i0:
                     continue
                 a0, a1 = r0 - j0, r1 - j0
-                xp.matmul(rows[a0:a1], cols[d0 - i0:c1 - i0].T, out=sims[a0:a1, d0 - i0:c1 - i0])
+                if not gram:
+                    xp.matmul(rows[a0:a1], cols[d0 - i0:c1 - i0].T,
+                              out=sims[a0:a1, d0 - i0:c1 - i0])
                 part = sims[a0:a1, :c1 - i0]
                 q0 = max(i0, r0)  # columns from q0 on may be at or after a row: only i < j count
                 if c1 > q0:

@@ -270,3 +270,57 @@ def test_row_blocks_on_compute_threads_equal_one_pass_bit_for_bit(data):
                     for tile, rb, first in cases]
     for case, (s1, m1), (s2, m2) in zip(cases, one_pass, threaded):
         assert s1.tobytes() == s2.tobytes() and m1.tobytes() == m2.tobytes(), case
+
+
+class MatmulOnlyCpu(CpuBackend):
+    """The CPU backend without its symmetric product: every diagonal square by matmul (the
+    path the GPU takes)."""
+
+    def gram_lower(self, a, out) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("threads", ["one BLAS thread", "every core"])
+def test_openblas_gram_lower_has_the_bits_of_matmul(threads):
+    """OpenBLAS's ssyrk (numpy's own BLAS, through ctypes) writes a @ a.T's lower triangle with
+    the bits of numpy's matmul, element for element, and leaves the rest of `out` alone."""
+    import contextlib
+
+    from semdedup_core.backends import openblas
+    from semdedup_core.threads import single_threaded_blas
+
+    rng = np.random.default_rng(5)
+    with single_threaded_blas() if threads == "one BLAS thread" else contextlib.nullcontext():
+        for n, d in [(1, 8), (37, 64), (128, 384), (513, 384), (700, 1024)]:
+            a = normalize(rng.standard_normal((n + 3, d)).astype(np.float32))[3:]
+            buf = np.full((n, n + 50), np.nan, dtype=np.float32)
+            assert openblas.gram_lower(a, buf[:, 20:20 + n])  # numpy's wheels ship OpenBLAS
+            lower = np.tril_indices(n)
+            assert buf[:, 20:20 + n][lower].tobytes() == (a @ a.T)[lower].tobytes(), (n, d)
+            assert np.isnan(buf[:, 20:20 + n][np.triu_indices(n, 1)]).all()
+            assert np.isnan(buf[:, :20]).all() and np.isnan(buf[:, 20 + n:]).all()
+    assert not openblas.gram_lower(a.astype(np.float64), buf[:, 20:20 + n])
+
+
+@pytest.mark.parametrize("data", ["random", "real"])
+def test_symmetric_diagonal_equals_matmul_bit_for_bit(data):
+    """The block's own square by the symmetric product (the CPU) gives the same scores and
+    matches, bit for bit, as by matmul, for any tile, row block (inside a tile or across two)
+    and first row, on one thread and on the compute threads."""
+    from semdedup_core.threads import compute_pool
+
+    if data == "real":
+        emb = real_cluster(1500)
+    else:
+        rng = np.random.default_rng(13)
+        emb = normalize(rng.standard_normal((1500, 64)).astype(np.float32))
+        emb[rng.choice(np.arange(1, 1500), 300)] = emb[rng.integers(0, 1500, 300)]
+    cases = [(2048, None, 0), (512, None, 0), (1000, None, 0), (300, 128, 0), (2048, 256, 777),
+             (256, 100, 901)]
+    matmul = [max_similarity_to_earlier(MatmulOnlyCpu(), emb, tile, rb, first)
+              for tile, rb, first in cases]
+    with compute_pool() as pool:
+        for pool_or_none in (None, pool):
+            for case, (s1, m1) in zip(cases, matmul):
+                s2, m2 = max_similarity_to_earlier(CPU, emb, *case, pool=pool_or_none)
+                assert s1.tobytes() == s2.tobytes() and m1.tobytes() == m2.tobytes(), case

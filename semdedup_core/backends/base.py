@@ -38,6 +38,12 @@ class Backend:
         """Indices sorting `a`, ties in index order."""
         return self.xp.argsort(a, kind="stable")
 
+    def gram_lower(self, a, out) -> bool:
+        """Write a @ a.T's lower triangle (diagonal included) into `out`, each element the bits
+        of the matmul, leaving the rest of `out` as it was; False (nothing written) where the
+        backend has no such product: the caller then uses matmul."""
+        return False
+
     def scatter_add_rows(self, out, labels, rows, pool: Executor | None = None) -> None:
         """`out[labels[i]] += rows[i]` for every i, in order of i (K-means' centroid sums);
         `pool`: compute threads to share the work (`compute_pool`)."""
