@@ -86,11 +86,15 @@ class Segment:
     def __init__(self, storage: Storage, rel: str):
         self.where = storage.display(rel)
         self.file = storage.open_mapped(rel)
-        # A memory map is read as one zero-copy buffer; other files by positional reads.
-        self._map = self.file.read_buffer() if isinstance(self.file, pa.MemoryMappedFile) \
-            else None
+        # A memory map is read as one zero-copy buffer; other files (S3) by positional reads,
+        # the first of them the trailer, whose answer also gives the size.
+        if isinstance(self.file, pa.MemoryMappedFile):
+            self._map = self.file.read_buffer()
+            trailer = self._map.slice(max(0, self._map.size - _TRAILER)).to_pybytes()
+        else:
+            self._map = None
+            trailer = self.file.read_tail(_TRAILER).to_pybytes()
         size = self.file.size()
-        trailer = self._read(_TRAILER, size - _TRAILER).to_pybytes() if size >= _TRAILER else b""
         if trailer[16:] != MAGIC:
             raise InputError(f"{self.where}: not a semdedup store segment (damaged or cut short)")
         index_at, header_len = np.frombuffer(trailer[:16], np.int64)

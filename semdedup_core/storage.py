@@ -3,6 +3,7 @@ and safe extraction of `.zip` inputs. The only module that knows about S3 and zi
 
 import configparser
 import contextlib
+import errno
 import hashlib
 import io
 import os
@@ -25,6 +26,7 @@ import pyarrow.fs as pafs
 
 from semdedup_core.config import DedupConfig, is_zip_path
 from semdedup_core.errors import ConfigError, InputError, SemdedupError, StorageError
+from semdedup_core.threads import LATENCY_BOUND_THREADS
 
 S3_SCHEME = "s3://"
 
@@ -73,8 +75,6 @@ _FAULTS = [
 
 def describe_fault(exc: BaseException) -> str:
     """A storage exception as a short reason: a known fault in words, else its first line."""
-    import errno
-
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return "no space left on the device"
     if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -184,9 +184,12 @@ class S3Access:
 
         from botocore.config import Config
 
+        # A connection per thread that may read at once (ranged GETs of store segments), so
+        # none is dropped and opened again (a TLS handshake each on AWS).
         return boto3.client("s3", region_name=self.region, endpoint_url=self.endpoint_url,
                             config=Config(retries={"max_attempts": s3_attempts(),
-                                                   "mode": "standard"}),
+                                                   "mode": "standard"},
+                                          max_pool_connections=LATENCY_BOUND_THREADS),
                             aws_access_key_id=self.access_key,
                             aws_secret_access_key=self.secret_key,
                             aws_session_token=self.session_token)
@@ -289,12 +292,12 @@ class Storage:
             return f.read()
 
     def open_mapped(self, rel: str):
-        """A random-access pyarrow file for many small positional reads (`read_at`, safe from
-        several threads): locally a memory map, whose reads are views of pages the OS caches
-        (no copy, no decode); on S3 each read is one ranged GET."""
+        """A random-access file for whole reads (`read_buffer`) or many small positional ones
+        (`read_at`, safe from several threads): locally a memory map, whose reads are views of
+        pages the OS caches (no copy, no decode); on S3 an `S3Object`, each read one GET."""
         if self.local:
             return pa.memory_map(self.path(rel))
-        return self.fs.open_input_file(self.path(rel))
+        return S3Object(self, rel)
 
     # -- writing -----------------------------------------------------------------------------
     def write_bytes(self, rel: str, data) -> None:
@@ -472,6 +475,72 @@ class Storage:
                                               UploadId=up["UploadId"])
                 n += 1
         return n
+
+
+class S3Object:
+    """One S3 object read by GETs alone: whole (`read_buffer`), a range (`read_at`) or its
+    last bytes (`read_tail`, for a trailer); the size comes with the first GET's answer, so
+    opening costs no HEAD. A fault is one StorageError line naming the file, a missing file a
+    FileNotFoundError naming it."""
+
+    def __init__(self, storage: Storage, rel: str):
+        self.storage, self.rel = storage, rel
+        self.bucket, self.key = storage.path(rel).split("/", 1)
+        self._size: int | None = None
+
+    def _get(self, byte_range: str | None = None) -> pa.Buffer:
+        from botocore.exceptions import (IncompleteReadError, ReadTimeoutError,
+                                         ResponseStreamingError)
+
+        where = self.storage.display(self.rel)
+        ranged = {"Range": byte_range} if byte_range else {}
+        with storage_faults(where, "read"):
+            for attempt in range(s3_attempts()):
+                try:
+                    got = self.storage.client().get_object(Bucket=self.bucket, Key=self.key,
+                                                           **ranged)
+                except Storage._client_errors() as exc:
+                    if _s3_code(exc) in ("NoSuchKey", "404"):
+                        raise FileNotFoundError(errno.ENOENT, "no such file", where) from None
+                    if _s3_code(exc) in ("InvalidRange", "416"):  # the tail of an empty file
+                        self._size = 0
+                        return pa.py_buffer(b"")
+                    raise
+                try:  # boto3 retries the request; a body cut short is asked for again here
+                    data = got["Body"].read()
+                    break
+                except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError):
+                    if attempt + 1 == s3_attempts():
+                        raise
+        whole = got.get("ContentRange")  # "bytes first-last/size" when ranged
+        self._size = int(whole.rsplit("/", 1)[1]) if whole else len(data)
+        return pa.py_buffer(data)
+
+    def read_buffer(self) -> pa.Buffer:
+        return self._get()
+
+    def read_at(self, nbytes: int, offset: int) -> pa.Buffer:
+        if nbytes <= 0:
+            return pa.py_buffer(b"")
+        return self._get(f"bytes={offset}-{offset + nbytes - 1}")
+
+    def read_tail(self, nbytes: int) -> pa.Buffer:
+        """The last `nbytes` (all of it when shorter); `size()` is known after it."""
+        return self._get(f"bytes=-{nbytes}")
+
+    def size(self) -> int:
+        if self._size is None:
+            self.read_tail(1)
+        return self._size
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "S3Object":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _s3_code(exc) -> str:

@@ -26,10 +26,16 @@ def planted(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory):
+def s3_server_log(tmp_path_factory):
+    """The S3 server's log: a line per request ("GET /bucket/key HTTP/1.1" ...)."""
+    return tmp_path_factory.mktemp("moto") / "server.log"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_server_log):
     """A real S3 API server (moto_server) on loopback, for the whole session."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")
+    log = open(s3_server_log, "wb")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
                              str(port)], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -60,6 +66,36 @@ def aws_profile(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
     return "semdedup-test"
+
+
+@pytest.fixture
+def s3_requests(s3_endpoint, s3_server_log):
+    """`since()`: (method, path) of every request the S3 server logged since this fixture was
+    set up, in order. The server logs a request after answering it, so `since()` first sends
+    a request of its own and reads the log once that one is in it."""
+    import re
+    import uuid
+
+    start = s3_server_log.stat().st_size
+    pattern = re.compile(r'"(?:\x1b\[[0-9;]*m)*([A-Z]+) (/\S*) HTTP/')
+
+    def since() -> list[tuple[str, str]]:
+        mark = f"/moto-api/?mark={uuid.uuid4().hex}"
+        urllib.request.urlopen(s3_endpoint + mark, timeout=10).read()
+        deadline = time.time() + 30
+        while True:
+            with open(s3_server_log, "rb") as f:
+                f.seek(start)
+                text = f.read().decode(errors="replace")
+            if mark in text or time.time() > deadline:
+                break
+            time.sleep(0.05)
+        assert mark in text, "the S3 server did not log its requests"
+        return [(method, path) for method, path in
+                (m.groups() for m in pattern.finditer(text.split(mark, 1)[0]))
+                if not path.startswith("/moto-api/")]  # (the marks)
+
+    return since
 
 
 @pytest.fixture

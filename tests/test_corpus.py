@@ -443,7 +443,8 @@ def test_rebuild_searches_across_clusters_up_to_every_drops_eps(drops, tmp_path,
     assert table.schema.metadata[b"semdedup.cross_cluster.searched_eps"] == b"0.07"
 
 
-def test_s3_corpus_equals_local(drops, tmp_path, s3_client, s3_endpoint, aws_profile):
+def test_s3_corpus_equals_local(drops, tmp_path, s3_client, s3_endpoint, aws_profile,
+                                s3_requests):
     s3_client.create_bucket(Bucket="corpus")
     local = str(tmp_path / "corpus")
     add_all(local, drops, ["d0", "d1"])
@@ -464,6 +465,9 @@ def test_s3_corpus_equals_local(drops, tmp_path, s3_client, s3_endpoint, aws_pro
     assert [d["name"] for d in read_manifest(store)["drops"]] == ["d0", "d1"]
     assert json.loads(store.read_bytes(layout.CORPUS_MANIFEST))["format"] == 2
     assert store_contents(store) == store_contents(local)  # the segments, read by ranged GETs
+    # Segments are read by GETs alone: opening one costs no HEAD (its trailer's GET says the size).
+    read = [m for m, p in s3_requests() if p.startswith(f"/corpus/curated/{layout.STORE}/")]
+    assert "GET" in read and "HEAD" not in read
     # A rebuild from and into S3 (its inputs: the drops' shards there) equals the local one.
     corpus_mod.rebuild(uri, "s3://corpus/rebuilt", {"n_clusters": 6, **args})
     corpus_mod.rebuild(local, str(tmp_path / "rebuilt"), {"n_clusters": 6})

@@ -6,9 +6,14 @@ import os
 import zipfile
 
 import pyarrow.parquet as pq
+import pytest
 
+from semdedup_core import layout
 from semdedup_core.config import make_config
+from semdedup_core.errors import StorageError
 from semdedup_core.pipeline import run_pipeline
+from semdedup_core.shards import read_shard_file_vectors
+from semdedup_core.storage import S3Options, Storage
 from tests.conftest import upload_folder
 
 
@@ -45,6 +50,40 @@ def test_s3_in_and_out_with_profile(planted, s3_client, s3_endpoint, aws_profile
             continue
         body = s3_client.get_object(Bucket="clips", Key=key)["Body"].read()
         assert (tmp_path / "local" / rel).read_bytes() == body, rel
+
+
+def test_a_shard_on_s3_is_read_in_one_get(planted, s3_client, s3_endpoint, aws_profile,
+                                          s3_requests, tmp_path):
+    """A shard file is read whole by one GET (its size from the answer, no HEAD), in the run's
+    prune phase and by `read_shard_file_vectors`; a file gone is an error naming it."""
+    folder, _ = planted
+    s3_client.create_bucket(Bucket="one-get")
+    upload_folder(s3_client, "one-get", "in", folder)
+    out = Storage("s3://one-get/out", S3Options(aws_profile, s3_endpoint))
+    run_pipeline(make_config(input_embeddings_path="s3://one-get/in", output_path=out.uri,
+                             n_clusters=4, aws_profile=aws_profile,
+                             aws_endpoint_url=s3_endpoint))
+    shards = out.list_files(layout.SHARDS)
+    requests = s3_requests()
+    reads = [(m, p) for m, p in requests if m != "PUT"
+             and p.startswith(f"/one-get/out/{layout.SHARDS}/")]  # (not listings: /one-get?...)
+    assert sorted(reads) == sorted(("GET", f"/one-get/out/{rel}") for rel in shards)
+
+    (tmp_path / "shard.parquet").write_bytes(
+        s3_client.get_object(Bucket="one-get", Key=f"out/{shards[0]}")["Body"].read())
+    local, local_emb = read_shard_file_vectors(Storage(str(tmp_path)), "shard.parquet")
+    before = len(s3_requests())
+    table, emb = read_shard_file_vectors(out, shards[0])
+    assert table.equals(local) and emb.tobytes() == local_emb.tobytes()
+    assert s3_requests()[before:] == [("GET", f"/one-get/out/{shards[0]}")]
+
+    gone = layout.shard_file(0, "0" * 16)
+    with pytest.raises(FileNotFoundError, match=f"s3://one-get/out/{gone}"):
+        read_shard_file_vectors(out, gone)
+    nowhere = Storage("s3://no-such-bucket/out", S3Options(aws_profile, s3_endpoint))
+    with pytest.raises(StorageError, match=f"s3://no-such-bucket/out/{shards[0]}: cannot read: "
+                                           "the bucket does not exist"):
+        read_shard_file_vectors(nowhere, shards[0])
 
 
 def test_zip_from_s3_with_endpoint_from_environment(planted, s3_client, s3_endpoint, aws_profile,
