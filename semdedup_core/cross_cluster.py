@@ -243,6 +243,26 @@ def _earlier_best(sims: np.ndarray, first: np.ndarray, floor: float):
     return top, arg
 
 
+def _masked_best(sims: np.ndarray, y_first: np.ndarray, floor: float):
+    """`compare_block`'s result on the host for a small block without equal keys across the
+    sides (`y_first`: column j comes before row i): few calls, as most blocks are a few
+    hundred pairs and there the calls, not the passes, cost. `sims` is overwritten."""
+    n, m = sims.shape
+    rows = np.where(y_first, sims, -np.inf)
+    np.copyto(sims, -np.inf, where=y_first)  # what is left: each column's earlier rows
+    found = []
+    for masked, axis in ((rows, 1), (sims, 0)):
+        arg = masked.argmax(axis=axis)
+        top = masked[np.arange(n), arg] if axis == 1 else masked[arg, np.arange(m)]
+        near = np.flatnonzero(top >= floor)
+        if len(near):  # the earliest within TIE_TOL of the best
+            lim = top[near] - TIE_TOL
+            arg[near] = (masked[near] >= lim[:, None]).argmax(axis=1) if axis == 1 else \
+                (masked[:, near] >= lim[None, :]).argmax(axis=0)
+        found += [top, arg]
+    return tuple(found)
+
+
 def compare_block(backend: Backend, which_to_keep: str, x_emb: np.ndarray, x_key: np.ndarray,
                   x_tie, y_emb: np.ndarray, y_key: np.ndarray, y_tie, floor: float):
     """Clips x (rows) of one cluster against clips y (columns) of another, each side in its
@@ -259,10 +279,12 @@ def compare_block(backend: Backend, which_to_keep: str, x_emb: np.ndarray, x_key
     # column's earlier rows too: on the host, no masked copy of the whole block.
     first_col = np.searchsorted(y_key, x_key)
     tied = len(y_key) and bool((y_key[np.minimum(first_col, len(y_key) - 1)] == x_key).any())
-    if xp is np and not tied and sims.size >= STAIRCASE_MIN:
-        row_top, row_arg = _earlier_best(sims, first_col, floor)
-        col_top, col_arg = _earlier_best(sims.T, np.searchsorted(x_key, y_key), floor)
-        return row_top, row_arg, col_top, col_arg
+    if xp is np and not tied:
+        if sims.size >= STAIRCASE_MIN:
+            row_top, row_arg = _earlier_best(sims, first_col, floor)
+            col_top, col_arg = _earlier_best(sims.T, np.searchsorted(x_key, y_key), floor)
+            return row_top, row_arg, col_top, col_arg
+        return _masked_best(sims, y_key < x_key[:, None], floor)
     y_first = backend.asarray(y_key)[None, :] < backend.asarray(x_key)[:, None]
     if tied:  # equal keys (rare: equal float32 distances)
         i, j = np.nonzero(x_key[:, None] == y_key[None, :])
@@ -443,25 +465,19 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
         return ranked, order_keys(which, ranked.rank_dist, len(ranked.ids)), rows[known], to[known]
 
     def block(a: int, x_rows, x_emb, x_key, b: int, y_rows, y_emb, y_key):
-        """One (b, a) block: the offers to a's clips and to b's (None where not a target)."""
+        """One (b, a) block: each row's and column's best earlier match (`compare_block`)
+        with the score to record (`exact_scores`)."""
         row_top, row_arg, col_top, col_arg = compare_block(
             backend, which, x_emb, x_key, tie_of(a, x_rows), y_emb, y_key, tie_of(b, y_rows),
             floor)
-        mine = theirs = None
-        if a in targets:
-            mine = (state.at(a, x_rows), row_top, exact_scores(row_top, x_emb, y_emb, row_arg, floor),
-                    np.full(len(x_rows), b), y_rows[row_arg], y_key[row_arg])
-        if b in targets:
-            theirs = (state.at(b, y_rows), col_top,
-                      exact_scores(col_top, y_emb, x_emb, col_arg, floor),
-                      np.full(len(y_rows), a), x_rows[col_arg], x_key[col_arg])
-        return mine, theirs
+        return (row_top, row_arg, exact_scores(row_top, x_emb, y_emb, row_arg, floor),
+                col_top, col_arg, exact_scores(col_top, y_emb, x_emb, col_arg, floor))
 
     def blocks(jobs: list) -> list:
         return [block(*j) for j in jobs]
 
     def start_turn(ranked: RankedShard, key: np.ndarray, rows: np.ndarray, to: np.ndarray,
-                   pool) -> tuple[int, list]:
+                   pool) -> tuple[int, list, list]:
         """Cluster a's blocks, started on the pool (computed here without one); a's clips
         that probe later clusters wait for those turns."""
         a = ranked.cluster
@@ -469,19 +485,25 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
         candidates[a] = flops[a] = 0
         # a's rows grouped by target once (stable: each group's rows stay ascending).
         by_target = np.argsort(to, kind="stable")
-        grouped_to = to[by_target]
+        grouped_to, grouped_rows = to[by_target], rows[by_target]
         targets_of = np.unique(grouped_to)
         bounds = np.searchsorted(grouped_to, np.append(targets_of, np.iinfo(np.int64).max))
-        group = {int(b): rows[by_target[bounds[g]:bounds[g + 1]]]
+        group = {int(b): grouped_rows[bounds[g]:bounds[g + 1]]
                  for g, b in enumerate(targets_of.tolist())}
-        jobs = []
-        for b, y_rows, y_emb, y_key in waiting.pop(a, []):
-            x_rows = group.get(b, rows[:0])
-            if len(x_rows):
-                flops[a] += 2 * len(x_rows) * len(y_rows) * dim
-                candidates[a] += len(y_rows) if a in targets else 0
-                candidates[b] += len(x_rows) if b in targets else 0
-                jobs.append((a, x_rows, ranked.emb[x_rows], key[x_rows], b, y_rows, y_emb, y_key))
+        incoming = [w for w in waiting.pop(a, []) if w[0] in group]
+        # a's rows of all its blocks in one gather (each block's are a slice of it).
+        picked = np.concatenate([group[b] for b, *_ in incoming]) if incoming else rows[:0]
+        x_all, x_key_all = ranked.emb[picked], key[picked]
+        jobs, start = [], 0
+        for b, y_rows, y_emb, y_key in incoming:
+            x_rows = group[b]
+            end = start + len(x_rows)
+            flops[a] += 2 * len(x_rows) * len(y_rows) * dim
+            candidates[a] += len(y_rows) if a in targets else 0
+            candidates[b] += len(x_rows) if b in targets else 0
+            jobs.append((a, x_rows, x_all[start:end], x_key_all[start:end], b, y_rows, y_emb,
+                         y_key))
+            start = end
         # Blocks are independent: side by side on the CPU's compute threads, consecutive
         # blocks in tasks of about GROUP_PAIRS pairs (most blocks are tiny: a task each cost
         # more in hand-offs than their work).
@@ -502,25 +524,39 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
         if a in targets:
             last = int(to[later].max()) if later.any() else a
             final_after.setdefault(last, []).append(a)
-        return a, done
+        return a, jobs, done
 
-    def end_turn(a: int, done: list) -> list[int]:
+    def end_turn(a: int, jobs: list, done: list) -> list[int]:
         """Merge cluster a's blocks (turn after turn, in block order: the same offers in the
-        same order however the blocks ran); the clusters whose tables are final now."""
-        done = [one for d in done for one in (d if isinstance(d, list) else d.result())]
-        mine = [m for m, _ in done if m is not None]  # offers to a's clips, in block order
-        theirs = [t for _, t in done if t is not None]  # to earlier clusters' clips
-        if theirs:  # distinct clips (one block per earlier cluster): one merge
-            state.offer(*(np.concatenate(v) for v in zip(*theirs)))
-        if mine:  # a clip of a is in up to max_probes blocks: merged in block order
-            offers = [np.concatenate(v) for v in zip(*mine)]
-            order = np.argsort(offers[0], kind="stable")
-            first = np.r_[True, offers[0][order][1:] != offers[0][order][:-1]]
-            layer = np.empty(len(order), np.int64)
-            layer[order] = np.arange(len(order)) - np.maximum.accumulate(
-                np.where(first, np.arange(len(order)), 0))
-            for n in range(int(layer.max()) + 1):
-                state.offer(*(v[layer == n] for v in offers))
+        same order however the blocks ran), all of the turn's at once; the clusters whose
+        tables are final now."""
+        if jobs:
+            found = [one for d in done for one in (d if isinstance(d, list) else d.result())]
+            row_top, row_arg, row_score, col_top, col_arg, col_score = (
+                np.concatenate(v) for v in zip(*found))
+            b_of = np.array([j[4] for j in jobs])
+            n_x, n_y = np.array([len(j[1]) for j in jobs]), np.array([len(j[5]) for j in jobs])
+            x_rows, x_key = np.concatenate([j[1] for j in jobs]), np.concatenate([j[3] for j in jobs])
+            y_rows, y_key = np.concatenate([j[5] for j in jobs]), np.concatenate([j[7] for j in jobs])
+            # Each block's args index its own rows / columns: shifted to the concatenations.
+            col_of = row_arg + np.repeat(np.cumsum(n_y) - n_y, n_x)
+            row_of = col_arg + np.repeat(np.cumsum(n_x) - n_x, n_y)
+            theirs = np.repeat(np.isin(b_of, list(targets)), n_y)
+            if theirs.any():  # to earlier clusters' clips, distinct (one block per cluster)
+                base = np.repeat(np.array([state.base[b] for b in b_of.tolist()]), n_y)
+                state.offer(*(v[theirs] for v in (
+                    y_rows + base, col_top, col_score, np.full(len(y_rows), a), x_rows[row_of],
+                    x_key[row_of])))
+            if a in targets:  # a clip of a is in up to max_probes blocks: merged in block order
+                offers = (state.at(a, x_rows), row_top, row_score, np.repeat(b_of, n_x),
+                          y_rows[col_of], y_key[col_of])
+                order = np.argsort(offers[0], kind="stable")
+                first = np.r_[True, offers[0][order][1:] != offers[0][order][:-1]]
+                layer = np.empty(len(order), np.int64)
+                layer[order] = np.arange(len(order)) - np.maximum.accumulate(
+                    np.where(first, np.arange(len(order)), 0))
+                for n in range(int(layer.max()) + 1):
+                    state.offer(*(v[layer == n] for v in offers))
         return final_after.pop(a, [])
 
     def write(cluster: int) -> CrossResult:
