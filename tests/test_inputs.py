@@ -11,9 +11,11 @@ import pytest
 
 from semdedup_core.cli import main as cli_main
 from semdedup_core.config import make_config
+from semdedup_core.embeddings import EmbeddingSource, piece_rows, row_norms
 from semdedup_core.errors import InputError
 from semdedup_core.pipeline import run_pipeline
-from semdedup_core.storage import SHARED_ZIP_DIR, S3Options, open_input_location
+from semdedup_core.storage import SHARED_ZIP_DIR, S3Options, Storage, open_input_location
+from semdedup_core.threads import host_threads
 
 
 def write(path, ids, embedding):
@@ -189,6 +191,35 @@ def test_every_encoding_gives_the_same_result(tmp_path):
     first = tables.pop("list<float>")
     for name, t in tables.items():
         assert all(a.equals(b) for a, b in zip(first, t)), name
+
+
+def test_streamed_batches_are_the_rows_of_one_arrow_read_of_each_batch(tmp_path):
+    # Arrow decodes a streamed file in pieces joined into batches (`piece_rows`): the batches
+    # must be the rows, ids, bits and norms of reading batch_rows at a time, across row groups.
+    threads = host_threads()
+    rows = 3000  # each thread's share of batch_rows: pieces of 1,000
+    assert piece_rows(rows) == 1000
+    ids, emb = good_rows(n=10_000, dim=6)
+    path = tmp_path / "in" / "a.parquet"
+    os.makedirs(path.parent)
+    pq.write_table(pa.table({"id": pa.array(ids), "embedding": as_list(emb)}), path,
+                   row_group_size=3333)  # row groups that cut batches and pieces
+    source = EmbeddingSource.discover(Storage(str(tmp_path / "in")), batch_rows=threads * rows)
+    got = list(source.iter_batches())
+    whole = list(pq.ParquetFile(path).iter_batches(batch_size=rows))
+    assert [len(b.ids) for b in got] == [len(rb) for rb in whole] == [3000, 3000, 3000, 1000]
+    for batch, rb in zip(got, whole):
+        expected = np.stack(rb.column("embedding").to_numpy(zero_copy_only=False))
+        assert batch.ids.to_pylist() == rb.column("id").to_pylist()
+        assert batch.emb.tobytes() == expected.astype(np.float32).tobytes()
+        assert batch.norms.tobytes() == row_norms(expected).tobytes()
+
+
+def test_piece_rows_divide_the_batch():
+    assert piece_rows(16384) == 1024
+    assert piece_rows(2000) == 2000  # small: read at once
+    assert piece_rows(3000) == 1000
+    assert piece_rows(4099) == 4099  # prime: no piece divides it
 
 
 # -- zip inputs ---------------------------------------------------------------------------------
