@@ -36,6 +36,7 @@ from scipy.special import gammaincinv
 from semdedup_core import layout
 from semdedup_core.backends.base import Backend
 from semdedup_core.config import eps_text
+from semdedup_core.errors import InputError
 from semdedup_core.cross_cluster import BOUND_SLACK, D2_SLACK, probe_radius
 
 AUDIT_FLOP_SHARE = 0.02
@@ -222,7 +223,14 @@ def read_audit(out) -> dict | None:
     """The audit file of an output, or None when it has none (outputs from before the audit)."""
     if not out.exists(layout.AUDIT):
         return None
-    return json.loads(out.read_bytes(layout.AUDIT))
+    try:
+        audit = json.loads(out.read_bytes(layout.AUDIT))
+        if not all(k in audit for k in ("sample_rate", "seed", "cross_cluster")):
+            raise ValueError
+    except (ValueError, TypeError):
+        raise InputError(f"{out.display(layout.AUDIT)}: damaged (not the audit a run writes); "
+                         "re-run the pipeline") from None
+    return audit
 
 
 def chi2_ppf(q: float, df: int) -> float:

@@ -3,6 +3,7 @@ their defaults and their help are the config model's."""
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -240,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "make-sample":
             from semdedup_core.sample import write_sample
 
+            if os.path.isdir(ns.folder) and os.listdir(ns.folder):  # a mix would be no input
+                raise InputError(f"{ns.folder}: not empty; make-sample writes into a new or "
+                                 "empty folder")
             info = write_sample(ns.folder, ns.rows, ns.dim, files=ns.files, seed=ns.seed,
                                 dtype=ns.dtype, keep_groups=False)
             print(f"wrote {info.rows:,} clips x {info.dim} into {len(info.files)} files "

@@ -166,6 +166,16 @@ def test_cli_reports_bad_input_and_exits_nonzero(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_make_sample_refuses_a_folder_that_holds_files(tmp_path, capsys):
+    """Into a folder of an earlier sample its files would mix (other dimensions, more files)."""
+    folder = str(tmp_path / "clips")
+    assert cli_main(["make-sample", folder, "--rows", "400", "--dim", "8", "--files", "4"]) == 0
+    before = sorted(os.listdir(folder))
+    assert cli_main(["make-sample", folder, "--rows", "100", "--dim", "4", "--files", "2"]) == 1
+    assert f"{folder}: not empty" in capsys.readouterr().err
+    assert sorted(os.listdir(folder)) == before
+
+
 ENCODINGS = {
     "list<float>": lambda e: as_list(e),
     "list<double>": lambda e: as_list(e, pa.float64()),

@@ -73,13 +73,13 @@ def file_bytes(root) -> dict:
             if p.is_file()}
 
 
-@pytest.mark.parametrize("damage", ["shard_missing", "vectors_missing"])
+@pytest.mark.parametrize("damage", ["shard_missing", "vectors_missing", "audit_damaged"])
 def test_a_failed_sweep_leaves_the_folder_as_it_found_it(finished, tmp_path, damage):
     """The sweep fails in its extraction (a cluster's shard is gone: parts of the clusters
-    before it are written by then) or in its audit (the shards have no vectors: parts and
-    summaries are written by then). Either way no unique_ids_<eps> of the new eps is left
-    without its summary, nothing of the eps the folder held changes, and the error names the
-    file."""
+    before it are written by then) or in its audit (the shards have no vectors, or the run's
+    audit file is damaged: parts and summaries are written by then). Either way no
+    unique_ids_<eps> of the new eps is left without its summary, nothing of the eps the folder
+    held changes, and the error names the file."""
     _, _, out, _, _ = finished
     work = tmp_path / "w"
     subprocess.run(["cp", "-r", str(out), str(work)], check=True)
@@ -87,10 +87,13 @@ def test_a_failed_sweep_leaves_the_folder_as_it_found_it(finished, tmp_path, dam
     if damage == "shard_missing":
         subprocess.run(["rm", "-r", str(shards[3])], check=True)
         error = f"{shards[3]}: no shard"
-    else:
+    elif damage == "vectors_missing":
         for f in work.joinpath(layout.SHARDS).rglob("*.parquet"):
             pq.write_table(pq.read_table(f).drop_columns([layout.EMBEDDING]), f)
         error = "no embedding column"
+    else:
+        (work / layout.AUDIT).write_text('{"sample_rate": 0.0')  # cut short
+        error = f"{work / layout.AUDIT}: damaged"
     before = file_bytes(work)
     with pytest.raises(InputError, match=error):
         sweep(Storage(str(work)), [0.01, 0.2])
