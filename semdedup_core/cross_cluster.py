@@ -42,7 +42,7 @@ from semdedup_core.config import DedupConfig, eps_text
 from semdedup_core.kmeans import ASSIGN_CHUNK, nearest_centroid
 from semdedup_core.pairwise import TIE_TOL
 from semdedup_core.parquet import read_table, write_table
-from semdedup_core.shards import RankedShard, load_centroids, ranked_shard
+from semdedup_core.shards import KeptShards, RankedShard, load_centroids, ranked_shard
 from semdedup_core.storage import Storage
 from semdedup_core.threads import host_threads, ordered_map
 
@@ -420,8 +420,8 @@ class CrossResult:
 
 
 def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Backend,
-                         targets: list[int] | None = None,
-                         probes: "Probes | None" = None) -> Iterator[CrossResult]:
+                         targets: list[int] | None = None, probes: "Probes | None" = None,
+                         keep: KeptShards | None = None) -> Iterator[CrossResult]:
     """Write `semdedup_cross_cluster_tables/cluster_<k>.parquet` for every cluster in
     `targets` (default: all of `clusters`, the clusters with a shard), yielding each result
     once its table is final, in one pass over the shards (ascending).
@@ -434,7 +434,8 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
     best match, and the clips waiting for a later cluster (at the peak about half of
     clips x probes x d floats). A block only depends on its two clusters and a clip's offers
     come in the same order either way, so a subset of `targets` (Dagster partitions) gets
-    the same tables as the whole run."""
+    the same tables as the whole run. `keep`: where to keep the ranked shards read (up to its
+    budget) for the prune loop that follows."""
     targets = set(clusters if targets is None else targets)
     present = set(clusters)
     centroids = load_centroids(out)
@@ -571,6 +572,8 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
             previous = None
             for loaded in ordered_map(load, sorted(present), host_threads()):
                 if loaded is not None:
+                    if keep is not None:
+                        keep.keep(loaded[0])
                     started = start_turn(*loaded, pool)
                     if previous is not None:
                         yield from end_turn(*previous)

@@ -30,7 +30,8 @@ from semdedup_core.audit import EpsAudit, KeptPairsAudit, audit_rate, write_audi
 from semdedup_core.cross_cluster import (Probes, cross_cluster_tables, probe_radius,
                                          read_cross_table)
 from semdedup_core.extraction import removed_rows, summarize, write_removed
-from semdedup_core.shards import RankedShard, assign_to_shards, ranked_shard, save_centroids
+from semdedup_core.shards import (KeptShards, RankedShard, assign_to_shards, ranked_shard,
+                                 save_centroids)
 from semdedup_core.pairwise import max_similarity_to_earlier, pairwise_flops
 from semdedup_core.parquet import write_table
 from semdedup_core.storage import S3Options, Storage, open_input_location
@@ -214,7 +215,8 @@ def write_cluster_outputs(cfg: DedupConfig, out: Storage, scored: ScoredShard,
 
 
 def prune_clusters(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Backend,
-                   extract: bool = True) -> Iterator[ClusterResult | None]:
+                   extract: bool = True,
+                   kept: KeptShards | None = None) -> Iterator[ClusterResult | None]:
     """Prune (and extract) each cluster, yielding results in the order given (None for a cluster
     without a shard). Results never depend on which thread computed what.
     On the CPU, each cluster is read, ranked, scored and written on a host thread of its own,
@@ -223,8 +225,9 @@ def prune_clusters(cfg: DedupConfig, out: Storage, clusters: list[int], backend:
     clusters are in memory at once. On a device, this thread runs the pairwise passes, cluster
     after cluster, while host threads read and rank the next clusters and write the finished
     ones, so the device is not left waiting on parquet; about 2 x host_threads() clusters are
-    in memory at once."""
+    in memory at once. `kept`: shards the cross step kept, taken instead of read again."""
     workers = host_threads()
+    read = functools.partial(ranked_shard if kept is None else kept.ranked_shard, cfg, out)
 
     def finish(s: ScoredShard | None) -> ClusterResult | None:
         return None if s is None else write_cluster_outputs(cfg, out, s, extract)
@@ -232,12 +235,12 @@ def prune_clusters(cfg: DedupConfig, out: Storage, clusters: list[int], backend:
     with backend.compute_pool() as pool:
         if pool is not None:
             def prune_one(cluster: int) -> ClusterResult | None:
-                ranked = ranked_shard(cfg, out, cluster)
+                ranked = read(cluster)
                 return finish(None if ranked is None else score_shard(cfg, backend, ranked, pool))
 
             yield from ordered_map(prune_one, clusters, 2 * workers)
             return
-        ranked = ordered_map(functools.partial(ranked_shard, cfg, out), clusters, workers)
+        ranked = ordered_map(read, clusters, workers)
         scored = (r if r is None else score_shard(cfg, backend, r) for r in ranked)
         yield from ordered_map(finish, scored, workers)
 
@@ -251,17 +254,19 @@ def prune_cluster(cfg: DedupConfig, out: Storage, cluster: int, backend: Backend
 
 def cross_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Backend,
               timer: PhaseTimer | None = None, show_progress: bool = False,
-              probes: Probes | None = None) -> None:
+              probes: Probes | None = None, keep: KeptShards | None = None) -> None:
     """With cross_cluster, write every cluster's cross table (without it, those of an earlier
     run are removed with the other leftovers at the end: `run_record.remove_leftovers`).
-    `probes`: those assignment kept (`assign_probes`)."""
+    `probes`: those assignment kept (`assign_probes`); `keep`: where to keep the shards read
+    for `prune_all`."""
     if not cfg.cross_cluster:
         return
     timer = timer or PhaseTimer()
     flops = 0
     with timer.phase("cross"), _bar(len(clusters), "cross-cluster", "cluster",
                                     show_progress) as bar:
-        for result in cross_cluster_tables(cfg, out, clusters, backend, probes=probes):
+        for result in cross_cluster_tables(cfg, out, clusters, backend, probes=probes,
+                                           keep=keep):
             flops += result.flops
             bar.update(1)
     timer.flops["cross"] = float(flops)
@@ -274,14 +279,16 @@ def cluster_removed(cfg: DedupConfig, result: ClusterResult) -> dict[float, np.n
 
 def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Backend,
               timer: PhaseTimer | None = None, show_progress: bool = False,
-              audit: KeptPairsAudit | None = None) -> dict[float, int]:
+              audit: KeptPairsAudit | None = None,
+              kept: KeptShards | None = None) -> dict[float, int]:
     """Prune and extract every cluster (results are not kept: memory stays at a few clusters),
     feeding each to `audit` in cluster order, on a thread of its own beside the pruning (so
     the prune loop never waits for it while a few clusters are queued). Returns the clips
     removed per eps. The audit's phase is, on the CPU, its thread's CPU time (what it takes
     from the run at most); on a device, the wall time of its calls (its GEMMs run there). The
     prune phase keeps the loop's whole wall time: the audit overlaps it, so subtracting the
-    audit's time would flatter the prune row (its seconds are what #14's GFLOP/s divide)."""
+    audit's time would flatter the prune row (its seconds are what #14's GFLOP/s divide).
+    `kept`: shards the cross step kept (`cross_all`)."""
     timer = timer or PhaseTimer()
     flops = 0
     removed = dict.fromkeys(cfg.eps_to_extract, 0)
@@ -296,7 +303,7 @@ def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Back
 
     with timer.phase("prune"), _bar(len(clusters), "pairwise", "cluster", show_progress) as bar, \
             in_order_beside(AUDIT_BACKLOG) as beside:
-        for result in prune_clusters(cfg, out, clusters, backend):
+        for result in prune_clusters(cfg, out, clusters, backend, kept=kept):
             if result is not None:
                 flops += result.flops
                 for eps, n in result.removed.items():
@@ -353,9 +360,12 @@ def run_pipeline(cfg: DedupConfig, show_progress: bool = False,
             sizes = assign(cfg, source, fit.centroids, out, backend, timer, show_progress,
                            probes=probes)
         clusters = [int(c) for c in np.flatnonzero(sizes)]
-        cross_all(cfg, out, clusters, backend, timer, show_progress, probes)
+        # The shards the cross step reads, as many as the assignment buffer's memory (free
+        # by now) holds, are kept for the prune loop: read and ranked once.
+        kept = KeptShards(cfg.buffer_bytes(fit.n_rows, fit.dim)) if cfg.cross_cluster else None
+        cross_all(cfg, out, clusters, backend, timer, show_progress, probes, kept)
         audit = run_audit(cfg, backend, sizes, fit.centroids)
-        removed = prune_all(cfg, out, clusters, backend, timer, show_progress, audit)
+        removed = prune_all(cfg, out, clusters, backend, timer, show_progress, audit, kept)
         with timer.phase("summary"):
             summary = summarize(out, cfg.eps_to_extract, clusters, int(sizes.sum()), removed)
             audited = audit.result()

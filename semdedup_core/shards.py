@@ -384,6 +384,27 @@ def ranked_shard(cfg: DedupConfig, out: Storage, cluster: int) -> RankedShard | 
                        files, order)
 
 
+class KeptShards:
+    """Ranked shards that one pass over the clusters keeps for the next, up to `budget` bytes
+    of vectors: the cross step's for the prune loop, so that those shards are read and ranked
+    once (the rest are read again). Kept in cluster order, so which are kept does not depend
+    on thread timing; each is given up when taken."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.kept: dict[int, RankedShard] = {}
+
+    def keep(self, ranked: RankedShard) -> None:
+        if ranked.emb.nbytes <= self.budget:
+            self.budget -= ranked.emb.nbytes
+            self.kept[ranked.cluster] = ranked
+
+    def ranked_shard(self, cfg: DedupConfig, out: Storage, cluster: int) -> RankedShard | None:
+        """The kept shard, else `ranked_shard` (the same arrays either way)."""
+        kept = self.kept.pop(cluster, None)
+        return kept if kept is not None else ranked_shard(cfg, out, cluster)
+
+
 def save_centroids(out: Storage, centroids: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, centroids.astype(np.float32))

@@ -529,3 +529,44 @@ def test_compare_block_follows_the_rule_pair_by_pair(tied):
     assert (want[0] >= floor).sum() > 20 and (want[2] >= floor).sum() > 20
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and np.array_equal(g, w)
+
+
+def test_shards_kept_by_the_cross_step_prune_to_the_same_bytes(capped_output, tmp_path):
+    """The cross step keeps the ranked shards it read, in cluster order up to its budget, for
+    the prune loop: kept ones equal a fresh read, are given up when taken, and the outputs
+    are the bytes of reading every shard again."""
+    from semdedup_core.backends import get_backend
+    from semdedup_core.pipeline import cross_all, prune_all
+    from semdedup_core.shards import KeptShards, ranked_shard
+
+    root, _, _ = capped_output
+    cfg = make_config(input_embeddings_path="unused-in", output_path="unused-out",
+                      n_clusters=12, eps_to_extract=[0.01, 0.05], cross_cluster=True)
+    written = {}
+    for name, budget in (("kept", None), ("read", 0)):
+        shutil.copytree(root / "on", tmp_path / name)
+        out = Storage(str(tmp_path / name))
+        clusters = sorted(map(layout.cluster_of_shard_dir, out.list_dirs(layout.SHARDS)))
+        if budget is None:  # room for about half the clusters' vectors
+            sizes = [ranked_shard(cfg, out, c).emb.nbytes for c in clusters]
+            budget = sum(sizes) // 2
+        kept = KeptShards(budget)
+        cross_all(cfg, out, clusters, get_backend("cpu"), keep=kept)
+        if name == "kept":
+            assert 0 < len(kept.kept) < len(clusters) and kept.budget >= 0
+            fits, left = [], budget
+            for c, size in zip(clusters, sizes):
+                if size <= left:
+                    fits.append(c)
+                    left -= size
+            assert sorted(kept.kept) == fits
+            c = fits[0]
+            fresh, taken = ranked_shard(cfg, out, c), kept.ranked_shard(cfg, out, c)
+            assert np.array_equal(taken.emb, fresh.emb) and taken.ids.equals(fresh.ids)
+            assert c not in kept.kept
+            kept.kept[c] = taken
+        prune_all(cfg, out, clusters, get_backend("cpu"), kept=kept)
+        assert not kept.kept
+        written[name] = {p.relative_to(tmp_path / name): p.read_bytes()
+                         for p in (tmp_path / name / "extraction").rglob("*") if p.is_file()}
+    assert written["kept"] == written["read"] and len(written["kept"]) > 12
