@@ -264,7 +264,8 @@ def _masked_best(sims: np.ndarray, y_first: np.ndarray, floor: float):
 
 
 def compare_block(backend: Backend, which_to_keep: str, x_emb: np.ndarray, x_key: np.ndarray,
-                  x_tie, y_emb: np.ndarray, y_key: np.ndarray, y_tie, floor: float):
+                  x_tie, y_emb: np.ndarray, y_key: np.ndarray, y_tie, floor: float,
+                  tied: bool | None = None):
     """Clips x (rows) of one cluster against clips y (columns) of another, each side in its
     cluster's rank order (so in the global order), every pair compared once for both sides.
     `*_tie(i)`: (id, cluster) of row/column i, asked only on equal keys (`earlier_on_tie`).
@@ -272,16 +273,18 @@ def compare_block(backend: Backend, which_to_keep: str, x_emb: np.ndarray, x_key
     to an EARLIER column (-inf when none) and that column, and the same for each column
     against the earlier rows. Where the best is >= `floor` (it may remove the clip), the
     earliest clip within TIE_TOL of it is taken, as inside clusters; below, the first best
-    (no removal depends on it, and it saves two passes over the block)."""
+    (no removal depends on it, and it saves two passes over the block). `tied`: whether a
+    key of x equals one of y's, where the caller knows (None: checked here)."""
     xp = backend.xp
     sims = backend.asarray(x_emb) @ backend.asarray(y_emb).T
     # Both keys ascend, so a row's earlier columns are a prefix (first_col[i]), and a
     # column's earlier rows too: on the host, no masked copy of the whole block.
-    first_col = np.searchsorted(y_key, x_key)
-    tied = len(y_key) and bool((y_key[np.minimum(first_col, len(y_key) - 1)] == x_key).any())
+    if tied is None:
+        first_col = np.searchsorted(y_key, x_key)
+        tied = len(y_key) and bool((y_key[np.minimum(first_col, len(y_key) - 1)] == x_key).any())
     if xp is np and not tied:
         if sims.size >= STAIRCASE_MIN:
-            row_top, row_arg = _earlier_best(sims, first_col, floor)
+            row_top, row_arg = _earlier_best(sims, np.searchsorted(y_key, x_key), floor)
             col_top, col_arg = _earlier_best(sims.T, np.searchsorted(x_key, y_key), floor)
             return row_top, row_arg, col_top, col_arg
         return _masked_best(sims, y_key < x_key[:, None], floor)
@@ -319,6 +322,8 @@ def exact_scores(top: np.ndarray, emb: np.ndarray, others: np.ndarray, match: np
     clips `others[match]`: as inside clusters, one float64 dot product with the chosen clip
     where it could decide a removal (`top >= floor`); below, where no eps of the run removes
     anything, the GEMM value."""
+    if not len(top) or top.max() < floor:  # nothing to rescore (most blocks)
+        return top.astype(np.float32, copy=False)
     score = top.astype(np.float32, copy=True)
     near = np.flatnonzero(top >= floor)
     if len(near):
@@ -465,12 +470,12 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
         known = has_shard[to]
         return ranked, order_keys(which, ranked.rank_dist, len(ranked.ids)), rows[known], to[known]
 
-    def block(a: int, x_rows, x_emb, x_key, b: int, y_rows, y_emb, y_key):
+    def block(a: int, x_rows, x_emb, x_key, b: int, y_rows, y_emb, y_key, tied):
         """One (b, a) block: each row's and column's best earlier match (`compare_block`)
         with the score to record (`exact_scores`)."""
         row_top, row_arg, col_top, col_arg = compare_block(
             backend, which, x_emb, x_key, tie_of(a, x_rows), y_emb, y_key, tie_of(b, y_rows),
-            floor)
+            floor, tied)
         return (row_top, row_arg, exact_scores(row_top, x_emb, y_emb, row_arg, floor),
                 col_top, col_arg, exact_scores(col_top, y_emb, x_emb, col_arg, floor))
 
@@ -495,6 +500,9 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
         # a's rows of all its blocks in one gather (each block's are a slice of it).
         picked = np.concatenate([group[b] for b, *_ in incoming]) if incoming else rows[:0]
         x_all, x_key_all = ranked.emb[picked], key[picked]
+        # Keys equal across clusters are rare: one check for the turn, else one per block.
+        tied = None if incoming and np.isin(
+            x_key_all, np.concatenate([w[3] for w in incoming])).any() else False
         jobs, start = [], 0
         for b, y_rows, y_emb, y_key in incoming:
             x_rows = group[b]
@@ -503,7 +511,7 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
             candidates[a] += len(y_rows) if a in targets else 0
             candidates[b] += len(x_rows) if b in targets else 0
             jobs.append((a, x_rows, x_all[start:end], x_key_all[start:end], b, y_rows, y_emb,
-                         y_key))
+                         y_key, tied))
             start = end
         # Blocks are independent: side by side on the CPU's compute threads, consecutive
         # blocks in tasks of about GROUP_PAIRS pairs (most blocks are tiny: a task each cost
