@@ -285,10 +285,14 @@ def test_openblas_gram_lower_has_the_bits_of_matmul(threads):
     """OpenBLAS's ssyrk (numpy's own BLAS, through ctypes) writes a @ a.T's lower triangle with
     the bits of numpy's matmul, element for element, and leaves the rest of `out` alone."""
     import contextlib
+    import os
+
+    import scipy.linalg  # noqa: F401  (SciPy's OpenBLAS loaded beside numpy's, as in a run)
 
     from semdedup_core.backends import openblas
     from semdedup_core.threads import single_threaded_blas
 
+    assert os.path.basename(os.path.dirname(openblas.ssyrk()[0])) == "numpy.libs"  # not SciPy's
     rng = np.random.default_rng(5)
     with single_threaded_blas() if threads == "one BLAS thread" else contextlib.nullcontext():
         for n, d in [(1, 8), (37, 64), (128, 384), (513, 384), (700, 1024)]:

@@ -6,6 +6,7 @@ threadpoolctl), so its thread count is the one `threads.single_threaded_blas` se
 import ctypes
 import functools
 import itertools
+import os
 
 import numpy as np
 
@@ -13,16 +14,19 @@ _ROW_MAJOR, _LOWER, _NO_TRANS = 101, 122, 111  # CBLAS enums
 
 
 @functools.cache
-def _ssyrk():
-    """The bound `cblas_ssyrk` of numpy's OpenBLAS, or None (another BLAS, or none found). Builds
-    name their symbols with a prefix and suffix (numpy's wheels: `scipy_cblas_ssyrk64_`); the
-    integer width is the build's (USE64BITINT in its config)."""
+def ssyrk() -> tuple[str, object] | None:
+    """(the library's path, its bound `cblas_ssyrk`) for numpy's OpenBLAS, or None (another
+    BLAS, or none found). Builds name their symbols with a prefix and suffix (numpy's wheels:
+    `scipy_cblas_ssyrk64_`); the integer width is the build's (USE64BITINT in its config)."""
     from threadpoolctl import threadpool_info
 
-    for info in threadpool_info():
-        if info.get("internal_api") != "openblas":
-            continue
-        lib = ctypes.CDLL(info["filepath"])
+    # numpy's own first (its wheels carry it in numpy.libs): SciPy's may be loaded too.
+    site = os.path.dirname(os.path.dirname(np.__file__))
+    found = sorted((info["filepath"] for info in threadpool_info()
+                    if info.get("internal_api") == "openblas"),
+                   key=lambda path: not os.path.relpath(path, site).startswith("numpy"))
+    for path in found:
+        lib = ctypes.CDLL(path)
         for prefix, suffix in itertools.product(("", "scipy_"), ("", "64_")):
             config = getattr(lib, f"{prefix}openblas_get_config{suffix}", None)
             fn = getattr(lib, f"{prefix}cblas_ssyrk{suffix}", None)
@@ -33,7 +37,7 @@ def _ssyrk():
             fn.restype = None
             fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, index, index, ctypes.c_float,
                            ctypes.c_void_p, index, ctypes.c_float, ctypes.c_void_p, index]
-            return fn
+            return path, fn
     return None
 
 
@@ -42,11 +46,12 @@ def gram_lower(a: np.ndarray, out: np.ndarray) -> bool:
     `out` as it was; False (nothing written) where OpenBLAS's ssyrk is not at hand or the arrays
     are not float32 rows with unit column stride. Each element has the bits of numpy's
     `a @ a.T` (the same micro-kernels, the same sums over d: checked by the tests)."""
-    fn = _ssyrk()
+    found = ssyrk()
     n, k = a.shape
-    if (fn is None or a.dtype != np.float32 or out.dtype != np.float32 or out.shape != (n, n)
+    if (found is None or a.dtype != np.float32 or out.dtype != np.float32 or out.shape != (n, n)
             or a.strides[1] != 4 or out.strides[1] != 4 or not out.flags.writeable):
         return False
+    _, fn = found
     fn(_ROW_MAJOR, _LOWER, _NO_TRANS, n, k, 1.0, a.ctypes.data, a.strides[0] // 4, 0.0,
        out.ctypes.data, out.strides[0] // 4)
     return True
