@@ -125,10 +125,11 @@ def row_block_size(tile: int) -> int:
 
 def sub_block_size(row_block: int) -> int:
     """Rows per sub-block where a tile meets the diagonal (the columns before the block go in
-    one GEMM of the whole block): smaller sub-blocks waste less of the square above the
-    diagonal, but their GEMMs run slower. Measured on real skewed clusters (80k MiniLM, k=100,
-    tile 2048, one BLAS thread, CPU seconds of the pass): quarters 4% less than halves, eighths
-    and sixths no better (a 64-row GEMM runs at 3/4 of a 512-row one's speed)."""
+    one GEMM of the whole block): where matmul computes the diagonal, smaller sub-blocks waste
+    less of the square above it, but their GEMMs run slower. Measured on real skewed clusters
+    (80k MiniLM, k=100, tile 2048, one BLAS thread, CPU seconds of the pass): quarters 4% less
+    than halves, eighths and sixths no better (a 64-row GEMM runs at 3/4 of a 512-row one's
+    speed). With `ssyrk` (the CPU) sub-blocks only mask and reduce: 64 to 256 rows, the same."""
     return max(32, row_block // 4)
 
 
