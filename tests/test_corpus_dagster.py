@@ -62,7 +62,7 @@ def test_sensor_runs_add_drops_in_order_with_partitions(tmp_path):
     defs = Definitions(assets=parts["assets"], jobs=parts["jobs"], sensors=parts["sensors"],
                        resources={"layout_storage": LayoutStorage()})
     instance = DagsterInstance.ephemeral()
-    sensor = defs.get_sensor_def("corpus_clips_sensor")
+    sensor = defs.resolve_sensor_def("corpus_clips_sensor")
     with build_sensor_context(instance=instance, resources={"layout_storage": LayoutStorage()},
                               definitions=defs) as ctx:
         result = sensor(ctx)
@@ -72,7 +72,7 @@ def test_sensor_runs_add_drops_in_order_with_partitions(tmp_path):
     assert [r.tags["semdedup/corpus"] for r in result.run_requests] == [str(corpus)] * 2
     assert result.dynamic_partitions_requests[0].partition_keys == names
     instance.add_dynamic_partitions("corpus_clips_drops", names)
-    job = defs.get_job_def("corpus_clips_add")
+    job = defs.resolve_job_def("corpus_clips_add")
     for request in result.run_requests:
         run = job.execute_in_process(instance=instance, partition_key=request.partition_key,
                                      run_config=request.run_config, tags=request.tags)
