@@ -30,6 +30,7 @@ candidates" step.
 """
 
 import math
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -210,6 +211,8 @@ BAND_ROWS = 64
 STAIRCASE_MIN = 1 << 17
 # Pairs per task of a turn's blocks on the compute threads (`cross_cluster_tables`).
 GROUP_PAIRS = 1 << 16
+# Turns whose blocks may be in flight before the oldest is merged (`cross_cluster_tables`).
+TURNS_AHEAD = 3
 
 
 def _earlier_best(sims: np.ndarray, first: np.ndarray, floor: float):
@@ -348,8 +351,11 @@ class CrossBest:
         self.match_cluster = np.empty(0, np.int64)  # -1: none yet
         self.match_row = np.empty(0, np.int64)
         self.match_key = np.empty(0, np.float64)
+        # (every clip's id in `at`'s numbering, cluster -> its first number): see `all_added`
+        self.every: tuple[pa.Array, np.ndarray] | None = None
 
     def add_cluster(self, cluster: int, ids: pa.Array) -> None:
+        assert self.every is None, "no cluster is added after `all_added`"
         self.ids_of[cluster], self.base[cluster] = ids, self.size
         self.size += len(ids)
         if self.size > len(self.best):  # grown by doubling: amortised O(1) per clip
@@ -358,6 +364,15 @@ class CrossBest:
                                ("match_row", 0), ("match_key", np.inf)):
                 old = getattr(self, name)
                 setattr(self, name, np.concatenate([old, np.full(grow, fill, old.dtype)]))
+
+    def all_added(self) -> None:
+        """No cluster is added from now on: the tables then take max_id from one array of
+        every clip's id (each table built before took from its own and its matches' ids, a
+        copy of those per table; at the end of a pass most tables are still to build)."""
+        base_of = np.zeros(max(self.base, default=0) + 1, np.int64)
+        base_of[list(self.base)] = list(self.base.values())
+        self.every = (pa.concat_arrays(list(self.ids_of.values())) if self.ids_of else
+                      pa.array([], pa.string()), base_of)
 
     def at(self, cluster: int, rows: np.ndarray) -> np.ndarray:
         return rows + self.base[cluster]
@@ -394,13 +409,18 @@ class CrossBest:
         span = slice(self.base[cluster], self.base[cluster] + len(ids))
         match_cluster, match_row = self.match_cluster[span], self.match_row[span]
         found = match_cluster >= 0
-        # One take from the own ids followed by those of the matched clusters.
-        matched = np.unique(match_cluster[found])
-        start = np.cumsum([len(ids)] + [len(self.ids_of[c]) for c in matched.tolist()])
-        at = np.arange(len(ids), dtype=np.int64)
-        at[found] = start[np.searchsorted(matched, match_cluster[found])] + match_row[found]
-        max_id = pa.concat_arrays([ids] + [self.ids_of[c] for c in matched.tolist()]).take(
-            pa.array(at)) if len(matched) else ids
+        if self.every is not None:  # one take from every clip's id (`at`'s numbering)
+            every_id, base_of = self.every
+            at = np.arange(span.start, span.stop, dtype=np.int64)
+            at[found] = base_of[match_cluster[found]] + match_row[found]
+            max_id = every_id.take(pa.array(at))
+        else:  # one take from the own ids followed by those of the matched clusters
+            matched = np.unique(match_cluster[found])
+            start = np.cumsum([len(ids)] + [len(self.ids_of[c]) for c in matched.tolist()])
+            at = np.arange(len(ids), dtype=np.int64)
+            at[found] = start[np.searchsorted(matched, match_cluster[found])] + match_row[found]
+            max_id = pa.concat_arrays([ids] + [self.ids_of[c] for c in matched.tolist()]).take(
+                pa.array(at)) if len(matched) else ids
         table = pa.table({layout.ID: ids, layout.MAX_ID: max_id,
                           layout.MAX_CLUSTER: pa.array(np.where(found, match_cluster, cluster)
                                                        .astype(np.int64)),
@@ -575,19 +595,20 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
 
     def finished() -> Iterator[int]:
         with backend.compute_pool() as pool:
-            # A turn's blocks are merged once the next turn's are started: the compute
-            # threads do not wait at each turn's last block.
-            previous = None
+            # A turn's blocks are merged once TURNS_AHEAD later turns' are started (in turn
+            # order): the compute threads do not wait at a turn's last block, which may be
+            # one of the few large ones.
+            started = deque()
             for loaded in ordered_map(load, sorted(present), host_threads()):
                 if loaded is not None:
                     if keep is not None:
                         keep.keep(loaded[0])
-                    started = start_turn(*loaded, pool)
-                    if previous is not None:
-                        yield from end_turn(*previous)
-                    previous = started
-            if previous is not None:
-                yield from end_turn(*previous)
+                    started.append(start_turn(*loaded, pool))
+                    if len(started) > TURNS_AHEAD:
+                        yield from end_turn(*started.popleft())
+            state.all_added()
+            while started:
+                yield from end_turn(*started.popleft())
         # Clusters whose last probe went to a cluster that had no shard after all end here.
         for c in sorted(final_after):
             yield from final_after.pop(c)
