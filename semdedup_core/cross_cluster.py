@@ -468,6 +468,8 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
                               cfg.cross_cluster_max_probes)
     has_shard = np.zeros(len(centroids), bool)
     has_shard[sorted(present)] = True
+    is_target = np.zeros(len(centroids), bool)
+    is_target[sorted(targets)] = True
     floor = np.float32(1 - max(cfg.eps_to_extract) - RESCORE_MARGIN)
     which = cfg.which_to_keep
     dim = centroids.shape[1]
@@ -482,13 +484,28 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
         return lambda i: (state.ids_of[cluster][int(rows[i])].as_py(), cluster)
 
     def load(cluster: int):
-        """A cluster in rank order with its keys and probes (on a host thread)."""
+        """A cluster in rank order with its keys, and its clips that probe other clusters
+        grouped by target and gathered (on a host thread, off the turns' critical path):
+        (ranked, key, {target: (start, end)} into the grouped rows, the grouped rows, the
+        vectors of those that probe earlier clusters, [(later target, rows, vectors)])."""
         ranked = ranked_shard(cfg, out, cluster)
         if ranked is None:
             return None
         rows, to = probes.of_ranked(backend, ranked)
         known = has_shard[to]
-        return ranked, order_keys(which, ranked.rank_dist, len(ranked.ids)), rows[known], to[known]
+        rows, to = rows[known], to[known]
+        key = order_keys(which, ranked.rank_dist, len(ranked.ids))
+        # Grouped by target (stable: each group's rows stay ascending); targets never equal
+        # the own cluster, so the earlier targets' groups come first.
+        by_target = np.argsort(to, kind="stable")
+        grouped_to, grouped_rows = to[by_target], rows[by_target]
+        targets_of = np.unique(grouped_to)
+        bounds = np.searchsorted(grouped_to, np.append(targets_of, np.iinfo(np.int64).max))
+        span = {b: (int(bounds[g]), int(bounds[g + 1])) for g, b in enumerate(targets_of.tolist())}
+        n_earlier = int(np.searchsorted(grouped_to, cluster))
+        later = [(b, grouped_rows[s:e], ranked.emb[grouped_rows[s:e]])
+                 for b, (s, e) in span.items() if b > cluster and (cluster in targets or b in targets)]
+        return ranked, key, span, grouped_rows, ranked.emb[grouped_rows[:n_earlier]], later
 
     def block(a: int, x_rows, x_emb, x_key, b: int, y_rows, y_emb, y_key, tied):
         """One (b, a) block: each row's and column's best earlier match (`compare_block`)
@@ -502,37 +519,30 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
     def blocks(jobs: list) -> list:
         return [block(*j) for j in jobs]
 
-    def start_turn(ranked: RankedShard, key: np.ndarray, rows: np.ndarray, to: np.ndarray,
-                   pool) -> tuple[int, list, list]:
-        """Cluster a's blocks, started on the pool (computed here without one); a's clips
-        that probe later clusters wait for those turns."""
+    def start_turn(ranked: RankedShard, key: np.ndarray, span: dict, grouped_rows: np.ndarray,
+                   x_all: np.ndarray, later: list, pool) -> tuple[int, list, list]:
+        """Cluster a's blocks (`load`'s groups), started on the pool (computed here without
+        one); a's clips that probe later clusters wait for those turns."""
         a = ranked.cluster
         state.add_cluster(a, ranked.ids)
         candidates[a] = flops[a] = 0
-        # a's rows grouped by target once (stable: each group's rows stay ascending).
-        by_target = np.argsort(to, kind="stable")
-        grouped_to, grouped_rows = to[by_target], rows[by_target]
-        targets_of = np.unique(grouped_to)
-        bounds = np.searchsorted(grouped_to, np.append(targets_of, np.iinfo(np.int64).max))
-        group = {int(b): grouped_rows[bounds[g]:bounds[g + 1]]
-                 for g, b in enumerate(targets_of.tolist())}
-        incoming = [w for w in waiting.pop(a, []) if w[0] in group]
-        # a's rows of all its blocks in one gather (each block's are a slice of it).
-        picked = np.concatenate([group[b] for b, *_ in incoming]) if incoming else rows[:0]
-        x_all, x_key_all = ranked.emb[picked], key[picked]
-        # Keys equal across clusters are rare: one check for the turn, else one per block.
-        tied = None if incoming and np.isin(
-            x_key_all, np.concatenate([w[3] for w in incoming])).any() else False
-        jobs, start = [], 0
+        incoming = [w for w in waiting.pop(a, []) if w[0] in span]
+        # Keys equal across clusters are rare: one check for the turn (a's keys ascend),
+        # else one per block.
+        tied = False
+        if incoming:
+            y_keys = np.concatenate([w[3] for w in incoming])
+            tied = None if (key[np.minimum(np.searchsorted(key, y_keys), len(key) - 1)]
+                            == y_keys).any() else False
+        jobs = []
         for b, y_rows, y_emb, y_key in incoming:
-            x_rows = group[b]
-            end = start + len(x_rows)
+            start, end = span[b]
+            x_rows = grouped_rows[start:end]
             flops[a] += 2 * len(x_rows) * len(y_rows) * dim
             candidates[a] += len(y_rows) if a in targets else 0
             candidates[b] += len(x_rows) if b in targets else 0
-            jobs.append((a, x_rows, x_all[start:end], x_key_all[start:end], b, y_rows, y_emb,
-                         y_key, tied))
-            start = end
+            jobs.append((a, x_rows, x_all[start:end], key[x_rows], b, y_rows, y_emb, y_key,
+                         tied))
         # Blocks are independent: side by side on the CPU's compute threads, consecutive
         # blocks in tasks of about GROUP_PAIRS pairs (most blocks are tiny: a task each cost
         # more in hand-offs than their work).
@@ -545,13 +555,10 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
             pairs += len(j[1]) * len(j[5])
         done = [blocks(g) for g in groups] if pool is None else \
             [pool.submit(blocks, g) for g in groups]
-        later = to > a
-        for b in targets_of[targets_of > a].tolist():
-            if a in targets or b in targets:
-                sel = group[b]
-                waiting.setdefault(b, []).append((a, sel, ranked.emb[sel], key[sel]))
+        for b, sel, emb in later:
+            waiting.setdefault(b, []).append((a, sel, emb, key[sel]))
         if a in targets:
-            last = int(to[later].max()) if later.any() else a
+            last = max(span) if span and max(span) > a else a
             final_after.setdefault(last, []).append(a)
         return a, jobs, done
 
@@ -570,7 +577,7 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
             # Each block's args index its own rows / columns: shifted to the concatenations.
             col_of = row_arg + np.repeat(np.cumsum(n_y) - n_y, n_x)
             row_of = col_arg + np.repeat(np.cumsum(n_x) - n_x, n_y)
-            theirs = np.repeat(np.isin(b_of, list(targets)), n_y)
+            theirs = np.repeat(is_target[b_of], n_y)
             if theirs.any():  # to earlier clusters' clips, distinct (one block per cluster)
                 base = np.repeat(np.array([state.base[b] for b in b_of.tolist()]), n_y)
                 state.offer(*(v[theirs] for v in (
