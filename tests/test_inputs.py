@@ -11,7 +11,7 @@ import pytest
 
 from semdedup_core.cli import main as cli_main
 from semdedup_core.config import make_config
-from semdedup_core.embeddings import EmbeddingSource, piece_rows, row_norms
+from semdedup_core.embeddings import EmbeddingSource, piece_rows, row_norms, scan_input
 from semdedup_core.errors import InputError
 from semdedup_core.pipeline import run_pipeline
 from semdedup_core.storage import SHARED_ZIP_DIR, S3Options, Storage, open_input_location
@@ -223,6 +223,20 @@ def test_streamed_batches_are_the_rows_of_one_arrow_read_of_each_batch(tmp_path)
         assert batch.ids.to_pylist() == rb.column("id").to_pylist()
         assert batch.emb.tobytes() == expected.astype(np.float32).tobytes()
         assert batch.norms.tobytes() == row_norms(expected).tobytes()
+
+
+def test_later_passes_take_the_norms_the_scan_computed(tmp_path):
+    # The scan keeps every row's norm; the assignment's pass takes them instead of computing
+    # them again: the same bits as computed from the rows.
+    ids, emb = good_rows(n=3000, dim=6)
+    for i, rows in enumerate((slice(0, 1800), slice(1800, 3000))):
+        write(str(tmp_path / "in" / f"{i}.parquet"), ids[rows], as_list(emb[rows]))
+    source = EmbeddingSource.discover(Storage(str(tmp_path / "in")), batch_rows=500)
+    scan_input(source, 100, 0)
+    assert source.norms is not None and len(source.norms) == 3000
+    for batch in source.iter_batches():
+        assert np.shares_memory(batch.norms, source.norms)
+        assert batch.norms.tobytes() == row_norms(batch.emb).tobytes()
 
 
 def test_piece_rows_divide_the_batch():
