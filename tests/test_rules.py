@@ -228,17 +228,23 @@ def real_cluster(rows: int) -> np.ndarray:
     return np.ascontiguousarray(emb[near[:rows]])
 
 
+def kernel_cluster(data: str, seed: int) -> np.ndarray:
+    """1,500 clips for the kernel's bit-for-bit tests: real embeddings (`real_cluster`), or
+    random unit rows with 300 exact copies (seeded)."""
+    if data == "real":
+        return real_cluster(1500)
+    rng = np.random.default_rng(seed)
+    emb = normalize(rng.standard_normal((1500, 64)).astype(np.float32))
+    emb[rng.choice(np.arange(1, 1500), 300)] = emb[rng.integers(0, 1500, 300)]
+    return emb
+
+
 @pytest.mark.parametrize("data", ["random", "real"])
 def test_sub_blocks_equal_whole_blocks_bit_for_bit(data):
     """The diagonal computed by sub-blocks (the default) gives the same scores and matches, bit
     for bit, as whole row blocks masked (the path before sub-blocks), for any tile, row block and
     first row, on random clusters with copies and on real embeddings."""
-    if data == "real":
-        emb = real_cluster(1500)
-    else:
-        rng = np.random.default_rng(11)
-        emb = normalize(rng.standard_normal((1500, 64)).astype(np.float32))
-        emb[rng.choice(np.arange(1, 1500), 300)] = emb[rng.integers(0, 1500, 300)]
+    emb = kernel_cluster(data, 11)
     for tile, row_block, sub_block, first_row in [(2048, None, None, 0), (512, None, 64, 0),
                                                   (300, 128, 40, 0), (2048, None, None, 777),
                                                   (256, 100, 33, 901)]:
@@ -257,12 +263,7 @@ def test_row_blocks_on_compute_threads_equal_one_pass_bit_for_bit(data):
     BLAS on every core, for any tile, row block and first row."""
     from semdedup_core.threads import compute_pool
 
-    if data == "real":
-        emb = real_cluster(1500)
-    else:
-        rng = np.random.default_rng(12)
-        emb = normalize(rng.standard_normal((1500, 64)).astype(np.float32))
-        emb[rng.choice(np.arange(1, 1500), 300)] = emb[rng.integers(0, 1500, 300)]
+    emb = kernel_cluster(data, 12)
     cases = [(2048, None, 0), (512, None, 0), (300, 128, 0), (2048, 256, 777), (256, 100, 901)]
     one_pass = [max_similarity_to_earlier(CPU, emb, tile, rb, first) for tile, rb, first in cases]
     with compute_pool() as pool:
@@ -313,12 +314,7 @@ def test_symmetric_diagonal_equals_matmul_bit_for_bit(data):
     and first row, on one thread and on the compute threads."""
     from semdedup_core.threads import compute_pool
 
-    if data == "real":
-        emb = real_cluster(1500)
-    else:
-        rng = np.random.default_rng(13)
-        emb = normalize(rng.standard_normal((1500, 64)).astype(np.float32))
-        emb[rng.choice(np.arange(1, 1500), 300)] = emb[rng.integers(0, 1500, 300)]
+    emb = kernel_cluster(data, 13)
     cases = [(2048, None, 0), (512, None, 0), (1000, None, 0), (300, 128, 0), (2048, 256, 777),
              (256, 100, 901)]
     matmul = [max_similarity_to_earlier(MatmulOnlyCpu(), emb, tile, rb, first)
