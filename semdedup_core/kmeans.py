@@ -161,14 +161,29 @@ def lloyd(backend: Backend, sample: np.ndarray, n_clusters: int, max_iter: int, 
     return backend.to_numpy(C).astype(np.float32), it
 
 
+DISTANCE_ROWS = 256  # rows per step of `centroid_distances`: its temporaries stay in cache
+
+
 def centroid_distances(emb: np.ndarray, centroid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(l2_dist_to_cent, cosine_dist_to_cent) as float32, per SPEC:
     `||e - c||` and `1 - e.(c/||c||)`. Each row's value depends on that row alone, so a
     cluster written in several parts gets the same bits as written whole: the dot products go
     through einsum's per-row loop, not BLAS gemv, whose last rows of a call (and of each
-    thread's share) take another kernel and differ in the last bit."""
+    thread's share) take another kernel and differ in the last bit. The norms are numpy's
+    `linalg.norm` sum (float32 squares, reduced row by row), taken DISTANCE_ROWS rows at a
+    time in one small buffer: two whole-array temporaries cost more than the sums (fresh
+    memory, faulted in and zeroed)."""
     c = centroid.astype(np.float32)
-    l2 = np.linalg.norm(emb - c, axis=1).astype(np.float32)
+    n = len(emb)
+    kind = np.result_type(emb.dtype, c.dtype)  # float32 for the shards' rows
+    l2 = np.empty(n, dtype=kind)
+    buf = np.empty((min(n, DISTANCE_ROWS), emb.shape[1]), dtype=kind)
+    for s in range(0, n, DISTANCE_ROWS):
+        rows = emb[s:s + DISTANCE_ROWS]
+        diff = np.subtract(rows, c, out=buf[:len(rows)])
+        np.multiply(diff, diff, out=diff)
+        np.add.reduce(diff, axis=1, out=l2[s:s + len(rows)])
+    l2 = np.sqrt(l2, out=l2).astype(np.float32, copy=False)
     unit = c / max(float(np.linalg.norm(c)), 1e-12)
     cos = (1.0 - np.einsum("ij,j->i", emb, unit)).astype(np.float32)
     return l2, cos

@@ -14,6 +14,9 @@ from semdedup_core.errors import StorageError
 from semdedup_core.storage import Storage, describe_fault, storage_faults
 
 
+VECTOR_WRITE_BATCH = 65536
+
+
 def table_to_parquet_bytes(table: pa.Table) -> pa.Buffer:
     """The parquet file as an Arrow buffer (bytes-like: hashed and written without a copy)."""
     sink = pa.BufferOutputStream()
@@ -22,10 +25,15 @@ def table_to_parquet_bytes(table: pa.Table) -> pa.Buffer:
     # Ids and float vectors gain nothing from dictionaries. Vector columns get neither snappy
     # nor statistics: unit floats shrink 0.3% under snappy, min/max over all vector values
     # prunes no read, and together they cost 16% of a shard's encoding time (measured).
+    # Vectors are written in batches of VECTOR_WRITE_BATCH values, not Arrow's 1,024: each
+    # batch costs a level-encoding and page-size round of its own (measured: a third less
+    # encoding time for 512-d shards). It moves where pages are cut, so only vector tables
+    # (the shards) use it; the other artifacts keep their bytes.
     pq.write_table(table, sink, use_dictionary=False,
                    compression={n: "none" if n in vectors else "snappy"
                                 for n in table.column_names},
-                   write_statistics=[n for n in table.column_names if n not in vectors])
+                   write_statistics=[n for n in table.column_names if n not in vectors],
+                   write_batch_size=VECTOR_WRITE_BATCH if vectors else None)
     return sink.getvalue()
 
 

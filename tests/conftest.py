@@ -1,4 +1,13 @@
 import os
+
+# OpenBLAS picks its kernels for the CPU it finds. A forced kernel family (this project's
+# machine image sets OPENBLAS_CORETYPE=Haswell on AVX-512 hosts) computes a GEMM row with bits
+# that depend on the call's shape and thread count, so the bit-for-bit tests would measure
+# that setting, not semdedup (README: "OpenBLAS kernels"). Unset before numpy loads, for this
+# process and every process the tests start.
+for _var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+    os.environ.pop(_var, None)
+
 import socket
 import subprocess
 import sys
