@@ -132,6 +132,11 @@ def prepare_memmaps(input_dir: str, cache: str) -> dict:
     return {**meta, "reused": False}
 
 
+def environment_without(names: list[str]) -> dict:
+    """This process's environment less `names` (each program's BLAS setting, `--*-unset`)."""
+    return {k: v for k, v in os.environ.items() if k not in names}
+
+
 def measured(cmd: list[str], log: str, **kw) -> tuple[float, float]:
     """Run `cmd` (output to `log`); its wall seconds and peak RSS in GiB (of the process and
     the children it waited for, as wait4 reports)."""
@@ -154,7 +159,7 @@ def run_semdedup(a, data: str, out: str) -> tuple[float, float]:
            "--output-path", out, "--n-clusters", str(a.clusters), "--max-iter", str(a.max_iter),
            "--eps-to-extract", *map(str, a.eps), "--which-to-keep", a.which_to_keep,
            "--random-state", str(a.seed), "--backend", "cpu", "--quiet"]
-    return measured(cmd, out + ".log")
+    return measured(cmd, out + ".log", env=environment_without(a.semdedup_unset))
 
 
 def run_upstream(a, python: str, tree: str, mm: dict, out: str) -> tuple[float, float, dict]:
@@ -167,7 +172,8 @@ def run_upstream(a, python: str, tree: str, mm: dict, out: str) -> tuple[float, 
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg, f)
     wall, peak = measured([python, DRIVER, os.path.join(out, "config.json")],
-                          os.path.join(out, "driver.log"), cwd=out)
+                          os.path.join(out, "driver.log"), cwd=out,
+                          env=environment_without(a.upstream_unset))
     with open(cfg["result"]) as f:
         return wall, peak, json.load(f)
 
@@ -196,6 +202,14 @@ def main() -> None:
     p.add_argument("--which-to-keep", choices=["hard", "easy", "random"], default="hard")
     p.add_argument("--seed", type=int, default=42, help="semdedup's random_state, faiss's seed")
     p.add_argument("--repeats", type=int, default=1, help="runs of each, alternating")
+    # Each side runs with its best BLAS setting on this machine image, which forces
+    # OPENBLAS_CORETYPE=Haswell on AVX-512 hosts: numpy's OpenBLAS picks SkylakeX kernels on its
+    # own (twice the GEMM speed), while faiss's bundled OpenBLAS 0.3.15 is 2.2x slower at
+    # k-means without the variable (README: OpenBLAS kernels).
+    p.add_argument("--semdedup-unset", nargs="*", default=["OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"],
+                   help="environment variables semdedup runs without")
+    p.add_argument("--upstream-unset", nargs="*", default=[],
+                   help="environment variables upstream runs without")
     p.add_argument("--upstream-git", default=UPSTREAM_GIT, help="URL or path of its git repository")
     p.add_argument("--upstream-commit", default=UPSTREAM_COMMIT, help="a full commit hash")
     p.add_argument("--torch", default=None, help="pip requirement for torch in the upstream venv "
@@ -235,7 +249,9 @@ def main() -> None:
     s_s, s_gb = min(w for w, _ in ours), min(g for _, g in ours)
     u_s, u_gb = min(w for w, _ in theirs), min(g for _, g in theirs)
     workload = f"{mm['rows']:,} x {mm['dim']}, k={a.clusters}, max_iter {a.max_iter}"
+    unset = {"semdedup": a.semdedup_unset, "upstream": a.upstream_unset}
     print(f"\n{os.cpu_count()} cores; best of {a.repeats}; eps {a.eps}, {a.which_to_keep}; "
+          f"unset: {unset}; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}; "
           "targets: speed ratio >= 2, memory ratio <= 0.5\n"
           "| workload | semdedup s / GiB | upstream s / GiB | speed ratio | memory ratio |\n"
           "|---|---|---|---|---|\n"
