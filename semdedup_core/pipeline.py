@@ -12,6 +12,7 @@
 import contextlib
 import functools
 import logging
+import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import Executor
@@ -341,6 +342,18 @@ class RunReport:
     audit: list[EpsAudit] = field(default_factory=list)
 
 
+def warn_forced_blas_kernels(backend: Backend) -> None:
+    """Say so when OPENBLAS_CORETYPE forces the CPU backend's kernels (README: OpenBLAS
+    kernels): a family that does not match the CPU runs the GEMMs slower, and its rows' bits
+    may follow the shape of each call, so outputs may differ with the thread count."""
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    if backend.name == "cpu" and forced:
+        log.warning("OPENBLAS_CORETYPE=%s forces OpenBLAS's kernels: where they do not match "
+                    "this CPU, GEMMs run slower and outputs may differ with the thread count; "
+                    "unset it unless OpenBLAS misdetects the CPU (README: OpenBLAS kernels)",
+                    forced)
+
+
 def run_pipeline(cfg: DedupConfig, show_progress: bool = False,
                  s3: S3Options | None = None, wait: bool = False) -> RunReport:
     """Every stage in order; the output layout is complete when this returns. The output folder
@@ -348,6 +361,7 @@ def run_pipeline(cfg: DedupConfig, show_progress: bool = False,
     waits for it. The completion record is written last."""
     timer = PhaseTimer()
     backend = get_backend(cfg.backend)
+    warn_forced_blas_kernels(backend)
     out = output_storage(cfg, s3)
     with run_record.take_output(out, wait=wait) as lock:
         with open_source(cfg, s3) as source:

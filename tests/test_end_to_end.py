@@ -271,3 +271,17 @@ def test_help_explains_every_argument():
                  "--eps-to-extract", "--sim-metric", "--which-to-keep", "--random-state",
                  "--job-spec", "--backend", "--id-column", "--embedding-column"):
         assert flag in proc.stdout
+
+
+def test_a_forced_openblas_kernel_family_is_reported(planted, tmp_path, monkeypatch, caplog):
+    # (The variable only acts when OpenBLAS loads; here it is set afterwards, for the message.)
+    folder, _ = planted
+    cfg = make_config(input_embeddings_path=str(folder), output_path=str(tmp_path / "o"),
+                      n_clusters=3, backend="cpu")
+    with caplog.at_level("WARNING", logger="semdedup_core.pipeline"):
+        run_pipeline(cfg)
+    assert "OPENBLAS_CORETYPE" not in caplog.text
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    with caplog.at_level("WARNING", logger="semdedup_core.pipeline"):
+        run_pipeline(cfg)
+    assert "OPENBLAS_CORETYPE=Haswell forces OpenBLAS's kernels" in caplog.text
