@@ -27,7 +27,7 @@ def table_to_parquet_bytes(table: pa.Table) -> pa.Buffer:
     # prunes no read, and together they cost 16% of a shard's encoding time (measured).
     # Vectors are written in batches of VECTOR_WRITE_BATCH values, not Arrow's 1,024: each
     # batch costs a level-encoding and page-size round of its own (measured: a third less
-    # encoding time for 512-d shards). It moves where pages are cut, so only vector tables
+    # encoding time for 512-d shards). It can move where pages are cut, so only vector tables
     # (the shards) use it; the other artifacts keep their bytes.
     pq.write_table(table, sink, use_dictionary=False,
                    compression={n: "none" if n in vectors else "snappy"

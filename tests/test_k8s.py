@@ -244,11 +244,8 @@ def test_steps_share_only_s3_and_equal_semdedup_run(k8s_run, tmp_path):
     # The steps' compute logs went to the values' bucket too.
     logs = k8s_run["values"]["computeLogManager"]["config"]["s3ComputeLogManager"]
     assert s3.list_objects_v2(Bucket=logs["bucket"], Prefix=logs["prefix"])["KeyCount"] > 0
-    # The same files as the engine alone, byte for byte, run with what a pod's environment
-    # has (no variable of this host's: OPENBLAS_CORETYPE, say, picks other BLAS kernels,
-    # whose last bits differ).
-    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
-           "AWS_ENDPOINT_URL": s3.meta.endpoint_url,
+    # The same files as the engine alone, byte for byte.
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3.meta.endpoint_url,
            "AWS_ACCESS_KEY_ID": "k8s-key", "AWS_SECRET_ACCESS_KEY": "k8s-secret",
            "AWS_REGION": "us-east-1"}
     args = k8s_run["args"]
