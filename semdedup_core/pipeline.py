@@ -342,13 +342,14 @@ class RunReport:
     audit: list[EpsAudit] = field(default_factory=list)
 
 
-def warn_forced_blas_kernels(backend: Backend) -> None:
-    """Say so when OPENBLAS_CORETYPE forces the CPU backend's kernels (README: OpenBLAS
-    kernels): a family that does not match the CPU runs the GEMMs slower, and its rows' bits
-    may follow the shape of each call, so outputs may differ with the thread count."""
+def warn_forced_blas_kernels(backend: Backend, logger=log) -> None:
+    """Say so (on `logger`: a Dagster step passes its context's) when OPENBLAS_CORETYPE forces
+    the CPU backend's kernels (README: OpenBLAS kernels): a family that does not match the CPU
+    runs the GEMMs slower, and its rows' bits may follow the shape of each call, so outputs
+    may differ with the thread count."""
     forced = os.environ.get("OPENBLAS_CORETYPE")
     if backend.name == "cpu" and forced:
-        log.warning("OPENBLAS_CORETYPE=%s forces OpenBLAS's kernels: where they do not match "
+        logger.warning("OPENBLAS_CORETYPE=%s forces OpenBLAS's kernels: where they do not match "
                     "this CPU, GEMMs run slower and outputs may differ with the thread count; "
                     "unset it unless OpenBLAS misdetects the CPU (README: OpenBLAS kernels)",
                     forced)

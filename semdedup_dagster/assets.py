@@ -32,6 +32,7 @@ from semdedup_core.pipeline import (
     input_fingerprint,
     nonempty_clusters,
     prune_clusters,
+    warn_forced_blas_kernels,
 )
 from semdedup_core.storage import Storage
 from semdedup_dagster.checks import (
@@ -132,6 +133,7 @@ def fit_stage(context, cfg: DedupConfig, storage: LayoutStorage,
     `assign_stage`."""
     t = time.perf_counter()
     backend = get_backend(cfg.backend)
+    warn_forced_blas_kernels(backend, context.log)
     out = storage.output(cfg)
     with holding_output(context, out) as lock:
         with storage.open_input(cfg, share=share_input_with_run, keep=True) as source:

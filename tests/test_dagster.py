@@ -3,6 +3,7 @@ ephemeral instance (`dagster job execute` against `semdedup run`: tests/test_job
 centroid partition, the drop sensor against a real S3 API server, and a live webserver."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -185,6 +186,27 @@ def test_job_extracts_a_zip_input_once_and_leaves_no_scratch(planted, reference,
     assert len(extractions) == 1
     assert tree(tmp_path / "out") == reference  # same clips as the folder: same bytes
     assert os.listdir(tmp_path / "scratch" / storage.SHARED_ZIP_DIR) == []
+
+
+def test_fit_step_reports_a_forced_openblas_kernel_family(planted, tmp_path, monkeypatch):
+    """The job's and the asset's fit step say in the run's log (the launchpad user's only view)
+    what `semdedup run` says: OPENBLAS_CORETYPE forces the kernels."""
+    folder, _ = planted
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")  # read at the warning; BLAS loaded already
+    instance = DagsterInstance.ephemeral()
+    resources = {"semdedup": SemdedupResource.configure_at_launch(),
+                 "layout_storage": LayoutStorage(),
+                 "semdedup_layout": LayoutIOManager(layout_storage=LayoutStorage())}
+    runs = [materialize([kmeans_centroids], instance=instance, resources=resources,
+                        run_config=run_config_for(args_for(folder, tmp_path / "a"))),
+            defs.resolve_job_def("semdedup").execute_in_process(
+                run_config=run_config_for(args_for(folder, tmp_path / "b")), instance=instance)]
+    for result in runs:
+        assert result.success
+        warned = [e for e in instance.all_logs(result.run_id) if e.dagster_event is None
+                  and "OPENBLAS_CORETYPE=Haswell forces" in e.user_message]
+        assert len(warned) == 1 and warned[0].level == logging.WARNING
+        assert warned[0].step_key.startswith(("kmeans_centroids", "fit_centroids"))
 
 
 def test_assets_materialise_one_by_one_and_one_partition_alone(planted, reference, tmp_path):
