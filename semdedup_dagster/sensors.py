@@ -87,8 +87,9 @@ def candidate_files(watch: Storage, skip: str | None = None) -> list[tuple[str, 
 
 
 def find_drops(watch: Storage, now: float, settle_seconds: float,
-               skip: str | None = None) -> dict[str, str]:
-    """{drop path relative to the watched folder: fingerprint} of every complete drop."""
+               skip: str | None = None, settling: dict[str, float] | None = None) -> dict[str, str]:
+    """{drop path relative to the watched folder: fingerprint} of every complete drop; with
+    `settling`, also {drop: seconds since its last change} of those still being written."""
     groups: dict[str, list] = {}
     for rel, size, mtime in candidate_files(watch, skip):
         parts = rel.split("/")
@@ -104,8 +105,10 @@ def find_drops(watch: Storage, now: float, settle_seconds: float,
         if not drop.lower().endswith(".zip") and not any(f[0].endswith(".parquet")
                                                           for f in files):
             continue
-        if now - max(f[2] for f in files) < settle_seconds:
-            continue  # still being written
+        if now - max(f[2] for f in files) < settle_seconds:  # still being written
+            if settling is not None:
+                settling[drop] = now - max(f[2] for f in files)
+            continue
         digest = hashlib.sha256(json.dumps(sorted(files)).encode()).hexdigest()[:16]
         drops[drop] = digest
     return drops
@@ -121,8 +124,9 @@ def embedding_drop_sensor(context: SensorEvaluationContext, drop_watch: DropWatc
         return SkipReason("no watch_path configured (set SEMDEDUP_WATCH_PATH)")
     watch = layout_storage.location(drop_watch.watch_path)
     started: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    settling: dict[str, float] = {}
     drops = find_drops(watch, time.time(), drop_watch.settle_seconds,
-                       skip=drop_watch.output_root_inside(watch))
+                       skip=drop_watch.output_root_inside(watch), settling=settling)
     requests = []
     for drop, fingerprint in sorted(drops.items()):
         if started.get(drop) == fingerprint:
@@ -137,7 +141,13 @@ def embedding_drop_sensor(context: SensorEvaluationContext, drop_watch: DropWatc
                                          **output_tag(args)}))
         started[drop] = fingerprint
     context.update_cursor(json.dumps(started, sort_keys=True))
-    return requests or SkipReason(f"no new drops under {watch.display()}")
+    if requests:
+        return requests
+    # A drop seen but not yet settled is named, so that its user knows it was found.
+    waiting = "; ".join(f"{d} changed {age:.0f} s ago, starts once unchanged for "
+                        f"{drop_watch.settle_seconds} s" for d, age in sorted(settling.items()))
+    return SkipReason(f"no new drops under {watch.display()}" +
+                      (f"; still being written: {waiting}" if waiting else ""))
 
 
 def drop_watch_from_env(environ) -> DropWatch:

@@ -321,16 +321,20 @@ def test_drop_sensor_against_s3(planted, s3_client, s3_endpoint, aws_profile):
                       extra_args_json='{"centroids_per_step": 2, "report_partitions": false}')
     instance = DagsterInstance.ephemeral()
 
-    def tick(cursor, watch=watch):
+    def evaluate(cursor, watch=watch):
         ctx = build_sensor_context(instance=instance, cursor=cursor,
                                    resources={"drop_watch": watch, "layout_storage": storage})
-        result = embedding_drop_sensor(ctx)
-        runs = result if isinstance(result, list) else []
-        return runs, ctx.cursor
+        return embedding_drop_sensor(ctx), ctx
 
-    # Still being written (changed within settle_seconds): nothing yet.
-    runs, _ = tick(None, DropWatch(watch_path="s3://drops/incoming", settle_seconds=3600))
-    assert runs == []
+    def tick(cursor, watch=watch):
+        result, ctx = evaluate(cursor, watch)
+        return result if isinstance(result, list) else [], ctx.cursor
+
+    # Still being written (changed within settle_seconds): nothing yet, and the skip names it.
+    skipped, _ = evaluate(None, DropWatch(watch_path="s3://drops/incoming", settle_seconds=3600))
+    assert skipped.skip_message.startswith("no new drops under s3://drops/incoming; still being "
+                                           "written: 2026-11-25/iv2_embd_parquet changed ")
+    assert skipped.skip_message.endswith("starts once unchanged for 3600 s")
     runs, cursor = tick(None)
     assert len(runs) == 1
     args = runs[0].run_config["resources"]["semdedup"]["config"]
