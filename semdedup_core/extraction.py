@@ -13,7 +13,8 @@ from semdedup_core.audit import EpsAudit, KeptPairsAudit, read_audit, write_audi
 from semdedup_core.backends import Backend, get_backend
 from semdedup_core.cross_cluster import read_cross_table, searched_eps
 from semdedup_core.parquet import read_table, row_count, write_table
-from semdedup_core.shards import load_centroids, read_shard, read_shard_vectors, shard_files
+from semdedup_core.shards import (load_centroids, read_shard, read_shard_vectors, shard_files,
+                                  take_rows)
 from semdedup_core.storage import Storage
 from semdedup_core.threads import LATENCY_BOUND_THREADS, host_threads, ordered_map
 
@@ -105,10 +106,10 @@ def audit_output(out: Storage, clusters: list[int], eps_list: list[float], backe
         if not files:
             raise InputError(f"{out.display(layout.shard_dir(c))}: no shard for the pruning "
                              f"table of cluster {c}; re-run assignment")
-        shard, emb = read_shard_vectors(out, files)
+        shard, parts = read_shard_vectors(out, files)
         where = pc.index_in(pruning.column(layout.ID).combine_chunks(),
                             value_set=shard.column(layout.ID).combine_chunks())
-        return emb[where.to_numpy()]
+        return take_rows(parts, where.to_numpy())
 
     if scores is None:
         scores = dict(zip(clusters, ordered_map(deciding, clusters, host_threads())))

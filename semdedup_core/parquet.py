@@ -15,6 +15,11 @@ from semdedup_core.storage import Storage, describe_fault, storage_faults
 
 
 VECTOR_WRITE_BATCH = 65536
+# Artifacts are read one file per cluster (or a few), each a few hundred kB, on semdedup's own
+# threads: handing a file's columns to Arrow's thread pool costs more than decoding them
+# (a shard file's id and distance columns, ~340 rows: 180-200 us of wall time with Arrow's
+# threads, 79 us without, measured).
+SMALL_READ_THREADS = False
 
 
 def table_to_parquet_bytes(table: pa.Table) -> pa.Buffer:
@@ -61,8 +66,9 @@ def reading(out: Storage, rel: str) -> Iterator[None]:
 def read_table(out: Storage, rel: str, columns: list[str] | None = None) -> pa.Table:
     # ParquetFile.read, not pq.read_table: the latter goes through the dataset machinery,
     # ~0.5 ms more per file (measured), which adds up over one small file per cluster.
+    # Without Arrow's threads (SMALL_READ): our own threads read the clusters side by side.
     with reading(out, rel), out.open_input(rel) as f:
-        return pq.ParquetFile(f).read(columns=columns)
+        return pq.ParquetFile(f).read(columns=columns, use_threads=SMALL_READ_THREADS)
 
 
 def row_count(out: Storage, rel: str) -> int:

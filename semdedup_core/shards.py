@@ -22,8 +22,8 @@ from semdedup_core.errors import InputError
 from semdedup_core.kmeans import (ASSIGN_CHUNK, Scratch, assign_chunk, centroid_distances,
                                   nearest_centroid)
 from semdedup_core.config import DedupConfig
-from semdedup_core.parquet import (content_sha, plain_float_values, read_table, reading,
-                                   table_to_parquet_bytes)
+from semdedup_core.parquet import (SMALL_READ_THREADS, content_sha, plain_float_values,
+                                   read_table, reading, table_to_parquet_bytes)
 from semdedup_core.ranking import rank_order
 from semdedup_core.storage import Storage
 from semdedup_core.threads import host_threads, ordered_map
@@ -336,7 +336,8 @@ def read_shard_file_vectors(out: Storage, rel: str) -> tuple[pa.Table, np.ndarra
             data = f.read_buffer()
         file = pq.ParquetFile(pa.BufferReader(data))
         names = file.schema_arrow.names
-        table = file.read(columns=[c for c in names if c != layout.EMBEDDING])
+        table = file.read(columns=[c for c in names if c != layout.EMBEDDING],
+                          use_threads=SMALL_READ_THREADS)
         meta, n = file.metadata, table.num_rows
         leaves = [i for i in range(meta.num_columns)
                   if meta.schema.column(i).path.split(".")[0] == layout.EMBEDDING]
@@ -345,16 +346,36 @@ def read_shard_file_vectors(out: Storage, rel: str) -> tuple[pa.Table, np.ndarra
                              "semdedup writes them; re-run assignment")
         values = plain_float_values(data, meta, leaves[0]) if len(leaves) == 1 else None
         if values is None or n == 0 or len(values) % n:
-            return table, list_column_to_numpy(file.read(columns=[layout.EMBEDDING]).column(0))
+            return table, list_column_to_numpy(file.read(
+                columns=[layout.EMBEDDING], use_threads=SMALL_READ_THREADS).column(0))
         return table, values.reshape(n, len(values) // n)
 
 
-def read_shard_vectors(out: Storage, files: list[str]) -> tuple[pa.Table, np.ndarray]:
+def read_shard_vectors(out: Storage, files: list[str]) -> tuple[pa.Table, list[np.ndarray]]:
     """The rows of these shard files (one cluster's, `shard_files`), in order, with the
-    embeddings apart as float32 (rows, dim) (`read_shard_file_vectors`)."""
+    embeddings apart as float32 (rows, dim), one array per file (`read_shard_file_vectors`):
+    `take_rows` puts them in any order without joining them first."""
     parts = [read_shard_file_vectors(out, f) for f in files]
-    table = pa.concat_tables(t for t, _ in parts)
-    return table, parts[0][1] if len(parts) == 1 else np.concatenate([e for _, e in parts])
+    return pa.concat_tables(t for t, _ in parts), [e for _, e in parts]
+
+
+def take_rows(parts: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """`np.concatenate(parts)[rows]`. Where `rows` is a permutation (a ranking), each part is
+    copied once, straight to its rows' places: the join's copy of every vector (and its fresh
+    memory, which costs more than the copy on a VM that backs memory lazily) is saved."""
+    if len(parts) == 1:
+        return parts[0][rows]
+    n = sum(len(p) for p in parts)
+    place = np.full(n, -1, np.int64)
+    place[rows] = np.arange(len(rows))
+    if len(rows) != n or (place < 0).any():  # not a permutation
+        return np.concatenate(parts)[rows]
+    taken = np.empty((n, parts[0].shape[1]), parts[0].dtype)
+    start = 0
+    for p in parts:
+        taken[place[start:start + len(p)]] = p
+        start += len(p)
+    return taken
 
 
 @dataclass
@@ -373,15 +394,15 @@ def ranked_shard(cfg: DedupConfig, out: Storage, cluster: int) -> RankedShard | 
     files = shard_files(out, cluster)
     if not files:
         return None
-    shard, emb = read_shard_vectors(out, files)
+    shard, parts = read_shard_vectors(out, files)
     ids = shard.column(layout.ID).combine_chunks()
     cos = shard.column(layout.COSINE_DIST).to_numpy()
     l2 = shard.column(layout.L2_DIST).to_numpy()
     order = rank_order(ids, l2, cos, cfg.sim_metric, cfg.which_to_keep, cfg.random_state,
                        cluster)
     dist = cos if cfg.sim_metric == "cosine" else l2
-    return RankedShard(cluster, ids.take(pa.array(order)), emb[order], cos[order], dist[order],
-                       files, order)
+    return RankedShard(cluster, ids.take(pa.array(order)), take_rows(parts, order), cos[order],
+                       dist[order], files, order)
 
 
 class KeptShards:

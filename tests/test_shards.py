@@ -219,3 +219,19 @@ def test_shard_vectors_read_from_the_pages_equal_arrows(tmp_path):
         rest, emb = read_shard_file_vectors(out, f"f{i}.parquet")
         assert emb.tobytes() == arrow(data).tobytes() and emb.shape[1] == 48
         assert rest.column_names == [layout.ID, layout.L2_DIST, layout.COSINE_DIST]
+
+
+def test_taking_rows_from_a_shards_files_equals_joining_them_first():
+    """`take_rows` (how a ranked shard is put in rank order without joining its files' vectors
+    first) gives `np.concatenate(parts)[rows]` for a permutation, for one file, and for rows
+    that are not a permutation (a selection, a repeat), where it joins first."""
+    from semdedup_core.shards import take_rows
+
+    rng = np.random.default_rng(5)
+    parts = [rng.standard_normal((n, 24)).astype(np.float32) for n in (5, 1, 0, 9)]
+    joined = np.concatenate(parts)
+    for rows in (rng.permutation(15), np.arange(15)[::-1], rng.choice(15, 6, replace=False),
+                 np.array([3, 3, 4]), np.array([], np.int64)):
+        got = take_rows(parts, rows)
+        assert got.dtype == np.float32 and got.tobytes() == joined[rows].tobytes()
+    assert take_rows(parts[:1], np.array([4, 0])).tobytes() == parts[0][[4, 0]].tobytes()
