@@ -200,9 +200,9 @@ def main() -> None:
     extra = {} if ns.max_probes is None else {"cross_cluster_max_probes": ns.max_probes}
     reports, seconds, cpu = {}, {"off": [], "on": []}, {"off": [], "on": []}
     # Every run writes a new folder, as a first run does, and the earlier runs' folders are
-    # removed only at the end: a run over a folder that was just written (or removed)
-    # replaces thousands of files, and ext4 then makes each new file cost ~10x (1 ms against
-    # 0.09 ms of CPU, measured here) while it skips the inodes freed in the last seconds.
+    # removed only at the end: a run over the folder of the run before replaces its files, and
+    # ext4 here then makes each new file cost ~10x (1 ms against 0.09 ms of CPU, measured)
+    # while it skips the inodes freed in the last minute (`run_bench.remove_output`).
     for repeat in range(ns.repeats):
         for name, on in (("off", False), ("on", True)):
             folder = f"{work}/{name}" if repeat == ns.repeats - 1 else f"{work}/{name}.{repeat}"
