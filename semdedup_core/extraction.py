@@ -139,19 +139,22 @@ def sweep(out: Storage, eps_list: list[float], progress=None, owner: str | None 
     a completion record, which then lists the swept eps); the folder is held for the sweep like
     for a run. A sweep that fails leaves the folder as it found it: the files of eps it did
     not hold before are deleted and the audit put back (the eps it held are rewritten with the
-    same bytes)."""
+    same bytes). A sweep killed half-way cannot undo its writes: the record notes what it adds
+    before it writes (`run_record.begin_sweep`), and the next sweep undoes them first."""
     with run_record.take_output(out, owner, wait) as lock:
         run_record.require_complete(out, lock)
+        _undo_interrupted_sweep(out, lock)
         clusters = pruned_clusters(out)
         if not clusters:
             raise InputError(f"{out.display(layout.PRUNING_TABLES)}: no pruning tables; run the "
                              "pipeline first")
         new_eps = [e for e in eps_list if not out.exists(layout.summary_csv(e))]
         previous_audit = out.read_bytes(layout.AUDIT) if out.exists(layout.AUDIT) else None
+        record_before = run_record.begin_sweep(out, lock, new_eps, previous_audit)
         try:
             rows = _sweep_held(out, lock, eps_list, clusters, progress, backend)
         except BaseException:
-            _undo_sweep(out, new_eps, previous_audit)
+            _undo_sweep(out, new_eps, previous_audit, record_before)
             raise
     drop = run_record.committed_corpus_drop(out)
     if drop is not None:  # the corpus's manifest counts the drop's removals per eps too
@@ -191,18 +194,41 @@ def _sweep_held(out: Storage, lock, eps_list: list[float], clusters: list[int], 
     return rows
 
 
-def _undo_sweep(out: Storage, new_eps: list[float], previous_audit: bytes | None) -> None:
-    """After a failed sweep: delete what it wrote for eps the folder did not hold, and put the
-    audit back. Best effort: the sweep's own error is the one to report."""
+def _delete_sweep_writes(out: Storage, new_eps: list[float], previous_audit: bytes | None) -> None:
+    """What a sweep wrote for eps the folder did not hold goes, and the audit is put back."""
+    for eps in new_eps:
+        out.delete_file(layout.summary_csv(eps))  # first: a summary marks a whole eps
+        out.delete_dir(layout.unique_ids_dir(eps))
+    if previous_audit is not None:
+        out.write_bytes(layout.AUDIT, previous_audit)
+
+
+def _undo_sweep(out: Storage, new_eps: list[float], previous_audit: bytes | None,
+                record_before: bytes | None) -> None:
+    """After a failed sweep: its writes go (`_delete_sweep_writes`) and the record is put back.
+    Best effort: the sweep's own error is the one to report (a sweep that could not be undone
+    stays noted in the record, and the next sweep undoes it)."""
     try:
-        for eps in new_eps:
-            out.delete_file(layout.summary_csv(eps))  # first: a summary marks a whole eps
-            out.delete_dir(layout.unique_ids_dir(eps))
-        if previous_audit is not None:
-            out.write_bytes(layout.AUDIT, previous_audit)
+        _delete_sweep_writes(out, new_eps, previous_audit)
+        run_record.put_back(out, record_before)
     except Exception:  # noqa: BLE001
         log.warning("%s: could not undo the failed sweep; sweep again", out.display(),
                     exc_info=True)
+
+
+def _undo_interrupted_sweep(out: Storage, lock) -> None:
+    """A sweep that stopped before it ended (killed: the record still notes it) is undone
+    before anything else is written."""
+    note = run_record.interrupted_sweep(out)
+    if note is None:
+        return
+    log.warning("%s: a sweep (run %s, started %s) stopped before it finished; removing what it "
+                "wrote for eps %s and putting the audit back", out.display(), note["run_id"],
+                note["started"], ", ".join(note["new_eps"]) or "(none new)")
+    audit = note["audit_before"]
+    _delete_sweep_writes(out, [float(e) for e in note["new_eps"]],
+                         None if audit is None else audit.encode())
+    run_record.forget_sweep(out, lock)
 
 
 def summarize(out: Storage, eps_list: list[float], clusters: list[int], total: int | None = None,

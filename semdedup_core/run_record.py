@@ -400,13 +400,64 @@ def require_complete(out: Storage, own: OutputLock | None = None) -> dict:
     return read_record(out)
 
 
-def add_swept_eps(out: Storage, lock: OutputLock, eps: list[float], rows: dict) -> None:
-    """After a sweep: the record lists the swept eps with their counts, so the folder stays
-    described by its record."""
+# The record's note of a sweep under way (`begin_sweep`): gone when it ends, either way.
+SWEEP_UNDER_WAY = "sweep_under_way"
+
+
+def _write_record_dict(out: Storage, record: dict) -> None:
+    out.write_bytes(RECORD, json.dumps(record, indent=1, sort_keys=True).encode())
+
+
+def begin_sweep(out: Storage, lock: OutputLock, new_eps: list[float],
+                previous_audit: bytes | None) -> bytes | None:
+    """Before a sweep's first write: the record notes the eps it adds and the audit it will
+    replace, so that a sweep killed half-way (with no chance to undo its writes) is undone by
+    the next sweep (`interrupted_sweep`; a run rewrites the folder anyway). Returns the
+    record's bytes before (None: it had none), for a failed sweep to put back (`put_back`)."""
+    before = out.read_bytes(RECORD) if out.exists(RECORD) else None
+    record = json.loads(before) if before is not None else {}
+    lock.check()
+    record[SWEEP_UNDER_WAY] = {
+        "run_id": lock.owner, "started": _now_text(), "new_eps": [eps_text(e) for e in new_eps],
+        "audit_before": None if previous_audit is None else previous_audit.decode()}
+    _write_record_dict(out, record)
+    return before
+
+
+def put_back(out: Storage, before: bytes | None) -> None:
+    """The record as `begin_sweep` found it."""
+    if before is None:
+        out.delete_file(RECORD)
+    else:
+        out.write_bytes(RECORD, before)
+
+
+def interrupted_sweep(out: Storage) -> dict | None:
+    """The note of a sweep that stopped before it ended (`begin_sweep`), or None."""
+    record = read_record(out)
+    return None if record is None else record.get(SWEEP_UNDER_WAY)
+
+
+def forget_sweep(out: Storage, lock: OutputLock) -> None:
+    """Once an interrupted sweep's writes are undone: its note goes (and a record that held
+    nothing else, a corpus drop's, with it)."""
     record = read_record(out) or {}
     lock.check()
+    record.pop(SWEEP_UNDER_WAY, None)
+    if record:
+        _write_record_dict(out, record)
+    else:
+        out.delete_file(RECORD)
+
+
+def add_swept_eps(out: Storage, lock: OutputLock, eps: list[float], rows: dict) -> None:
+    """After a sweep: the record lists the swept eps with their counts, so the folder stays
+    described by its record; the sweep's note (`begin_sweep`) goes in the same write."""
+    record = read_record(out) or {}
+    lock.check()
+    record.pop(SWEEP_UNDER_WAY, None)
     swept = record.setdefault("swept_eps", {})
     for e in eps:
         swept[eps_text(e)] = {k: rows[e][k] for k in ("kept", "removed", "total")}
     record["swept"] = _now_text()
-    out.write_bytes(RECORD, json.dumps(record, indent=1, sort_keys=True).encode())
+    _write_record_dict(out, record)

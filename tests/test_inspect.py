@@ -15,6 +15,7 @@ from semdedup_core.errors import InputError
 from semdedup_core.extraction import sweep
 from semdedup_core.inspection import find_clip, score_stats
 from semdedup_core.pipeline import run_pipeline
+from semdedup_core import run_record
 from semdedup_core.run_record import OutputIncomplete
 from semdedup_core.storage import S3Options, Storage
 from semdedup_dagster.jobs import semdedup_sweep_job
@@ -161,3 +162,37 @@ def test_sweep_as_a_dagster_job(finished, tmp_path):
     assert result.success
     assert (work / "extraction/dedup_summary_0.07.csv").read_text().startswith(
         "eps,kept,removed,total\n0.07,")
+
+
+def test_a_killed_sweep_is_undone_by_the_next(finished, tmp_path, caplog):
+    """A sweep SIGKILLed after writing everything for a new eps (parts, summary, audit) but
+    before its record: no chance to undo. The record notes the sweep under way; the next
+    sweep removes the killed one's eps, puts the audit back, and leaves the folder as a sweep
+    of its own eps alone would (the record aside, which lists only what was swept)."""
+    _, _, out, _, _ = finished
+    killed, alone = tmp_path / "killed", tmp_path / "alone"
+    for folder in (killed, alone):
+        subprocess.run(["cp", "-r", str(out), str(folder)], check=True)
+    audit_before = (killed / layout.AUDIT).read_bytes()
+    script = (
+        "import os, signal, sys\n"
+        "from semdedup_core import run_record\n"
+        "from semdedup_core.extraction import sweep\n"
+        "from semdedup_core.storage import Storage\n"
+        "run_record.add_swept_eps = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "sweep(Storage(sys.argv[1]), [0.2])\n")
+    died = subprocess.run([sys.executable, "-c", script, str(killed)], capture_output=True)
+    assert died.returncode == -9, died.stderr
+    assert (killed / layout.summary_csv(0.2)).exists()
+    assert (killed / layout.unique_ids_dir(0.2)).is_dir()
+    assert (killed / layout.AUDIT).read_bytes() != audit_before
+    assert run_record.interrupted_sweep(Storage(str(killed)))["new_eps"] == ["0.2"]
+
+    with caplog.at_level("WARNING", logger="semdedup_core.extraction"):
+        sweep(Storage(str(killed)), [0.05])
+    assert "stopped before it finished; removing what it wrote for eps 0.2" in caplog.text
+    sweep(Storage(str(alone)), [0.05])
+    record = json.loads((killed / layout.RUN_RECORD).read_text())
+    assert run_record.SWEEP_UNDER_WAY not in record and list(record["swept_eps"]) == ["0.05"]
+    same = {k: v for k, v in file_bytes(killed).items() if k != layout.RUN_RECORD}
+    assert same == {k: v for k, v in file_bytes(alone).items() if k != layout.RUN_RECORD}
