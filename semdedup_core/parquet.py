@@ -66,7 +66,7 @@ def reading(out: Storage, rel: str) -> Iterator[None]:
 def read_table(out: Storage, rel: str, columns: list[str] | None = None) -> pa.Table:
     # ParquetFile.read, not pq.read_table: the latter goes through the dataset machinery,
     # ~0.5 ms more per file (measured), which adds up over one small file per cluster.
-    # Without Arrow's threads (SMALL_READ): our own threads read the clusters side by side.
+    # Without Arrow's threads (SMALL_READ_THREADS): ours read the clusters side by side.
     with reading(out, rel), out.open_input(rel) as f:
         return pq.ParquetFile(f).read(columns=columns, use_threads=SMALL_READ_THREADS)
 

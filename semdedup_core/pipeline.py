@@ -349,10 +349,10 @@ def warn_forced_blas_kernels(backend: Backend, logger=log) -> None:
     may differ with the thread count."""
     forced = os.environ.get("OPENBLAS_CORETYPE")
     if backend.name == "cpu" and forced:
-        logger.warning("OPENBLAS_CORETYPE=%s forces OpenBLAS's kernels: where they do not match "
-                    "this CPU, GEMMs run slower and outputs may differ with the thread count; "
-                    "unset it unless OpenBLAS misdetects the CPU (README: OpenBLAS kernels)",
-                    forced)
+        logger.warning("OPENBLAS_CORETYPE=%s forces OpenBLAS's kernels: where they do not "
+                       "match this CPU, GEMMs run slower and outputs may differ with the thread "
+                       "count; unset it unless OpenBLAS misdetects the CPU (README: OpenBLAS "
+                       "kernels)", forced)
 
 
 def run_pipeline(cfg: DedupConfig, show_progress: bool = False,
