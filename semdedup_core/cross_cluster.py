@@ -40,6 +40,7 @@ import pyarrow as pa
 from semdedup_core import layout
 from semdedup_core.backends.base import Backend
 from semdedup_core.config import DedupConfig, eps_text
+from semdedup_core.errors import InputError
 from semdedup_core.kmeans import ASSIGN_CHUNK, nearest_centroid
 from semdedup_core.pairwise import TIE_TOL
 from semdedup_core.parquet import read_table, write_table
@@ -623,7 +624,16 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
     yield from ordered_map(write, finished(), host_threads())
 
 
-def read_cross_table(out: Storage, cluster: int) -> pa.Table | None:
-    """A cluster's cross table, or None when the output has none (cross_cluster was off)."""
+def read_cross_table(out: Storage, cluster: int, required: bool = False) -> pa.Table | None:
+    """A cluster's cross table, or None when the output has none (cross_cluster was off).
+    `required` (cross_cluster is on): a missing table is an error, not "none": removals
+    without it would silently leave the cross-cluster duplicates in."""
     rel = layout.cross_table(cluster)
-    return read_table(out, rel) if out.exists(rel) else None
+    if out.exists(rel):
+        return read_table(out, rel)
+    if required:
+        raise InputError(f"{out.display(rel)}: not found, and cross_cluster is on: the cross "
+                         "tables come before the removals (in Dagster: materialise "
+                         "semdedup_cross_cluster_tables for these partitions first, or run "
+                         "the whole job)")
+    return None

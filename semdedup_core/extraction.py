@@ -60,11 +60,13 @@ def write_removed(out: Storage, pruning: pa.Table, cosine_dist: np.ndarray, clus
     return counts
 
 
-def extract_from_tables(out: Storage, cluster: int, eps_list: list[float]) -> dict[float, int]:
+def extract_from_tables(out: Storage, cluster: int, eps_list: list[float],
+                        cross_cluster: bool = False) -> dict[float, int]:
     """Write one cluster's `unique_ids_<eps>` parts from its pruning table and shard on storage
-    (no embeddings read, no ranking redone: the shard only supplies cosine_dist_to_cent)."""
+    (no embeddings read, no ranking redone: the shard only supplies cosine_dist_to_cent), and
+    its cross table where there is one (`cross_cluster`: there must be)."""
     pruning = read_table(out, layout.pruning_table(cluster))
-    cross = read_cross_table(out, cluster)
+    cross = read_cross_table(out, cluster, required=cross_cluster)
     if cross is not None and not cross.column(layout.ID).equals(pruning.column(layout.ID)):
         raise InputError(f"{out.display(layout.cross_table(cluster))} does not list the clips of "
                          f"{out.display(layout.pruning_table(cluster))} in its order; re-run")

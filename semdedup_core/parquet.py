@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from semdedup_core.errors import StorageError
+from semdedup_core.errors import InputError, StorageError
 from semdedup_core.storage import Storage, describe_fault, storage_faults
 
 
@@ -59,6 +59,9 @@ def reading(out: Storage, rel: str) -> Iterator[None]:
     try:
         with storage_faults(out.display(rel), "read"):
             yield
+    except FileNotFoundError:
+        raise InputError(f"{out.display(rel)}: not found: the step that writes it has not run "
+                         "for this output, or did not finish; run it (or the whole job)") from None
     except pa.ArrowInvalid as exc:
         raise StorageError(f"{out.display(rel)}: cannot read: {describe_fault(exc)}") from None
 

@@ -207,7 +207,7 @@ def write_cluster_outputs(cfg: DedupConfig, out: Storage, scored: ScoredShard,
     pruning = pa.table({layout.ID: ranked.ids, layout.MAX_ID: ranked.ids.take(pa.array(scored.match)),
                         layout.SCORE: pa.array(scored.score, type=pa.float32())})
     write_table(out, layout.pruning_table(ranked.cluster), pruning)
-    cross = read_cross_table(out, ranked.cluster) if cfg.cross_cluster else None
+    cross = read_cross_table(out, ranked.cluster, required=True) if cfg.cross_cluster else None
     removed = write_removed(out, pruning, ranked.cosine_dist, ranked.cluster,
                             cfg.eps_to_extract, cross) if extract else {}
     n = len(ranked.ids)

@@ -289,7 +289,7 @@ def cluster_dedup_stage(context, cfg: DedupConfig, out: Storage, clusters: list[
                 yield cluster, result, (result.removed if result else {}), secs
             return
         for cluster in clusters:
-            removed = extract_from_tables(out, cluster, cfg.eps_to_extract) \
+            removed = extract_from_tables(out, cluster, cfg.eps_to_extract, cfg.cross_cluster) \
                 if shard_files(out, cluster) else {}
             secs, last = time.perf_counter() - last, time.perf_counter()
             yield cluster, None, removed, secs

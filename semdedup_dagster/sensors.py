@@ -146,8 +146,9 @@ def embedding_drop_sensor(context: SensorEvaluationContext, drop_watch: DropWatc
     # A drop seen but not yet settled is named, so that its user knows it was found.
     waiting = "; ".join(f"{d} changed {age:.0f} s ago, starts once unchanged for "
                         f"{drop_watch.settle_seconds} s" for d, age in sorted(settling.items()))
-    return SkipReason(f"no new drops under {watch.display()}" +
-                      (f"; still being written: {waiting}" if waiting else ""))
+    if waiting:
+        return SkipReason(f"no drop ready under {watch.display()}; still being written: {waiting}")
+    return SkipReason(f"no new drops under {watch.display()}")
 
 
 def drop_watch_from_env(environ) -> DropWatch:

@@ -332,7 +332,7 @@ def test_drop_sensor_against_s3(planted, s3_client, s3_endpoint, aws_profile):
 
     # Still being written (changed within settle_seconds): nothing yet, and the skip names it.
     skipped, _ = evaluate(None, DropWatch(watch_path="s3://drops/incoming", settle_seconds=3600))
-    assert skipped.skip_message.startswith("no new drops under s3://drops/incoming; still being "
+    assert skipped.skip_message.startswith("no drop ready under s3://drops/incoming; still being "
                                            "written: 2026-11-25/iv2_embd_parquet changed ")
     assert skipped.skip_message.endswith("starts once unchanged for 3600 s")
     runs, cursor = tick(None)
@@ -463,6 +463,40 @@ def test_cross_cluster_job_and_partition_equal_engine(planted, tmp_path):
     assert materialize([dedup_summary], instance=instance, resources=resources,
                        run_config=run_config_for(args)).success
     assert tree(tmp_path / "out") == reference
+
+
+def test_cross_cluster_assets_without_the_cross_tables_fail_naming_them(planted, tmp_path):
+    """With cross_cluster, materialising the removals without the cross tables selected (the
+    README's asset command before it named them) fails in one line naming the missing table,
+    instead of writing removals without the cross-cluster rule; with them selected, the same
+    materialisation gives the engine's bytes."""
+    from semdedup_dagster.assets import cross_cluster_tables_asset
+
+    folder, _ = planted
+    args = args_for(folder, tmp_path / "out", cross_cluster=True, eps_to_extract=[0.1, 0.3])
+    run_pipeline(make_config(**{**args, "output_path": str(tmp_path / "ref")}))
+    instance = DagsterInstance.ephemeral()
+    resources = {"semdedup": SemdedupResource.configure_at_launch(),
+                 "layout_storage": LayoutStorage(),
+                 "semdedup_layout": LayoutIOManager(layout_storage=LayoutStorage())}
+    every = {"dagster/asset_partition_range_start": "0", "dagster/asset_partition_range_end": "6"}
+    assert materialize([kmeans_centroids], instance=instance, resources=resources,
+                       run_config=run_config_for(args)).success
+    upstream = [kmeans_centroids, embs_by_nearest_center, cross_cluster_tables_asset]
+    failed = materialize([*upstream, cluster_dedup], selection=[embs_by_nearest_center,
+                         cluster_dedup], instance=instance, resources=resources,
+                         run_config=run_config_for(args), tags=every, raise_on_error=False)
+    assert not failed.success
+    message = step_failures(failed)[0].error.message
+    missing = tmp_path / "out" / "extraction/semdedup_cross_cluster_tables/cluster_0.parquet"
+    assert f"{missing}: not found, and cross_cluster is on" in message
+    assert "materialise semdedup_cross_cluster_tables" in message
+    assert not (tmp_path / "out" / "extraction/unique_ids_0.3.parquet").exists()
+    assert materialize([*upstream, cluster_dedup, dedup_summary],
+                       selection=[cross_cluster_tables_asset, cluster_dedup, dedup_summary],
+                       instance=instance, resources=resources, run_config=run_config_for(args),
+                       tags=every).success
+    assert tree(tmp_path / "out") == tree(tmp_path / "ref")
 
 
 def step_failures(result):

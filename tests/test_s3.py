@@ -10,7 +10,7 @@ import pytest
 
 from semdedup_core import layout
 from semdedup_core.config import make_config
-from semdedup_core.errors import StorageError
+from semdedup_core.errors import InputError, StorageError
 from semdedup_core.pipeline import run_pipeline
 from semdedup_core.shards import read_shard_file_vectors
 from semdedup_core.storage import S3Options, Storage
@@ -78,7 +78,7 @@ def test_a_shard_on_s3_is_read_in_one_get(planted, s3_client, s3_endpoint, aws_p
     assert s3_requests()[before:] == [("GET", f"/one-get/out/{shards[0]}")]
 
     gone = layout.shard_file(0, "0" * 16)
-    with pytest.raises(FileNotFoundError, match=f"s3://one-get/out/{gone}"):
+    with pytest.raises(InputError, match=f"s3://one-get/out/{gone}: not found"):
         read_shard_file_vectors(out, gone)
     nowhere = Storage("s3://no-such-bucket/out", S3Options(aws_profile, s3_endpoint))
     with pytest.raises(StorageError, match=f"s3://no-such-bucket/out/{shards[0]}: cannot read: "
