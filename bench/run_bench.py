@@ -273,6 +273,9 @@ def main() -> None:
     p.add_argument("--fit-rows", type=int,
                    help="scale mode: fit the cost model on runs of this many clips (one per k), "
                         "then predict and measure --rows")
+    p.add_argument("--scale-clusters", type=int, nargs="+", default=None,
+                   help="with --fit-rows: the k of the --rows runs (default: every --clusters; "
+                        "the model is fitted on every --clusters run at --fit-rows)")
     p.add_argument("--rows-per-file", type=int, default=62500,
                    help="input file size (a drop's files have a fixed size; memory per batch "
                         "follows it, so keep it fixed when comparing input sizes)")
@@ -315,7 +318,7 @@ def main() -> None:
         f"{ph}: " + ", ".join(f"{c:.3g} x {t}" for t, c in terms.items())
         for ph, terms in model.items()), flush=True)
     all_ok = True
-    for k in a.clusters:
+    for k in a.scale_clusters or a.clusters:
         table, ok = scale_table(model, fit_runs, run(data, a.rows, k))
         all_ok &= ok
         print("\n" + table, flush=True)
