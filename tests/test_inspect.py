@@ -149,6 +149,12 @@ def test_inspect_on_s3(finished, s3_client, s3_endpoint, aws_profile):
                            "--aws-endpoint-url", s3_endpoint], capture_output=True, text=True)
     assert text.returncode == 0, text.stderr
     assert "removed fraction by eps" in text.stdout
+    # A sweep on S3: the record notes it while under way, and lists the eps once done.
+    rows = sweep(storage, [0.05])
+    record = json.loads(storage.read_bytes(layout.RUN_RECORD))
+    assert list(record["swept_eps"]) == ["0.05"] and run_record.SWEEP_UNDER_WAY not in record
+    assert record["swept_eps"]["0.05"]["removed"] == rows[0.05]["removed"]
+    assert storage.exists(layout.summary_csv(0.05))
 
 
 def test_sweep_as_a_dagster_job(finished, tmp_path):
