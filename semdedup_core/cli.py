@@ -192,6 +192,13 @@ def _inspect_or_sweep(ns: argparse.Namespace) -> int:
         reason = run_record.incomplete_reason(out)
         if reason is not None and not ns.incomplete:
             raise run_record.OutputIncomplete(reason + " (--incomplete reads it anyway)")
+        note = run_record.interrupted_sweep(out)
+        if note is not None:  # its files look like results; the record does not list them
+            log.warning("%s: a sweep of eps %s (run %s, started %s) stopped before it finished: "
+                        "what the report shows for those eps is not a finished result; the next "
+                        "sweep of this folder removes it", out.display(),
+                        ", ".join(note["new_eps"]) or "(none new)", note["run_id"],
+                        note["started"])
         text, missing = format_inspection(out, ns.id, ns.top, incomplete=reason)
         print(text, flush=True)
         if missing:

@@ -624,6 +624,16 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
     yield from ordered_map(write, finished(), host_threads())
 
 
+def require_cross_tables(out: Storage, clusters: list[int]) -> None:
+    """With cross_cluster, before removals are written for `clusters` (those with a shard):
+    every one of them has its cross table (one listing), else the first missing is named
+    before anything is written (see `read_cross_table`)."""
+    present = set(out.list_files(layout.CROSS_TABLES, recursive=False))
+    missing = [c for c in clusters if layout.cross_table(c) not in present]
+    if missing:
+        read_cross_table(out, missing[0], required=True)  # raises, naming it
+
+
 def read_cross_table(out: Storage, cluster: int, required: bool = False) -> pa.Table | None:
     """A cluster's cross table, or None when the output has none (cross_cluster was off).
     `required` (cross_cluster is on): a missing table is an error, not "none": removals

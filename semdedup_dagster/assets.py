@@ -20,10 +20,10 @@ from semdedup_core import layout, run_record
 from semdedup_core.backends import get_backend
 from semdedup_core.config import DedupConfig, eps_text
 from semdedup_core.audit import audit_rate
-from semdedup_core.cross_cluster import cross_cluster_tables
+from semdedup_core.cross_cluster import cross_cluster_tables, require_cross_tables
 from semdedup_core.extraction import audit_output, extract_from_tables, removed_mask, summarize
 from semdedup_core.inspection import EPS_GRID, score_stats
-from semdedup_core.shards import load_centroids, save_centroids, shard_files
+from semdedup_core.shards import load_centroids, save_centroids, shard_files, shard_files_by_cluster
 from semdedup_core.pipeline import (
     ClusterResult,
     FitResult,
@@ -281,6 +281,9 @@ def cluster_dedup_stage(context, cfg: DedupConfig, out: Storage, clusters: list[
     ClusterResult or None for an empty cluster, removed per eps, seconds since the previous)."""
     last = time.perf_counter()
     with holding_output(context, out) as lock:
+        if extract and cfg.cross_cluster:  # checked before anything is written
+            with_shard = shard_files_by_cluster(out)  # one listing
+            require_cross_tables(out, [c for c in clusters if c in with_shard])
         run_record.begin_writing(out, lock)
         if prune:
             for cluster, result in zip(clusters, prune_clusters(cfg, out, clusters, backend,

@@ -193,6 +193,10 @@ def test_a_killed_sweep_is_undone_by_the_next(finished, tmp_path, caplog):
     assert (killed / layout.unique_ids_dir(0.2)).is_dir()
     assert (killed / layout.AUDIT).read_bytes() != audit_before
     assert run_record.interrupted_sweep(Storage(str(killed)))["new_eps"] == ["0.2"]
+    seen = subprocess.run([sys.executable, "-m", "semdedup_core.cli", "inspect", str(killed)],
+                          capture_output=True, text=True)
+    assert seen.returncode == 0 and "a sweep of eps 0.2 (run " in seen.stderr
+    assert "stopped before it finished: what the report shows for those eps" in seen.stderr
 
     with caplog.at_level("WARNING", logger="semdedup_core.extraction"):
         sweep(Storage(str(killed)), [0.05])
