@@ -53,12 +53,17 @@ class DropWatch(ConfigurableResource):
         return None
 
     def args_for(self, watch: Storage, drop: str) -> dict:
+        """The run's arguments for `drop`. Local paths are made absolute (a relative watch path
+        or output root is the daemon's working folder's): the run may start elsewhere."""
+        def located(path: str) -> str:
+            return path if "://" in path else os.path.abspath(path)
+
         stem = drop[:-len(".zip")] if drop.lower().endswith(".zip") else drop
         if self.output_root:
             output = posixpath.join(self.output_root.rstrip("/"), stem)
         else:
             output = watch.display(stem) + OUTPUT_SUFFIX
-        args = {"input_embeddings_path": watch.display(drop), "output_path": output,
+        args = {"input_embeddings_path": located(watch.display(drop)), "output_path": located(output),
                 "n_clusters": self.n_clusters, "eps_to_extract": list(self.eps_to_extract)}
         args.update(json.loads(self.extra_args_json or "{}"))
         return args

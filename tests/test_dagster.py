@@ -285,7 +285,7 @@ def test_assets_materialise_one_by_one_and_one_partition_alone(planted, referenc
     assert "incomplete: no completion record" in text
 
 
-def test_drop_sensor_does_not_walk_output_folders(planted, tmp_path):
+def test_drop_sensor_does_not_walk_output_folders(planted, tmp_path, monkeypatch):
     """Outputs beside a drop (`*_semdedup`) or under an output root inside the watched folder
     hold parquet in drop-like folders; the sensor must neither list them nor take them for
     drops."""
@@ -307,6 +307,14 @@ def test_drop_sensor_does_not_walk_output_folders(planted, tmp_path):
     assert "dedup/day1/ce1_embd_parquet" in find_drops(watch, time.time(), 0)
     assert DropWatch(watch_path=str(watch_dir), output_root="s3://elsewhere/dedup") \
         .output_root_inside(watch) is None
+    # A relative watch path (or output root) is the daemon's folder's; the run gets absolute paths.
+    monkeypatch.chdir(tmp_path)
+    for root, output in (("", f"{watch_dir}/day1/ce1_embd_parquet_semdedup"),
+                         ("out", f"{tmp_path}/out/day1/ce1_embd_parquet")):
+        args = DropWatch(watch_path="incoming", output_root=root).args_for(
+            Storage("incoming"), "day1/ce1_embd_parquet")
+        assert args["input_embeddings_path"] == f"{watch_dir}/day1/ce1_embd_parquet"
+        assert args["output_path"] == output
 
 
 def test_drop_sensor_against_s3(planted, s3_client, s3_endpoint, aws_profile):
