@@ -624,26 +624,28 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
     yield from ordered_map(write, finished(), host_threads())
 
 
+# After "<path>: not found" (`parquet.reading`): removals without a cross table would silently
+# leave the cross-cluster duplicates in.
+CROSS_TABLE_MISSING = (", and cross_cluster is on: the cross tables come before the removals "
+                       "(in Dagster: materialise semdedup_cross_cluster_tables for these "
+                       "partitions first, or run the whole job)")
+
+
 def require_cross_tables(out: Storage, clusters: list[int]) -> None:
     """With cross_cluster, before removals are written for `clusters` (those with a shard):
     every one of them has its cross table (one listing), else the first missing is named
-    before anything is written (see `read_cross_table`)."""
+    before anything is written."""
     present = set(out.list_files(layout.CROSS_TABLES, recursive=False))
     missing = [c for c in clusters if layout.cross_table(c) not in present]
     if missing:
-        read_cross_table(out, missing[0], required=True)  # raises, naming it
+        raise InputError(f"{out.display(layout.cross_table(missing[0]))}: not found"
+                         f"{CROSS_TABLE_MISSING}")
 
 
 def read_cross_table(out: Storage, cluster: int, required: bool = False) -> pa.Table | None:
-    """A cluster's cross table, or None when the output has none (cross_cluster was off).
-    `required` (cross_cluster is on): a missing table is an error, not "none": removals
-    without it would silently leave the cross-cluster duplicates in."""
+    """A cluster's cross table. `required` (cross_cluster is on): read at once (one request),
+    a missing one is an error; else None when the output has none (cross_cluster was off)."""
     rel = layout.cross_table(cluster)
-    if out.exists(rel):
-        return read_table(out, rel)
     if required:
-        raise InputError(f"{out.display(rel)}: not found, and cross_cluster is on: the cross "
-                         "tables come before the removals (in Dagster: materialise "
-                         "semdedup_cross_cluster_tables for these partitions first, or run "
-                         "the whole job)")
-    return None
+        return read_table(out, rel, missing=CROSS_TABLE_MISSING)
+    return read_table(out, rel) if out.exists(rel) else None

@@ -51,26 +51,32 @@ def write_table(out: Storage, rel: str, table: pa.Table) -> None:
     out.write_bytes(rel, table_to_parquet_bytes(table))
 
 
+# What a missing artifact's error says after "<path>: not found" (`reading`).
+NOT_WRITTEN = (": the step that writes it has not run for this output, or did not finish; "
+               "run it (or the whole job)")
+
+
 @contextlib.contextmanager
-def reading(out: Storage, rel: str) -> Iterator[None]:
+def reading(out: Storage, rel: str, missing: str = NOT_WRITTEN) -> Iterator[None]:
     """Reading the artifact `rel` inside the block: a storage fault, or a file cut short or
     damaged since it was written (Arrow raises ArrowInvalid or OSError, naming no file), is one
-    StorageError line naming it."""
+    StorageError line naming it; a missing file is one InputError line, "<path>: not found"
+    followed by `missing`."""
     try:
         with storage_faults(out.display(rel), "read"):
             yield
     except FileNotFoundError:
-        raise InputError(f"{out.display(rel)}: not found: the step that writes it has not run "
-                         "for this output, or did not finish; run it (or the whole job)") from None
+        raise InputError(f"{out.display(rel)}: not found{missing}") from None
     except pa.ArrowInvalid as exc:
         raise StorageError(f"{out.display(rel)}: cannot read: {describe_fault(exc)}") from None
 
 
-def read_table(out: Storage, rel: str, columns: list[str] | None = None) -> pa.Table:
+def read_table(out: Storage, rel: str, columns: list[str] | None = None,
+               missing: str = NOT_WRITTEN) -> pa.Table:
     # ParquetFile.read, not pq.read_table: the latter goes through the dataset machinery,
     # ~0.5 ms more per file (measured), which adds up over one small file per cluster.
     # Without Arrow's threads (SMALL_READ_THREADS): ours read the clusters side by side.
-    with reading(out, rel), out.open_input(rel) as f:
+    with reading(out, rel, missing), out.open_input(rel) as f:
         return pq.ParquetFile(f).read(columns=columns, use_threads=SMALL_READ_THREADS)
 
 

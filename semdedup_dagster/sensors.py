@@ -32,6 +32,12 @@ DROP_DIR = re.compile(r"^.+_embd(_[^/]+)?_parquet$")
 OUTPUT_SUFFIX = "_semdedup"  # a drop's outputs default to `<drop>_semdedup` beside it
 
 
+def located(path: str) -> str:
+    """A local path made absolute (a relative one is the daemon's working folder's: the runs
+    it starts may start elsewhere); S3 URIs as they are."""
+    return path if "://" in path else os.path.abspath(path)
+
+
 class DropWatch(ConfigurableResource):
     """What the sensor watches and how it configures the runs it starts."""
 
@@ -45,19 +51,15 @@ class DropWatch(ConfigurableResource):
     def output_root_inside(self, watch: Storage) -> str | None:
         """`output_root` relative to the watched folder, when it lies inside it."""
         root = self.output_root.rstrip("/")
-        if root and "://" not in root:
-            root = os.path.abspath(root)
+        if root:
+            root = located(root)
         base = watch.display().rstrip("/")
         if root.startswith(base + "/"):
             return root[len(base) + 1:]
         return None
 
     def args_for(self, watch: Storage, drop: str) -> dict:
-        """The run's arguments for `drop`. Local paths are made absolute (a relative watch path
-        or output root is the daemon's working folder's): the run may start elsewhere."""
-        def located(path: str) -> str:
-            return path if "://" in path else os.path.abspath(path)
-
+        """The run's arguments for `drop`, local paths absolute (`located`)."""
         stem = drop[:-len(".zip")] if drop.lower().endswith(".zip") else drop
         if self.output_root:
             output = posixpath.join(self.output_root.rstrip("/"), stem)
@@ -110,9 +112,10 @@ def find_drops(watch: Storage, now: float, settle_seconds: float,
         if not drop.lower().endswith(".zip") and not any(f[0].endswith(".parquet")
                                                           for f in files):
             continue
-        if now - max(f[2] for f in files) < settle_seconds:  # still being written
+        age = now - max(f[2] for f in files)
+        if age < settle_seconds:  # still being written
             if settling is not None:
-                settling[drop] = now - max(f[2] for f in files)
+                settling[drop] = age
             continue
         digest = hashlib.sha256(json.dumps(sorted(files)).encode()).hexdigest()[:16]
         drops[drop] = digest
