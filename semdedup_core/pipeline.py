@@ -201,13 +201,15 @@ def score_shard(cfg: DedupConfig, backend: Backend, ranked: RankedShard,
 
 
 def write_cluster_outputs(cfg: DedupConfig, out: Storage, scored: ScoredShard,
-                          extract: bool) -> ClusterResult:
-    """Write the pruning table and, with `extract`, every eps's `unique_ids` part."""
+                          extract: bool, cross: pa.Table | None = None) -> ClusterResult:
+    """Write the pruning table and, with `extract`, every eps's `unique_ids` part. `cross`:
+    the cluster's cross table where the caller holds it (cross_cluster; else it is read)."""
     ranked = scored.ranked
     pruning = pa.table({layout.ID: ranked.ids, layout.MAX_ID: ranked.ids.take(pa.array(scored.match)),
                         layout.SCORE: pa.array(scored.score, type=pa.float32())})
     write_table(out, layout.pruning_table(ranked.cluster), pruning)
-    cross = read_cross_table(out, ranked.cluster, required=True) if cfg.cross_cluster else None
+    if cfg.cross_cluster and cross is None:
+        cross = read_cross_table(out, ranked.cluster, required=True)
     removed = write_removed(out, pruning, ranked.cosine_dist, ranked.cluster,
                             cfg.eps_to_extract, cross) if extract else {}
     n = len(ranked.ids)
@@ -226,12 +228,16 @@ def prune_clusters(cfg: DedupConfig, out: Storage, clusters: list[int], backend:
     clusters are in memory at once. On a device, this thread runs the pairwise passes, cluster
     after cluster, while host threads read and rank the next clusters and write the finished
     ones, so the device is not left waiting on parquet; about 2 x host_threads() clusters are
-    in memory at once. `kept`: shards the cross step kept, taken instead of read again."""
+    in memory at once. `kept`: shards (and cross tables) the cross step kept, taken instead
+    of read again."""
     workers = host_threads()
     read = functools.partial(ranked_shard if kept is None else kept.ranked_shard, cfg, out)
 
     def finish(s: ScoredShard | None) -> ClusterResult | None:
-        return None if s is None else write_cluster_outputs(cfg, out, s, extract)
+        if s is None:
+            return None
+        cross = kept.table(s.ranked.cluster) if kept is not None else None
+        return write_cluster_outputs(cfg, out, s, extract, cross)
 
     with backend.compute_pool() as pool:
         if pool is not None:
@@ -268,6 +274,8 @@ def cross_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Back
                                     show_progress) as bar:
         for result in cross_cluster_tables(cfg, out, clusters, backend, probes=probes,
                                            keep=keep):
+            if keep is not None:
+                keep.keep_table(result.cluster, result.table)
             flops += result.flops
             bar.update(1)
     timer.flops["cross"] = float(flops)

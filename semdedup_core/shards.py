@@ -408,17 +408,29 @@ def ranked_shard(cfg: DedupConfig, out: Storage, cluster: int) -> RankedShard | 
 class KeptShards:
     """Ranked shards that one pass over the clusters keeps for the next, up to `budget` bytes
     of vectors: the cross step's for the prune loop, so that those shards are read and ranked
-    once (the rest are read again). Kept in cluster order, so which are kept does not depend
-    on thread timing; each is given up when taken."""
+    once (the rest are read again), and with them their cross tables as written, so that
+    those are not read back either (`keep_table`, `table`). Kept in cluster order, so which
+    are kept does not depend on thread timing; each is given up when taken."""
 
     def __init__(self, budget: int):
         self.budget = budget
         self.kept: dict[int, RankedShard] = {}
+        self.tables: dict[int, object] = {}  # cluster -> its cross table (pa.Table)
 
     def keep(self, ranked: RankedShard) -> None:
         if ranked.emb.nbytes <= self.budget:
             self.budget -= ranked.emb.nbytes
             self.kept[ranked.cluster] = ranked
+
+    def keep_table(self, cluster: int, table) -> None:
+        """A cluster's cross table as written: kept where its shard is (tens of bytes a clip
+        beside the shard's kilobytes)."""
+        if cluster in self.kept:
+            self.tables[cluster] = table
+
+    def table(self, cluster: int):
+        """The kept cross table of `cluster` (given up), else None."""
+        return self.tables.pop(cluster, None)
 
     def ranked_shard(self, cfg: DedupConfig, out: Storage, cluster: int) -> RankedShard | None:
         """The kept shard, else `ranked_shard` (the same arrays either way)."""

@@ -533,9 +533,11 @@ def test_compare_block_follows_the_rule_pair_by_pair(tied):
 
 def test_shards_kept_by_the_cross_step_prune_to_the_same_bytes(capped_output, tmp_path):
     """The cross step keeps the ranked shards it read, in cluster order up to its budget, for
-    the prune loop: kept ones equal a fresh read, are given up when taken, and the outputs
-    are the bytes of reading every shard again."""
+    the prune loop, and with them their cross tables as written: kept ones equal a fresh read,
+    are given up when taken, and the outputs are the bytes of reading every shard and cross
+    table again."""
     from semdedup_core.backends import get_backend
+    from semdedup_core.cross_cluster import read_cross_table
     from semdedup_core.pipeline import cross_all, prune_all
     from semdedup_core.shards import KeptShards, ranked_shard
 
@@ -560,13 +562,16 @@ def test_shards_kept_by_the_cross_step_prune_to_the_same_bytes(capped_output, tm
                     fits.append(c)
                     left -= size
             assert sorted(kept.kept) == fits
+            assert sorted(kept.tables) == fits  # the cross tables of the kept shards only
+            for k in fits:
+                assert kept.tables[k].equals(read_cross_table(out, k))
             c = fits[0]
             fresh, taken = ranked_shard(cfg, out, c), kept.ranked_shard(cfg, out, c)
             assert np.array_equal(taken.emb, fresh.emb) and taken.ids.equals(fresh.ids)
             assert c not in kept.kept
             kept.kept[c] = taken
         prune_all(cfg, out, clusters, get_backend("cpu"), kept=kept)
-        assert not kept.kept
+        assert not kept.kept and not kept.tables
         written[name] = {p.relative_to(tmp_path / name): p.read_bytes()
                          for p in (tmp_path / name / "extraction").rglob("*") if p.is_file()}
     assert written["kept"] == written["read"] and len(written["kept"]) > 12
