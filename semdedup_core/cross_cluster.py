@@ -43,7 +43,7 @@ from semdedup_core.config import DedupConfig, eps_text
 from semdedup_core.errors import InputError
 from semdedup_core.kmeans import ASSIGN_CHUNK, nearest_centroid
 from semdedup_core.pairwise import TIE_TOL
-from semdedup_core.parquet import read_table, write_table
+from semdedup_core.parquet import read_table, read_table_if_present, write_table
 from semdedup_core.shards import KeptShards, RankedShard, load_centroids, ranked_shard
 from semdedup_core.storage import Storage
 from semdedup_core.threads import host_threads, ordered_map
@@ -643,9 +643,9 @@ def require_cross_tables(out: Storage, clusters: list[int]) -> None:
 
 
 def read_cross_table(out: Storage, cluster: int, required: bool = False) -> pa.Table | None:
-    """A cluster's cross table. `required` (cross_cluster is on): read at once (one request),
-    a missing one is an error; else None when the output has none (cross_cluster was off)."""
+    """A cluster's cross table (one request on S3). `required` (cross_cluster is on): a
+    missing one is an error; else None when the output has none (cross_cluster was off)."""
     rel = layout.cross_table(cluster)
     if required:
         return read_table(out, rel, missing=CROSS_TABLE_MISSING)
-    return read_table(out, rel) if out.exists(rel) else None
+    return read_table_if_present(out, rel)

@@ -315,7 +315,8 @@ def read_shard(out: Storage, cluster: int, columns: list[str] | None = None) -> 
     files = shard_files(out, cluster)
     if not files:
         return None
-    return pa.concat_tables(read_table(out, f, columns) for f in files)
+    return pa.concat_tables(read_table(out, f, columns, ranged=columns is not None)
+                            for f in files)
 
 
 def list_column_to_numpy(col) -> np.ndarray:

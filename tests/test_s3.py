@@ -10,7 +10,9 @@ import pytest
 
 from semdedup_core import layout
 from semdedup_core.config import make_config
+from semdedup_core.cross_cluster import read_cross_table
 from semdedup_core.errors import InputError, StorageError
+from semdedup_core.parquet import read_table
 from semdedup_core.pipeline import run_pipeline
 from semdedup_core.shards import read_shard_file_vectors
 from semdedup_core.storage import S3Options, Storage
@@ -55,7 +57,8 @@ def test_s3_in_and_out_with_profile(planted, s3_client, s3_endpoint, aws_profile
 def test_a_shard_on_s3_is_read_in_one_get(planted, s3_client, s3_endpoint, aws_profile,
                                           s3_requests, tmp_path):
     """A shard file is read whole by one GET (its size from the answer, no HEAD), in the run's
-    prune phase and by `read_shard_file_vectors`; a file gone is an error naming it."""
+    prune phase and by `read_shard_file_vectors`; a file gone is an error naming it. So is a
+    small artifact (a pruning table; a cross table, which is looked for by that GET alone)."""
     folder, _ = planted
     s3_client.create_bucket(Bucket="one-get")
     upload_folder(s3_client, "one-get", "in", folder)
@@ -76,6 +79,16 @@ def test_a_shard_on_s3_is_read_in_one_get(planted, s3_client, s3_endpoint, aws_p
     table, emb = read_shard_file_vectors(out, shards[0])
     assert table.equals(local) and emb.tobytes() == local_emb.tobytes()
     assert s3_requests()[before:] == [("GET", f"/one-get/out/{shards[0]}")]
+
+    before = len(s3_requests())
+    table = read_table(out, layout.pruning_table(0))
+    assert table.column_names == [layout.ID, layout.MAX_ID, layout.SCORE] and table.num_rows
+    assert read_cross_table(out, 0) is None  # cross_cluster was off: there is none
+    assert s3_requests()[before:] == [("GET", f"/one-get/out/{layout.pruning_table(0)}"),
+                                      ("GET", f"/one-get/out/{layout.cross_table(0)}")]
+    with pytest.raises(InputError, match=f"s3://one-get/out/{layout.cross_table(0)}: not found, "
+                                         "and cross_cluster is on"):
+        read_cross_table(out, 0, required=True)
 
     gone = layout.shard_file(0, "0" * 16)
     with pytest.raises(InputError, match=f"s3://one-get/out/{gone}: not found"):
