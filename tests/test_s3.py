@@ -5,6 +5,7 @@ import io
 import os
 import zipfile
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -12,7 +13,7 @@ from semdedup_core import layout
 from semdedup_core.config import make_config
 from semdedup_core.cross_cluster import read_cross_table
 from semdedup_core.errors import InputError, StorageError
-from semdedup_core.parquet import read_table
+from semdedup_core.parquet import FOOTER_READ, read_table, row_count
 from semdedup_core.pipeline import run_pipeline
 from semdedup_core.shards import read_shard_file_vectors
 from semdedup_core.storage import S3Options, Storage
@@ -89,6 +90,19 @@ def test_a_shard_on_s3_is_read_in_one_get(planted, s3_client, s3_endpoint, aws_p
     with pytest.raises(InputError, match=f"s3://one-get/out/{layout.cross_table(0)}: not found, "
                                          "and cross_cluster is on"):
         read_cross_table(out, 0, required=True)
+
+    # A row count reads the footer by one GET of the file's end, two where the footer is
+    # longer than that read (here 2,000 row groups).
+    many = pa.table({"id": pa.array([str(i) for i in range(20_000)])})
+    sink = pa.BufferOutputStream()
+    pq.write_table(many, sink, row_group_size=10)
+    s3_client.put_object(Bucket="one-get", Key="out/many.parquet", Body=sink.getvalue().to_pybytes())
+    assert pq.read_metadata(pa.BufferReader(sink.getvalue())).serialized_size > FOOTER_READ
+    before = len(s3_requests())
+    assert row_count(out, layout.pruning_table(0)) == table.num_rows
+    assert row_count(out, "many.parquet") == 20_000
+    assert s3_requests()[before:] == [("GET", f"/one-get/out/{layout.pruning_table(0)}")] + \
+        [("GET", "/one-get/out/many.parquet")] * 2
 
     gone = layout.shard_file(0, "0" * 16)
     with pytest.raises(InputError, match=f"s3://one-get/out/{gone}: not found"):
