@@ -60,13 +60,23 @@ def write_removed(out: Storage, pruning: pa.Table, cosine_dist: np.ndarray, clus
     return counts
 
 
+def deciding_score(pruning: pa.Table, cross: pa.Table | None) -> np.ndarray:
+    """Each clip's deciding score (rank order): the larger of its pruning and cross scores."""
+    score = pruning.column(layout.SCORE).to_numpy()
+    return score if cross is None else np.maximum(score, cross.column(layout.SCORE).to_numpy())
+
+
 def extract_from_tables(out: Storage, cluster: int, eps_list: list[float],
-                        cross_cluster: bool = False) -> dict[float, int]:
+                        cross_cluster: bool = False,
+                        scores: dict[int, np.ndarray] | None = None) -> dict[float, int]:
     """Write one cluster's `unique_ids_<eps>` parts from its pruning table and shard on storage
     (no embeddings read, no ranking redone: the shard only supplies cosine_dist_to_cent), and
-    its cross table where there is one (`cross_cluster`: there must be)."""
+    its cross table where there is one (`cross_cluster`: there must be). `scores`: where to
+    put the cluster's deciding scores (`deciding_score`), for the audit that follows."""
     pruning = read_table(out, layout.pruning_table(cluster))
     cross = read_cross_table(out, cluster, required=cross_cluster)
+    if scores is not None:
+        scores[cluster] = deciding_score(pruning, cross)
     if cross is not None and not cross.column(layout.ID).equals(pruning.column(layout.ID)):
         raise InputError(f"{out.display(layout.cross_table(cluster))} does not list the clips of "
                          f"{out.display(layout.pruning_table(cluster))} in its order; re-run")
@@ -95,11 +105,8 @@ def audit_output(out: Storage, clusters: list[int], eps_list: list[float], backe
     audit = KeptPairsAudit(backend, eps_list, rate, seed, load_centroids(out))
 
     def deciding(c: int) -> np.ndarray:
-        score = read_table(out, layout.pruning_table(c), [layout.SCORE]).column(layout.SCORE)
-        cross = read_cross_table(out, c) if cross_cluster else None  # not an earlier run's
-        if cross is None:
-            return score.to_numpy()
-        return np.maximum(score.to_numpy(), cross.column(layout.SCORE).to_numpy())
+        pruning = read_table(out, layout.pruning_table(c), [layout.SCORE])
+        return deciding_score(pruning, read_cross_table(out, c) if cross_cluster else None)
 
     def ranked_emb(c: int) -> np.ndarray:
         """The cluster's unit rows in its pruning table's (rank) order."""
@@ -179,19 +186,22 @@ def _sweep_held(out: Storage, lock, eps_list: list[float], clusters: list[int], 
                     "search them)", out.display(layout.CROSS_TABLES), eps_text(covered),
                     eps_text(max(eps_list)), remedy)
     removed = dict.fromkeys(eps_list, 0)
-    for counts in ordered_map(lambda c: extract_from_tables(out, c, eps_list), clusters,
-                              host_threads()):
+    scores: dict[int, np.ndarray] = {}  # read once here, for the summary and the audit
+    for counts in ordered_map(lambda c: extract_from_tables(out, c, eps_list, scores=scores),
+                              clusters, host_threads()):
         for eps, n in counts.items():
             removed[eps] += n
         if progress is not None:
             progress(1)
-    rows = summarize(out, eps_list, clusters, removed_by_eps=removed)
+    rows = summarize(out, eps_list, clusters, total=sum(len(v) for v in scores.values()),
+                     removed_by_eps=removed)
     # The audit again, for these eps, with the run's sample rate and seed (as a fresh run
     # with these eps would write it); outputs from before the audit have none to follow.
     previous = read_audit(out)
     if previous is not None:
         audit_output(out, clusters, eps_list, backend or get_backend("auto"),
-                     previous["sample_rate"], previous["seed"], previous["cross_cluster"])
+                     previous["sample_rate"], previous["seed"], previous["cross_cluster"],
+                     scores)
     run_record.add_swept_eps(out, lock, eps_list, rows)
     return rows
 

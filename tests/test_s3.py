@@ -1,7 +1,9 @@
 """S3 in and out against a real S3 API server (moto_server) started by the tests, with
 credentials only in a profile file; zip input from S3."""
 
+import collections
 import io
+import json
 import os
 import zipfile
 
@@ -13,6 +15,7 @@ from semdedup_core import layout
 from semdedup_core.config import make_config
 from semdedup_core.cross_cluster import read_cross_table
 from semdedup_core.errors import InputError, StorageError
+from semdedup_core.extraction import sweep
 from semdedup_core.parquet import FOOTER_READ, read_table, row_count
 from semdedup_core.pipeline import run_pipeline
 from semdedup_core.shards import read_shard_file_vectors
@@ -146,3 +149,35 @@ def test_missing_s3_input_is_a_clear_error(s3_client, s3_endpoint, aws_profile):
                                  output_path="s3://empty/out", n_clusters=2,
                                  aws_profile=aws_profile, aws_endpoint_url=s3_endpoint))
     assert keys(s3_client, "empty") == []
+
+
+def test_a_sweep_on_s3_reads_each_table_once_or_twice(planted, s3_client, s3_endpoint,
+                                                      aws_profile, s3_requests):
+    """A sweep of a cross_cluster output on S3 reads each cross table once (cluster 0's twice:
+    the eps its search covered) and each pruning table at most twice (extraction, then the
+    ids of the clusters the audit reaches): the scores extraction read feed the summary and
+    the audit, and every read is one GET. The eps it adds are those of a fresh run."""
+    folder, _ = planted
+    s3_client.create_bucket(Bucket="sweep")
+    upload_folder(s3_client, "sweep", "in", folder)
+    out = Storage("s3://sweep/out", S3Options(aws_profile, s3_endpoint))
+    args = dict(input_embeddings_path="s3://sweep/in", n_clusters=6, aws_profile=aws_profile,
+                aws_endpoint_url=s3_endpoint, cross_cluster=True)
+    run_pipeline(make_config(output_path=out.uri, eps_to_extract=[0.01, 0.05], **args))
+    before = len(s3_requests())
+    sweep(out, [0.03])
+    reads = collections.Counter(p for m, p in s3_requests()[before:]  # (not the listings)
+                                if m in ("GET", "HEAD") and p.startswith("/sweep/out/extraction/"))
+    cross = {p: n for p, n in reads.items() if layout.CROSS_TABLES in p}
+    pruning = {p: n for p, n in reads.items() if layout.PRUNING_TABLES in p}
+    assert len(cross) == len(pruning) == 6 and sum(cross.values()) == 7
+    assert max(pruning.values()) <= 2 and not [m for m, p in s3_requests()[before:]
+                                               if m == "HEAD" and "/extraction/semdedup_" in p]
+    fresh = Storage("s3://sweep/fresh", S3Options(aws_profile, s3_endpoint))
+    run_pipeline(make_config(output_path=fresh.uri, eps_to_extract=[0.01, 0.05, 0.03], **args))
+    parts = out.list_files(layout.unique_ids_dir(0.03))
+    assert parts == fresh.list_files(layout.unique_ids_dir(0.03)) and len(parts) == 6
+    for rel in parts + [layout.summary_csv(0.03)]:
+        assert out.read_bytes(rel) == fresh.read_bytes(rel)
+    swept = json.loads(out.read_bytes(layout.AUDIT))["eps"]["0.03"]
+    assert swept == json.loads(fresh.read_bytes(layout.AUDIT))["eps"]["0.03"]
