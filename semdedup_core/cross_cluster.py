@@ -447,7 +447,8 @@ class CrossResult:
 
 def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Backend,
                          targets: list[int] | None = None, probes: "Probes | None" = None,
-                         keep: KeptShards | None = None) -> Iterator[CrossResult]:
+                         keep: KeptShards | None = None,
+                         files_of: dict[int, list[str]] | None = None) -> Iterator[CrossResult]:
     """Write `semdedup_cross_cluster_tables/cluster_<k>.parquet` for every cluster in
     `targets` (default: all of `clusters`, the clusters with a shard), yielding each result
     once its table is final, in one pass over the shards (ascending).
@@ -461,7 +462,8 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
     clips x probes x d floats). A block only depends on its two clusters and a clip's offers
     come in the same order either way, so a subset of `targets` (Dagster partitions) gets
     the same tables as the whole run. `keep`: where to keep the ranked shards read (up to its
-    budget) for the prune loop that follows."""
+    budget) for the prune loop that follows. `files_of`: every cluster's shard files as
+    assignment wrote them (none listed again)."""
     targets = set(clusters if targets is None else targets)
     present = set(clusters)
     centroids = load_centroids(out)
@@ -489,7 +491,8 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
         grouped by target and gathered (on a host thread, off the turns' critical path):
         (ranked, key, {target: (start, end)} into the grouped rows, the grouped rows, the
         vectors of those that probe earlier clusters, [(later target, rows, vectors)])."""
-        ranked = ranked_shard(cfg, out, cluster)
+        ranked = ranked_shard(cfg, out, cluster,
+                              None if files_of is None else files_of.get(cluster, []))
         if ranked is None:
             return None
         rows, to = probes.of_ranked(backend, ranked)

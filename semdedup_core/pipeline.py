@@ -134,16 +134,19 @@ def fit_centroids(cfg: DedupConfig, source: EmbeddingSource, backend: Backend,
 # -- stage 2: assign -----------------------------------------------------------------------------
 def assign(cfg: DedupConfig, source: EmbeddingSource, centroids: np.ndarray, out: Storage,
            backend: Backend, timer: PhaseTimer | None = None, show_progress: bool = False,
-           only: set[int] | None = None, probes: Probes | None = None) -> np.ndarray:
+           only: set[int] | None = None, probes: Probes | None = None,
+           written: dict[int, list[str]] | None = None) -> np.ndarray:
     """Write every `nearest_cent=<k>` shard (or those in `only`). Returns cluster sizes.
     `probes` (`assign_probes`): also keep each clip's cross-cluster probes, from the
-    distances assignment computes anyway, for the cross step of the same run."""
+    distances assignment computes anyway, for the cross step of the same run. `written`:
+    filled with each cluster's shard files, for the later steps of the same run."""
     timer = timer or PhaseTimer()
     k, dim = centroids.shape
     with timer.phase("assign"), _bar(source.n_rows, "assign", "clip", show_progress) as bar:
         sizes = assign_to_shards(source, centroids, out, backend,
                                  buffer_bytes=cfg.buffer_bytes(source.n_rows, dim),
-                                 progress=bar.update, only=only, per_clip=probes)
+                                 progress=bar.update, only=only, per_clip=probes,
+                                 written=written)
     timer.flops["assign"] = 2.0 * source.n_rows * k * dim
     return sizes
 
@@ -219,7 +222,9 @@ def write_cluster_outputs(cfg: DedupConfig, out: Storage, scored: ScoredShard,
 
 def prune_clusters(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Backend,
                    extract: bool = True,
-                   kept: KeptShards | None = None) -> Iterator[ClusterResult | None]:
+                   kept: KeptShards | None = None,
+                   files_of: dict[int, list[str]] | None = None
+                   ) -> Iterator[ClusterResult | None]:
     """Prune (and extract) each cluster, yielding results in the order given (None for a cluster
     without a shard). Results never depend on which thread computed what.
     On the CPU, each cluster is read, ranked, scored and written on a host thread of its own,
@@ -229,9 +234,13 @@ def prune_clusters(cfg: DedupConfig, out: Storage, clusters: list[int], backend:
     after cluster, while host threads read and rank the next clusters and write the finished
     ones, so the device is not left waiting on parquet; about 2 x host_threads() clusters are
     in memory at once. `kept`: shards (and cross tables) the cross step kept, taken instead
-    of read again."""
+    of read again. `files_of`: every cluster's shard files (none for a cluster it lacks), as
+    assignment wrote them, so that no shard folder is listed again."""
     workers = host_threads()
-    read = functools.partial(ranked_shard if kept is None else kept.ranked_shard, cfg, out)
+    take = ranked_shard if kept is None else kept.ranked_shard
+
+    def read(cluster: int) -> RankedShard | None:
+        return take(cfg, out, cluster, None if files_of is None else files_of.get(cluster, []))
 
     def finish(s: ScoredShard | None) -> ClusterResult | None:
         if s is None:
@@ -261,11 +270,12 @@ def prune_cluster(cfg: DedupConfig, out: Storage, cluster: int, backend: Backend
 
 def cross_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Backend,
               timer: PhaseTimer | None = None, show_progress: bool = False,
-              probes: Probes | None = None, keep: KeptShards | None = None) -> None:
+              probes: Probes | None = None, keep: KeptShards | None = None,
+              files_of: dict[int, list[str]] | None = None) -> None:
     """With cross_cluster, write every cluster's cross table (without it, those of an earlier
     run are removed with the other leftovers at the end: `run_record.remove_leftovers`).
     `probes`: those assignment kept (`assign_probes`); `keep`: where to keep the shards read
-    for `prune_all`."""
+    for `prune_all`; `files_of`: the shard files assignment wrote (`prune_clusters`)."""
     if not cfg.cross_cluster:
         return
     timer = timer or PhaseTimer()
@@ -273,7 +283,7 @@ def cross_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Back
     with timer.phase("cross"), _bar(len(clusters), "cross-cluster", "cluster",
                                     show_progress) as bar:
         for result in cross_cluster_tables(cfg, out, clusters, backend, probes=probes,
-                                           keep=keep):
+                                           keep=keep, files_of=files_of):
             if keep is not None:
                 keep.keep_table(result.cluster, result.table)
             flops += result.flops
@@ -289,7 +299,8 @@ def cluster_removed(cfg: DedupConfig, result: ClusterResult) -> dict[float, np.n
 def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Backend,
               timer: PhaseTimer | None = None, show_progress: bool = False,
               audit: KeptPairsAudit | None = None,
-              kept: KeptShards | None = None) -> dict[float, int]:
+              kept: KeptShards | None = None,
+              files_of: dict[int, list[str]] | None = None) -> dict[float, int]:
     """Prune and extract every cluster (results are not kept: memory stays at a few clusters),
     feeding each to `audit` in cluster order, on a thread of its own beside the pruning (so
     the prune loop never waits for it while a few clusters are queued). Returns the clips
@@ -297,7 +308,7 @@ def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Back
     from the run at most); on a device, the wall time of its calls (its GEMMs run there). The
     prune phase keeps the loop's whole wall time: the audit overlaps it, so subtracting the
     audit's time would flatter the prune row (its seconds are what #14's GFLOP/s divide).
-    `kept`: shards the cross step kept (`cross_all`)."""
+    `kept`: shards the cross step kept (`cross_all`); `files_of`: see `prune_clusters`."""
     timer = timer or PhaseTimer()
     flops = 0
     removed = dict.fromkeys(cfg.eps_to_extract, 0)
@@ -312,7 +323,8 @@ def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Back
 
     with timer.phase("prune"), _bar(len(clusters), "pairwise", "cluster", show_progress) as bar, \
             in_order_beside(AUDIT_BACKLOG) as beside:
-        for result in prune_clusters(cfg, out, clusters, backend, kept=kept):
+        for result in prune_clusters(cfg, out, clusters, backend, kept=kept,
+                                     files_of=files_of):
             if result is not None:
                 flops += result.flops
                 for eps, n in result.removed.items():
@@ -380,15 +392,17 @@ def run_pipeline(cfg: DedupConfig, show_progress: bool = False,
             with timer.phase("kmeans_fit"):
                 save_centroids(out, fit.centroids)
             probes = assign_probes(cfg, fit.centroids)
+            files_of: dict[int, list[str]] = {}  # no shard folder is listed again
             sizes = assign(cfg, source, fit.centroids, out, backend, timer, show_progress,
-                           probes=probes)
+                           probes=probes, written=files_of)
         clusters = [int(c) for c in np.flatnonzero(sizes)]
         # The shards the cross step reads, as many as the assignment buffer's memory (free
         # by now) holds, are kept for the prune loop: read and ranked once.
         kept = KeptShards(cfg.buffer_bytes(fit.n_rows, fit.dim)) if cfg.cross_cluster else None
-        cross_all(cfg, out, clusters, backend, timer, show_progress, probes, kept)
+        cross_all(cfg, out, clusters, backend, timer, show_progress, probes, kept, files_of)
         audit = run_audit(cfg, backend, sizes, fit.centroids)
-        removed = prune_all(cfg, out, clusters, backend, timer, show_progress, audit, kept)
+        removed = prune_all(cfg, out, clusters, backend, timer, show_progress, audit, kept,
+                            files_of)
         with timer.phase("summary"):
             summary = summarize(out, cfg.eps_to_extract, clusters, int(sizes.sum()), removed)
             audited = audit.result()

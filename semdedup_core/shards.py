@@ -227,7 +227,8 @@ def remove_stale_shards(out: Storage, sizes: np.ndarray, written: dict[int, list
 
 def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storage,
                      backend: Backend, buffer_bytes: int = 128 << 20, progress=None,
-                     only: set[int] | None = None, per_clip=None) -> np.ndarray:
+                     only: set[int] | None = None, per_clip=None,
+                     written: dict[int, list[str]] | None = None) -> np.ndarray:
     """Assign every clip to its nearest centroid and write `embs_by_nearest_center` (all
     clusters, or just those in `only`) from the assignment's buffer (`ShardWriter`).
     Three kinds of work overlap: host threads decode the next batches, the backend's compute
@@ -238,7 +239,8 @@ def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storag
     `per_clip`: an object with `of_distances(backend, d2, labels)` -> host rows (n, m) from
     each chunk of distances to every centroid (`nearest_centroid`), and `by_file`, a dict
     it gets filled with each written file's rows (the cross-cluster probes, `Probes`).
-    Returns the sizes of all clusters (n_clusters,)."""
+    `written`: filled with each cluster's shard files, in name order (`shard_files` without
+    listing them again). Returns the sizes of all clusters (n_clusters,)."""
     k = len(centroids)
     C = backend.asarray(centroids)
     sizes = np.zeros(k, dtype=np.int64)
@@ -289,6 +291,8 @@ def assign_to_shards(source: EmbeddingSource, centroids: np.ndarray, out: Storag
     if per_clip is not None:
         per_clip.by_file.update(writer.extra_of)
     remove_stale_shards(out, sizes, writer.written, only)
+    if written is not None:
+        written.update((c, sorted(rels)) for c, rels in writer.written.items())
     return sizes
 
 
@@ -390,9 +394,11 @@ class RankedShard:
     order: np.ndarray | None = None  # the rows read, in rank order
 
 
-def ranked_shard(cfg: DedupConfig, out: Storage, cluster: int) -> RankedShard | None:
-    """One cluster's shard in rank order; None when the cluster has no shard."""
-    files = shard_files(out, cluster)
+def ranked_shard(cfg: DedupConfig, out: Storage, cluster: int,
+                 files: list[str] | None = None) -> RankedShard | None:
+    """One cluster's shard in rank order; None when the cluster has no shard. `files`: its
+    files where the caller knows them (else listed: one request on S3)."""
+    files = shard_files(out, cluster) if files is None else files
     if not files:
         return None
     shard, parts = read_shard_vectors(out, files)
@@ -433,10 +439,11 @@ class KeptShards:
         """The kept cross table of `cluster` (given up), else None."""
         return self.tables.pop(cluster, None)
 
-    def ranked_shard(self, cfg: DedupConfig, out: Storage, cluster: int) -> RankedShard | None:
+    def ranked_shard(self, cfg: DedupConfig, out: Storage, cluster: int,
+                     files: list[str] | None = None) -> RankedShard | None:
         """The kept shard, else `ranked_shard` (the same arrays either way)."""
         kept = self.kept.pop(cluster, None)
-        return kept if kept is not None else ranked_shard(cfg, out, cluster)
+        return kept if kept is not None else ranked_shard(cfg, out, cluster, files)
 
 
 def save_centroids(out: Storage, centroids: np.ndarray) -> None:

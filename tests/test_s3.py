@@ -61,7 +61,8 @@ def test_s3_in_and_out_with_profile(planted, s3_client, s3_endpoint, aws_profile
 def test_a_shard_on_s3_is_read_in_one_get(planted, s3_client, s3_endpoint, aws_profile,
                                           s3_requests, tmp_path):
     """A shard file is read whole by one GET (its size from the answer, no HEAD), in the run's
-    prune phase and by `read_shard_file_vectors`; a file gone is an error naming it. So is a
+    prune phase (whose shard folders are not listed again) and by `read_shard_file_vectors`; a
+    file gone is an error naming it. So is a
     small artifact (a pruning table; a cross table, which is looked for by that GET alone)."""
     folder, _ = planted
     s3_client.create_bucket(Bucket="one-get")
@@ -75,6 +76,9 @@ def test_a_shard_on_s3_is_read_in_one_get(planted, s3_client, s3_endpoint, aws_p
     reads = [(m, p) for m, p in requests if m != "PUT"
              and p.startswith(f"/one-get/out/{layout.SHARDS}/")]  # (not listings: /one-get?...)
     assert sorted(reads) == sorted(("GET", f"/one-get/out/{rel}") for rel in shards)
+    # The run knows the files assignment wrote: no shard folder is listed one by one.
+    assert not [p for m, p in requests if "prefix=out/clustering_results/embs_by_nearest_center"
+                "/nearest_cent" in p]
 
     (tmp_path / "shard.parquet").write_bytes(
         s3_client.get_object(Bucket="one-get", Key=f"out/{shards[0]}")["Body"].read())
