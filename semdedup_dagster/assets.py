@@ -23,7 +23,7 @@ from semdedup_core.audit import audit_rate
 from semdedup_core.cross_cluster import cross_cluster_tables, require_cross_tables
 from semdedup_core.extraction import audit_output, extract_from_tables, removed_mask, summarize
 from semdedup_core.inspection import EPS_GRID, score_stats
-from semdedup_core.shards import load_centroids, save_centroids, shard_files, shard_files_by_cluster
+from semdedup_core.shards import load_centroids, save_centroids, shard_files_by_cluster
 from semdedup_core.pipeline import (
     ClusterResult,
     FitResult,
@@ -173,7 +173,9 @@ def cross_stage(context, cfg: DedupConfig, out: Storage, backend,
     with holding_output(context, out) as lock:
         run_record.begin_writing(out, lock)
         last = time.perf_counter()
-        for result in cross_cluster_tables(cfg, out, nonempty_clusters(out), backend, targets):
+        files_of = shard_files_by_cluster(out)  # one listing, not one per shard folder
+        for result in cross_cluster_tables(cfg, out, sorted(files_of), backend, targets,
+                                           files_of=files_of):
             secs, last = time.perf_counter() - last, time.perf_counter()
             scores = result.table.column(layout.SCORE).to_numpy()
             meta = {"path": where(out, layout.cross_table(result.cluster)),
@@ -281,19 +283,20 @@ def cluster_dedup_stage(context, cfg: DedupConfig, out: Storage, clusters: list[
     ClusterResult or None for an empty cluster, removed per eps, seconds since the previous)."""
     last = time.perf_counter()
     with holding_output(context, out) as lock:
+        files_of = shard_files_by_cluster(out)  # one listing, not one per shard folder
         if extract and cfg.cross_cluster:  # checked before anything is written
-            with_shard = shard_files_by_cluster(out)  # one listing
-            require_cross_tables(out, [c for c in clusters if c in with_shard])
+            require_cross_tables(out, [c for c in clusters if c in files_of])
         run_record.begin_writing(out, lock)
         if prune:
             for cluster, result in zip(clusters, prune_clusters(cfg, out, clusters, backend,
-                                                                extract=extract)):
+                                                                extract=extract,
+                                                                files_of=files_of)):
                 secs, last = time.perf_counter() - last, time.perf_counter()
                 yield cluster, result, (result.removed if result else {}), secs
             return
         for cluster in clusters:
             removed = extract_from_tables(out, cluster, cfg.eps_to_extract, cfg.cross_cluster) \
-                if shard_files(out, cluster) else {}
+                if cluster in files_of else {}
             secs, last = time.perf_counter() - last, time.perf_counter()
             yield cluster, None, removed, secs
 
