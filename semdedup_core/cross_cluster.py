@@ -29,6 +29,7 @@ For a caller with its own rows and candidates (a corpus: new clips against earli
 candidates" step.
 """
 
+import json
 import math
 from collections import deque
 from collections.abc import Iterator
@@ -43,7 +44,7 @@ from semdedup_core.config import DedupConfig, eps_text
 from semdedup_core.errors import InputError
 from semdedup_core.kmeans import ASSIGN_CHUNK, nearest_centroid
 from semdedup_core.pairwise import TIE_TOL
-from semdedup_core.parquet import read_table, read_table_if_present, write_table
+from semdedup_core.parquet import content_sha, read_table, read_table_if_present, write_table
 from semdedup_core.shards import KeptShards, RankedShard, load_centroids, ranked_shard
 from semdedup_core.storage import Storage
 from semdedup_core.threads import host_threads, ordered_map
@@ -52,6 +53,7 @@ from semdedup_core.threads import host_threads, ordered_map
 # is widened by this much so that rounding never rules out a real pair.
 BOUND_SLACK = 1e-3
 SEARCHED_EPS_KEY = b"semdedup.cross_cluster.searched_eps"
+MADE_FROM_KEY = b"semdedup.cross_cluster.made_from"  # `cross_provenance`
 
 
 def order_keys(which_to_keep: str, rank_dist: np.ndarray, n: int) -> np.ndarray:
@@ -402,10 +404,11 @@ class CrossBest:
         self.match_key[at] = match_key[take]
         self.score[at] = score[take]
 
-    def table(self, cluster: int, searched_eps: float) -> pa.Table:
+    def table(self, cluster: int, searched_eps: float, made_from: str | None = None) -> pa.Table:
         """`id, max_id, max_cluster, cosine_sim_score` in the cluster's rank order; a clip with
         no earlier candidate gets score 0, its own id and its own cluster. The schema metadata
-        records the eps the search was bounded by (scores at or above 1 - it are exact)."""
+        records the eps the search was bounded by (scores at or above 1 - it are exact) and
+        what else the table depends on (`made_from`: `cross_provenance`)."""
         ids = self.ids_of[cluster]
         span = slice(self.base[cluster], self.base[cluster] + len(ids))
         match_cluster, match_row = self.match_cluster[span], self.match_row[span]
@@ -427,14 +430,67 @@ class CrossBest:
                                                        .astype(np.int64)),
                           layout.SCORE: pa.array(np.clip(self.score[span], 0, 1),
                                                  type=pa.float32())})
-        return table.replace_schema_metadata(
-            {SEARCHED_EPS_KEY: eps_text(searched_eps).encode()})
+        meta = {SEARCHED_EPS_KEY: eps_text(searched_eps).encode()}
+        if made_from is not None:
+            meta[MADE_FROM_KEY] = made_from.encode()
+        return table.replace_schema_metadata(meta)
 
 
 def searched_eps(table: pa.Table) -> float | None:
     """The largest eps a cross table's search covered (see `cross_table`)."""
     meta = table.schema.metadata or {}
     return float(meta[SEARCHED_EPS_KEY]) if SEARCHED_EPS_KEY in meta else None
+
+
+def cross_provenance(cfg: DedupConfig, centroids_sha: str) -> str:
+    """What a cluster's cross table depends on beyond its own clips, as text: the clustering
+    (the centroids file's content hash), the global order's settings and the search's cap.
+    Recorded in each table (`MADE_FROM_KEY`) and checked by every step that uses one
+    (`check_cross_table`): a table from a run with other settings is never combined with
+    this run's pruning tables."""
+    made = {"centroids": centroids_sha, "which_to_keep": cfg.which_to_keep,
+            "sim_metric": cfg.sim_metric, "max_probes": cfg.cross_cluster_max_probes}
+    if cfg.which_to_keep == "random":
+        made["random_state"] = cfg.random_state
+    return json.dumps(made, sort_keys=True)
+
+
+def run_provenance(cfg: DedupConfig, out: Storage) -> str:
+    """`cross_provenance` of this config on the centroids in `out`."""
+    return cross_provenance(cfg, content_sha(out.read_bytes(layout.CENTROIDS)))
+
+
+STALE_CROSS = ("materialise semdedup_cross_cluster_tables for these partitions with this run's "
+               "config (or run the whole job)")
+
+
+def check_cross_table(out: Storage, cluster: int, cross: pa.Table, pruning_ids: pa.Array | None,
+                      made_from: str, max_eps: float) -> None:
+    """Before a cross table's scores are combined with a pruning table's: the cross table was
+    made for this run's clustering and settings (`cross_provenance`) by a search at least as
+    wide as its largest eps, and lists the clips of `pruning_ids` (None: not checked) in
+    their order; else one InputError naming the table and what differs."""
+    where = out.display(layout.cross_table(cluster))
+    meta = cross.schema.metadata or {}
+    if MADE_FROM_KEY in meta:
+        made, want = json.loads(meta[MADE_FROM_KEY]), json.loads(made_from)
+        differ = [f"{k} {made.get(k)!r} (this run: {want.get(k)!r})"
+                  for k in sorted(set(made) | set(want)) if made.get(k) != want.get(k)]
+        if differ:
+            raise InputError(f"{where} was made by a run with other settings: "
+                             f"{', '.join(differ)}; {STALE_CROSS}")
+    searched = searched_eps(cross)
+    if searched is not None and searched < max_eps:
+        raise InputError(f"{where} was searched up to eps {eps_text(searched)}, this run's "
+                         f"largest eps is {eps_text(max_eps)}; {STALE_CROSS}")
+
+    def whole(a):  # a table's column is chunked, a ranked shard's ids are not
+        return a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
+
+    if pruning_ids is not None and not whole(cross.column(layout.ID)).equals(whole(pruning_ids)):
+        raise InputError(f"{where} does not list the clips of "
+                         f"{out.display(layout.pruning_table(cluster))} in its order: it was "
+                         f"made by a run with other settings; {STALE_CROSS}")
 
 
 @dataclass
@@ -599,8 +655,10 @@ def cross_cluster_tables(cfg: DedupConfig, out: Storage, clusters: list[int], ba
                     state.offer(*(v[layer == n] for v in offers))
         return final_after.pop(a, [])
 
+    made_from = run_provenance(cfg, out)
+
     def write(cluster: int) -> CrossResult:
-        table = state.table(cluster, max(cfg.eps_to_extract))
+        table = state.table(cluster, max(cfg.eps_to_extract), made_from)
         write_table(out, layout.cross_table(cluster), table)
         return CrossResult(cluster, table, candidates[cluster], flops[cluster])
 
@@ -634,15 +692,20 @@ CROSS_TABLE_MISSING = (", and cross_cluster is on: the cross tables come before 
                        "partitions first, or run the whole job)")
 
 
-def require_cross_tables(out: Storage, clusters: list[int]) -> None:
+def require_cross_tables(out: Storage, clusters: list[int], made_from: str,
+                         max_eps: float) -> None:
     """With cross_cluster, before removals are written for `clusters` (those with a shard):
-    every one of them has its cross table (one listing), else the first missing is named
-    before anything is written."""
+    every one of them has its cross table (one listing), else the first missing is named; and
+    the first was made for this run (`check_cross_table`: a run with other settings made all
+    of them), all before anything is written. Each is checked again when it is used."""
     present = set(out.list_files(layout.CROSS_TABLES, recursive=False))
     missing = [c for c in clusters if layout.cross_table(c) not in present]
     if missing:
         raise InputError(f"{out.display(layout.cross_table(missing[0]))}: not found"
                          f"{CROSS_TABLE_MISSING}")
+    if clusters:
+        check_cross_table(out, clusters[0], read_cross_table(out, clusters[0], required=True),
+                          None, made_from, max_eps)
 
 
 def read_cross_table(out: Storage, cluster: int, required: bool = False) -> pa.Table | None:

@@ -11,7 +11,7 @@ from semdedup_core.config import eps_text
 from semdedup_core.errors import InputError
 from semdedup_core.audit import EpsAudit, KeptPairsAudit, read_audit, write_audit
 from semdedup_core.backends import Backend, get_backend
-from semdedup_core.cross_cluster import read_cross_table, searched_eps
+from semdedup_core.cross_cluster import check_cross_table, read_cross_table, searched_eps
 from semdedup_core.parquet import read_table, row_count, write_table
 from semdedup_core.shards import (load_centroids, read_shard, read_shard_vectors, shard_files,
                                   take_rows)
@@ -68,13 +68,19 @@ def deciding_score(pruning: pa.Table, cross: pa.Table | None) -> np.ndarray:
 
 def extract_from_tables(out: Storage, cluster: int, eps_list: list[float],
                         cross_cluster: bool = False,
-                        scores: dict[int, np.ndarray] | None = None) -> dict[float, int]:
+                        scores: dict[int, np.ndarray] | None = None,
+                        made_from: str | None = None) -> dict[float, int]:
     """Write one cluster's `unique_ids_<eps>` parts from its pruning table and shard on storage
     (no embeddings read, no ranking redone: the shard only supplies cosine_dist_to_cent), and
     its cross table where there is one (`cross_cluster`: there must be). `scores`: where to
-    put the cluster's deciding scores (`deciding_score`), for the audit that follows."""
+    put the cluster's deciding scores (`deciding_score`), for the audit that follows.
+    `made_from` (`run_provenance`): the cross table must have been made for it
+    (`check_cross_table`; a Dagster step of a run, not a sweep of a finished output)."""
     pruning = read_table(out, layout.pruning_table(cluster))
     cross = read_cross_table(out, cluster, required=cross_cluster)
+    if cross is not None and made_from is not None:
+        check_cross_table(out, cluster, cross, pruning.column(layout.ID), made_from,
+                          max(eps_list))
     if scores is not None:
         scores[cluster] = deciding_score(pruning, cross)
     if cross is not None and not cross.column(layout.ID).equals(pruning.column(layout.ID)):

@@ -28,8 +28,8 @@ from semdedup_core.config import DedupConfig
 from semdedup_core.embeddings import EmbeddingSource, scan_input
 from semdedup_core.errors import InputError
 from semdedup_core.audit import EpsAudit, KeptPairsAudit, audit_rate, write_audit
-from semdedup_core.cross_cluster import (Probes, cross_cluster_tables, probe_radius,
-                                         read_cross_table)
+from semdedup_core.cross_cluster import (Probes, check_cross_table, cross_cluster_tables,
+                                         probe_radius, read_cross_table, run_provenance)
 from semdedup_core.extraction import removed_rows, summarize, write_removed
 from semdedup_core.shards import (KeptShards, RankedShard, assign_to_shards, ranked_shard,
                                  save_centroids)
@@ -204,15 +204,23 @@ def score_shard(cfg: DedupConfig, backend: Backend, ranked: RankedShard,
 
 
 def write_cluster_outputs(cfg: DedupConfig, out: Storage, scored: ScoredShard,
-                          extract: bool, cross: pa.Table | None = None) -> ClusterResult:
-    """Write the pruning table and, with `extract`, every eps's `unique_ids` part. `cross`:
-    the cluster's cross table where the caller holds it (cross_cluster; else it is read)."""
+                          extract: bool, cross: pa.Table | None = None,
+                          made_from: str | None = None) -> ClusterResult:
+    """Write the pruning table and, with `extract`, every eps's `unique_ids` part. With
+    cross_cluster the removals take the cluster's cross table: `cross` where the caller holds
+    it, else read; either way checked against this run's (`check_cross_table`; `made_from`:
+    `run_provenance`, else read here)."""
     ranked = scored.ranked
     pruning = pa.table({layout.ID: ranked.ids, layout.MAX_ID: ranked.ids.take(pa.array(scored.match)),
                         layout.SCORE: pa.array(scored.score, type=pa.float32())})
     write_table(out, layout.pruning_table(ranked.cluster), pruning)
-    if cfg.cross_cluster and cross is None:
+    if not (cfg.cross_cluster and extract):
+        cross = None
+    elif cross is None:
         cross = read_cross_table(out, ranked.cluster, required=True)
+    if cross is not None:
+        check_cross_table(out, ranked.cluster, cross, ranked.ids,
+                          made_from or run_provenance(cfg, out), max(cfg.eps_to_extract))
     removed = write_removed(out, pruning, ranked.cosine_dist, ranked.cluster,
                             cfg.eps_to_extract, cross) if extract else {}
     n = len(ranked.ids)
@@ -242,11 +250,13 @@ def prune_clusters(cfg: DedupConfig, out: Storage, clusters: list[int], backend:
     def read(cluster: int) -> RankedShard | None:
         return take(cfg, out, cluster, None if files_of is None else files_of.get(cluster, []))
 
+    made_from = run_provenance(cfg, out) if cfg.cross_cluster and extract else None
+
     def finish(s: ScoredShard | None) -> ClusterResult | None:
         if s is None:
             return None
         cross = kept.table(s.ranked.cluster) if kept is not None else None
-        return write_cluster_outputs(cfg, out, s, extract, cross)
+        return write_cluster_outputs(cfg, out, s, extract, cross, made_from)
 
     with backend.compute_pool() as pool:
         if pool is not None:

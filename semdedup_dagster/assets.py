@@ -20,7 +20,8 @@ from semdedup_core import layout, run_record
 from semdedup_core.backends import get_backend
 from semdedup_core.config import DedupConfig, eps_text
 from semdedup_core.audit import audit_rate
-from semdedup_core.cross_cluster import cross_cluster_tables, require_cross_tables
+from semdedup_core.cross_cluster import (cross_cluster_tables, require_cross_tables,
+                                         run_provenance)
 from semdedup_core.extraction import audit_output, extract_from_tables, removed_mask, summarize
 from semdedup_core.inspection import EPS_GRID, score_stats
 from semdedup_core.shards import load_centroids, save_centroids, shard_files_by_cluster
@@ -284,8 +285,10 @@ def cluster_dedup_stage(context, cfg: DedupConfig, out: Storage, clusters: list[
     last = time.perf_counter()
     with holding_output(context, out) as lock:
         files_of = shard_files_by_cluster(out)  # one listing, not one per shard folder
-        if extract and cfg.cross_cluster:  # checked before anything is written
-            require_cross_tables(out, [c for c in clusters if c in files_of])
+        made_from = run_provenance(cfg, out) if extract and cfg.cross_cluster else None
+        if made_from is not None:  # checked before anything is written
+            require_cross_tables(out, [c for c in clusters if c in files_of], made_from,
+                                 max(cfg.eps_to_extract))
         run_record.begin_writing(out, lock)
         if prune:
             for cluster, result in zip(clusters, prune_clusters(cfg, out, clusters, backend,
@@ -295,8 +298,8 @@ def cluster_dedup_stage(context, cfg: DedupConfig, out: Storage, clusters: list[
                 yield cluster, result, (result.removed if result else {}), secs
             return
         for cluster in clusters:
-            removed = extract_from_tables(out, cluster, cfg.eps_to_extract, cfg.cross_cluster) \
-                if cluster in files_of else {}
+            removed = extract_from_tables(out, cluster, cfg.eps_to_extract, cfg.cross_cluster,
+                                          made_from=made_from) if cluster in files_of else {}
             secs, last = time.perf_counter() - last, time.perf_counter()
             yield cluster, None, removed, secs
 

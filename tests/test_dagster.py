@@ -506,6 +506,32 @@ def test_cross_cluster_assets_without_the_cross_tables_fail_naming_them(planted,
                        tags=every).success
     assert tree(tmp_path / "out") == tree(tmp_path / "ref")
 
+    # The dedup assets again, with other settings but without the cross tables selected: the
+    # cross tables on storage are the earlier config's, so the step fails naming the table and
+    # what differs, before anything is written (they were once combined silently: a run that
+    # showed Success with wrong removals, or a traceback where the clusters differed).
+    made = tmp_path / "out" / "extraction/semdedup_cross_cluster_tables/cluster_0.parquet"
+
+    def extraction():
+        return {k: v for k, v in tree(tmp_path / "out").items() if k.startswith("extraction/")}
+
+    for change, says, redo in (
+            (dict(which_to_keep="easy"), "which_to_keep 'hard' (this run: 'easy')", []),
+            (dict(cross_cluster_max_probes=2), "max_probes 3 (this run: 2)", []),
+            (dict(eps_to_extract=[0.1, 0.4]),
+             "searched up to eps 0.3, this run's largest eps is 0.4", []),
+            # a new clustering (centroids and shards redone in the same run)
+            (dict(random_state=7), "centroids '", [kmeans_centroids, embs_by_nearest_center])):
+        before = extraction()
+        failed = materialize([*upstream, cluster_dedup], selection=[*redo, cluster_dedup],
+                             instance=instance, resources=resources, tags=every,
+                             run_config=run_config_for({**args, **change}), raise_on_error=False)
+        assert not failed.success
+        message = step_failures(failed)[0].error.message
+        assert f"{made} " in message and says in message, message
+        assert "materialise semdedup_cross_cluster_tables" in message
+        assert extraction() == before
+
 
 def step_failures(result):
     return [e.step_failure_data for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
