@@ -364,14 +364,12 @@ def cross_cluster_tables_asset(context: AssetExecutionContext, semdedup: Semdedu
     present = set(nonempty_clusters(out))
     targets = sorted(k for k in map(int, context.partition_keys) if k in present)
     done = dict(cross_stage(context, cfg, out, get_backend(cfg.backend), targets))
-    for k, meta in done.items():
-        context.log.info(f"cluster {k}: " + ", ".join(f"{n} {v}" for n, v in meta.items()
-                                                      if n.startswith("cross_removed_")))
+    for k, meta in done.items():  # each partition's own figures and table (as the job's)
+        context.add_asset_metadata(meta, partition_key=str(k))
     return MaterializeResult(metadata={
-        "cross_cluster": cfg.cross_cluster, "partitions": len(done),
-        "path": where(out, layout.CROSS_TABLES),
-        **{f"cross_removed_{eps_text(e)}": sum(m[f"cross_removed_{eps_text(e)}"]
-                                               for m in done.values())
+        "cross_cluster": cfg.cross_cluster, "partitions_in_run": len(done),
+        **{f"cross_removed_{eps_text(e)}_in_run": sum(m[f"cross_removed_{eps_text(e)}"]
+                                                      for m in done.values())
            for e in cfg.eps_to_extract}})
 
 

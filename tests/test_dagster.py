@@ -500,11 +500,33 @@ def test_cross_cluster_assets_without_the_cross_tables_fail_naming_them(planted,
     assert f"{missing}: not found, and cross_cluster is on" in message
     assert "materialise semdedup_cross_cluster_tables" in message
     assert not (tmp_path / "out" / "extraction").exists()  # nothing written: checked first
-    assert materialize([*upstream, cluster_dedup, dedup_summary],
-                       selection=[cross_cluster_tables_asset, cluster_dedup, dedup_summary],
-                       instance=instance, resources=resources, run_config=run_config_for(args),
-                       tags=every).success
+    ranged = materialize([*upstream, cluster_dedup, dedup_summary],
+                         selection=[cross_cluster_tables_asset, cluster_dedup, dedup_summary],
+                         instance=instance, resources=resources, run_config=run_config_for(args),
+                         tags=every)
+    assert ranged.success
     assert tree(tmp_path / "out") == tree(tmp_path / "ref")
+    # Materialised as a range, each partition has its own table's figures (not the run's).
+    tables = tmp_path / "out" / "extraction/semdedup_cross_cluster_tables"
+    cross_mats = ranged.asset_materializations_for_node("semdedup_cross_cluster_tables")
+    assert sorted(int(m.partition) for m in cross_mats) == list(range(7))
+    for m in cross_mats:
+        table = pq.read_table(tables / f"cluster_{m.partition}.parquet")
+        scores = table.column("cosine_sim_score").to_numpy()
+        assert m.metadata["path"].value == str(tables / f"cluster_{m.partition}.parquet")
+        assert m.metadata["rows"].value == table.num_rows
+        assert m.metadata["cross_removed_0.3"].value == int((scores >= 0.7).sum())
+    # ... which a downstream asset reads back through the layout IO manager.
+    seen = {}
+
+    @asset(partitions_def=CENTROIDS)
+    def cross_here(semdedup_cross_cluster_tables) -> None:
+        seen["cross"] = semdedup_cross_cluster_tables
+
+    assert materialize([*upstream, cross_here], selection=[cross_here], partition_key="2",
+                       instance=instance, resources=resources,
+                       run_config=run_config_for(args)).success
+    assert seen["cross"].equals(pq.read_table(tables / "cluster_2.parquet"))
 
     # The dedup assets again, with other settings but without the cross tables selected: the
     # cross tables on storage are the earlier config's, so the step fails naming the table and
