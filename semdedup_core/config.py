@@ -246,5 +246,11 @@ def parse_job_spec(source: str | Path | dict, overrides: dict[str, Any] | None =
     try:
         DedupConfig(**args)
     except ValidationError as exc:
-        raise ConfigError(f"{where}: " + format_validation_error(exc)) from None
+        # Named where each bad value came from: the spec, or a flag given beside it.
+        failed = {str(e["loc"][0]) for e in exc.errors() if e["loc"]}
+        flags = sorted(failed & set(overrides or {}))
+        origin = where if not flags else ", ".join(f"--{f.replace('_', '-')}" for f in flags)
+        if flags and failed - set(flags):
+            origin = f"{where} and {origin}"
+        raise ConfigError(f"{origin}: " + format_validation_error(exc)) from None
     return args

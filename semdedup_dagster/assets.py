@@ -195,8 +195,8 @@ def audit_metadata(rows) -> dict:
                      f"{a.estimated_pairs:,.0f} | [{a.low:,.0f}, {a.high:,.0f}] |\n" for a in rows)
     meta = {"kept_pairs_audit": MetadataValue.md(table)}
     for a in rows:
-        meta[f"kept_pairs_left_{eps_text(a.eps)}"] = float(a.estimated_pairs)
-        meta[f"kept_pairs_left_{eps_text(a.eps)}_high"] = float(a.high)
+        meta[f"kept_pairs_left_{eps_text(a.eps)}"] = round(float(a.estimated_pairs), 1)
+        meta[f"kept_pairs_left_{eps_text(a.eps)}_high"] = round(float(a.high), 1)
     return meta
 
 

@@ -133,6 +133,14 @@ def test_zip_spec_merges_flags_before_validating(tmp_path):
     assert make_config(**args).resolved_output_path == "clips_semdedup"
     with pytest.raises(ConfigError, match="input_embeddings_path: required"):
         parse_job_spec(zip_spec)
+    # A bad value given by a flag beside the spec is named as the flag's, not the spec's.
+    with pytest.raises(ConfigError, match=r"^--cross-cluster-max-probes: invalid arguments: "
+                                          r"cross_cluster_max_probes: "):
+        parse_job_spec(zip_spec, {"input_embeddings_path": "clips.zip",
+                                  "cross_cluster_max_probes": -1})
+    with pytest.raises(ConfigError, match=r"^job spec and --n-clusters: invalid arguments: "):
+        parse_job_spec({**zip_spec, "args": {**zip_spec["args"], "max_iter": 0}},
+                       {"input_embeddings_path": "clips.zip", "n_clusters": 0})
     config = job_spec_to_run_config(zip_spec, {"input_embeddings_path": "clips.zip"})
     assert config["resources"]["semdedup"]["config"]["eps_to_extract"] == [0.01]
     # The printed config is valid for the job and for the assets (Dagster's own validation).
