@@ -161,11 +161,14 @@ def format_report(report) -> str:
              f"{int(report.cluster_sizes.max()):,})  backend: {report.backend}  "
              f"k-means: {report.kmeans_iterations} iterations on {report.sample_rows:,} clips",
              "",
-             f"{'eps':>8} {'total':>12} {'kept':>12} {'removed':>12} {'removed %':>10}"]
+             f"{'eps':>8} {'total':>12} {'kept':>12} {'removed':>12} {'removed %':>10}"
+             + (f" {'by cross only':>14}" if report.by_cross_only is not None else "")]
     for eps, row in report.summary.items():
         pct = 100.0 * row["removed"] / row["total"] if row["total"] else 0.0
         lines.append(f"{eps_text(eps):>8} {row['total']:>12,} {row['kept']:>12,} "
-                     f"{row['removed']:>12,} {pct:>9.2f}%")
+                     f"{row['removed']:>12,} {pct:>9.2f}%"
+                     + (f" {report.by_cross_only.get(eps, 0):>14,}"
+                        if report.by_cross_only is not None else ""))
     if report.audit:
         lines += ["", "audit: near-duplicate pairs left among kept clips (estimated from a sample "
                       "of kept clips; extraction/audit.json)",

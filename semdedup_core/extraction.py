@@ -35,6 +35,13 @@ def removed_rows(pruning: pa.Table, cross: pa.Table | None, eps: float) -> np.nd
     return removed
 
 
+def removed_by_cross_only(pruning: pa.Table, cross: pa.Table, eps: float) -> int:
+    """The clips only the cross-cluster rule removes at eps (their pruning score keeps them):
+    what `cross_cluster` adds to the removals."""
+    return int((removed_mask(cross.column(layout.SCORE).to_numpy(), eps)
+                & ~removed_mask(pruning.column(layout.SCORE).to_numpy(), eps)).sum())
+
+
 def removed_table(pruning: pa.Table, cosine_dist: np.ndarray, cluster: int,
                   eps: float, cross: pa.Table | None = None) -> pa.Table:
     """`id, cosine_dist_to_cent, cluster` of the removed clips, in rank order.

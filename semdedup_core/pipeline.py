@@ -30,7 +30,8 @@ from semdedup_core.errors import InputError
 from semdedup_core.audit import EpsAudit, KeptPairsAudit, audit_rate, write_audit
 from semdedup_core.cross_cluster import (Probes, check_cross_table, cross_cluster_tables,
                                          probe_radius, read_cross_table, run_provenance)
-from semdedup_core.extraction import removed_rows, summarize, write_removed
+from semdedup_core.extraction import (removed_by_cross_only, removed_rows, summarize,
+                                      write_removed)
 from semdedup_core.shards import (KeptShards, RankedShard, assign_to_shards, ranked_shard,
                                  save_centroids)
 from semdedup_core.pairwise import max_similarity_to_earlier, pairwise_flops
@@ -310,7 +311,8 @@ def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Back
               timer: PhaseTimer | None = None, show_progress: bool = False,
               audit: KeptPairsAudit | None = None,
               kept: KeptShards | None = None,
-              files_of: dict[int, list[str]] | None = None) -> dict[float, int]:
+              files_of: dict[int, list[str]] | None = None,
+              by_cross_only: dict[float, int] | None = None) -> dict[float, int]:
     """Prune and extract every cluster (results are not kept: memory stays at a few clusters),
     feeding each to `audit` in cluster order, on a thread of its own beside the pruning (so
     the prune loop never waits for it while a few clusters are queued). Returns the clips
@@ -318,7 +320,9 @@ def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Back
     from the run at most); on a device, the wall time of its calls (its GEMMs run there). The
     prune phase keeps the loop's whole wall time: the audit overlaps it, so subtracting the
     audit's time would flatter the prune row (its seconds are what #14's GFLOP/s divide).
-    `kept`: shards the cross step kept (`cross_all`); `files_of`: see `prune_clusters`."""
+    `kept`: shards the cross step kept (`cross_all`); `files_of`: see `prune_clusters`;
+    `by_cross_only`: with cross_cluster, summed into per eps: the removals only the cross-cluster
+    rule makes (`removed_by_cross_only`)."""
     timer = timer or PhaseTimer()
     flops = 0
     removed = dict.fromkeys(cfg.eps_to_extract, 0)
@@ -339,6 +343,9 @@ def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Back
                 flops += result.flops
                 for eps, n in result.removed.items():
                     removed[eps] += n
+                    if by_cross_only is not None and result.cross is not None:
+                        by_cross_only[eps] = by_cross_only.get(eps, 0) + \
+                            removed_by_cross_only(result.pruning, result.cross, eps)
                 if audit is not None:
                     beside(functools.partial(check, result))
             bar.update(1)
@@ -370,6 +377,7 @@ class RunReport:
     summary: dict[float, dict]
     timer: PhaseTimer
     audit: list[EpsAudit] = field(default_factory=list)
+    by_cross_only: dict[float, int] | None = None  # with cross_cluster: `prune_all`'s
 
 
 def warn_forced_blas_kernels(backend: Backend, logger=log) -> None:
@@ -411,8 +419,9 @@ def run_pipeline(cfg: DedupConfig, show_progress: bool = False,
         kept = KeptShards(cfg.buffer_bytes(fit.n_rows, fit.dim)) if cfg.cross_cluster else None
         cross_all(cfg, out, clusters, backend, timer, show_progress, probes, kept, files_of)
         audit = run_audit(cfg, backend, sizes, fit.centroids)
+        by_cross_only = {} if cfg.cross_cluster else None
         removed = prune_all(cfg, out, clusters, backend, timer, show_progress, audit, kept,
-                            files_of)
+                            files_of, by_cross_only)
         with timer.phase("summary"):
             summary = summarize(out, cfg.eps_to_extract, clusters, int(sizes.sum()), removed)
             audited = audit.result()
@@ -421,4 +430,5 @@ def run_pipeline(cfg: DedupConfig, show_progress: bool = False,
             run_record.write_record(out, lock, cfg,
                                     run_record.counts(fit.n_rows, fit.dim, clusters, summary))
     return RunReport(out.display(), backend.name, fit.n_rows, fit.dim, cfg.n_clusters,
-                     fit.iterations, fit.sample_rows, sizes, summary, timer, audited)
+                     fit.iterations, fit.sample_rows, sizes, summary, timer, audited,
+                     by_cross_only)

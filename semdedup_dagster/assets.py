@@ -22,7 +22,8 @@ from semdedup_core.config import DedupConfig, eps_text
 from semdedup_core.audit import audit_rate
 from semdedup_core.cross_cluster import (cross_cluster_tables, require_cross_tables,
                                          run_provenance)
-from semdedup_core.extraction import audit_output, extract_from_tables, removed_mask, summarize
+from semdedup_core.extraction import (audit_output, extract_from_tables, removed_by_cross_only,
+                                      removed_mask, summarize)
 from semdedup_core.inspection import EPS_GRID, score_stats
 from semdedup_core.shards import load_centroids, save_centroids, shard_files_by_cluster
 from semdedup_core.pipeline import (
@@ -221,8 +222,14 @@ def cluster_metadata(out: Storage, result: ClusterResult, seconds: float) -> dic
             "closest_pairs": MetadataValue.md(pairs), "seconds": round(seconds, 3)}
 
 
-def removed_metadata(cfg: DedupConfig, out: Storage, cluster: int, removed: dict) -> dict:
+def removed_metadata(cfg: DedupConfig, out: Storage, cluster: int, removed: dict,
+                     result=None) -> dict:
+    """A unique_ids partition's: removals and parts per eps; with cross_cluster, where the
+    cluster's tables are at hand (`result`), how many of them only the cross rule makes."""
     meta = {f"removed_{eps_text(e)}": int(n) for e, n in removed.items()}
+    if result is not None and result.cross is not None:
+        meta.update({f"removed_by_cross_only_{eps_text(e)}":
+                     removed_by_cross_only(result.pruning, result.cross, e) for e in removed})
     meta.update({f"path_{eps_text(e)}": where(out, layout.unique_ids_part(e, cluster))
                  for e in cfg.eps_to_extract})
     return meta
@@ -402,7 +409,7 @@ def cluster_dedup(context: AssetExecutionContext, semdedup: SemdedupResource,
             meta = cluster_metadata(out, result, secs) if result else {"rows": 0, "empty": True}
             context.add_asset_metadata(meta, asset_key=PRUNING_TABLES, partition_key=str(cluster))
         if extract:
-            context.add_asset_metadata(removed_metadata(cfg, out, cluster, removed),
+            context.add_asset_metadata(removed_metadata(cfg, out, cluster, removed, result),
                                        asset_key=UNIQUE_IDS, partition_key=str(cluster))
             for eps, n in removed.items():
                 removed_total[eps] += n

@@ -161,7 +161,7 @@ def dedup_clusters(context: OpExecutionContext, work: dict, semdedup: SemdedupRe
             partitions.add(PRUNING_TABLES, k, {
                 "path": where(out, layout.pruning_table(k)), "rows": result.size,
                 "max_cosine_sim_score": row["max_cosine_sim_score"]})
-            partitions.add(UNIQUE_IDS, k, removed_metadata(cfg, out, k, removed))
+            partitions.add(UNIQUE_IDS, k, removed_metadata(cfg, out, k, removed, result))
             for eps, n in removed.items():
                 removed_total[eps_text(eps)] = removed_total.get(eps_text(eps), 0) + n
     context.log_event(AssetObservation(

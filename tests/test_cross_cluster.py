@@ -14,7 +14,7 @@ import pytest
 from semdedup_core import layout
 from semdedup_core.backends import CpuBackend
 from semdedup_core.config import make_config
-from semdedup_core.cli import main
+from semdedup_core.cli import format_report, main
 from semdedup_core.embeddings import normalize
 from semdedup_core.inspection import find_clip
 from semdedup_core.kmeans import lloyd
@@ -219,7 +219,13 @@ def test_cross_tables_schema_order_and_union(capped_output):
     assert matched > 0
     for e in (0.01, 0.05):
         assert on.summary[e]["removed"] >= off.summary[e]["removed"]
+        # what the option adds, as the closing table shows it (same pruning tables both ways)
+        assert on.by_cross_only[e] == on.summary[e]["removed"] - off.summary[e]["removed"]
     assert on.summary[0.05]["removed"] > off.summary[0.05]["removed"]
+    assert off.by_cross_only is None
+    table = format_report(on)
+    assert "by cross only" in table.splitlines()[3]
+    assert table.splitlines()[5].split()[-1] == f"{on.by_cross_only[0.05]:,}"
 
 
 def cross_only_clip(out_dir, eps):

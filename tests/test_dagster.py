@@ -437,7 +437,7 @@ def test_cross_cluster_job_and_partition_equal_engine(planted, tmp_path):
 
     folder, _ = planted
     args = args_for(folder, tmp_path / "out", cross_cluster=True, eps_to_extract=[0.1, 0.3])
-    run_pipeline(make_config(**{**args, "output_path": str(tmp_path / "ref")}))
+    report = run_pipeline(make_config(**{**args, "output_path": str(tmp_path / "ref")}))
     reference = tree(tmp_path / "ref")
     assert any(k.startswith("extraction/semdedup_cross_cluster_tables/") for k in reference)
     instance = DagsterInstance.ephemeral()
@@ -457,6 +457,19 @@ def test_cross_cluster_job_and_partition_equal_engine(planted, tmp_path):
         assert m.metadata["max_cross_score"].value == round(float(scores.max()), 6)
         assert m.metadata["cross_removed_0.3"].value == int((scores >= 0.7).sum())
         assert m.metadata["candidates_compared"].value >= 0
+    parts = [m for m in mats if m.asset_key.to_user_string() == "unique_ids"]
+    assert len(parts) == 7
+    for e in ("0.1", "0.3"):  # what the option added, per partition, as the CLI's total
+        for m in parts:
+            ext = tmp_path / "out" / "extraction"
+            pruning, cross = (pq.read_table(ext / f"{name}/cluster_{m.partition}.parquet")
+                              .column("cosine_sim_score").to_numpy().astype("float64")
+                              for name in ("semdedup_pruning_tables",
+                                           "semdedup_cross_cluster_tables"))
+            assert m.metadata[f"removed_by_cross_only_{e}"].value == int(
+                ((cross >= 1 - float(e)) & (pruning < 1 - float(e))).sum())
+        assert sum(m.metadata[f"removed_by_cross_only_{e}"].value for m in parts) == \
+            report.by_cross_only[float(e)]
     summary = next(m for m in mats if m.asset_key.to_user_string() == "dedup_summary")
     assert "| eps | kept | sampled |" in summary.metadata["kept_pairs_audit"].value
     victim = tmp_path / "out" / "extraction/semdedup_cross_cluster_tables/cluster_3.parquet"
