@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from semdedup_core import layout, run_record
-from semdedup_core.config import eps_text
+from semdedup_core.config import DedupConfig, eps_text
 from semdedup_core.errors import InputError
 from semdedup_core.audit import EpsAudit, KeptPairsAudit, read_audit, write_audit
 from semdedup_core.backends import Backend, get_backend
@@ -15,6 +15,7 @@ from semdedup_core.cross_cluster import check_cross_table, read_cross_table, sea
 from semdedup_core.parquet import read_table, row_count, write_table
 from semdedup_core.shards import (load_centroids, read_shard, read_shard_vectors, shard_files,
                                   take_rows)
+from semdedup_core.ranking import rank_order
 from semdedup_core.storage import Storage
 from semdedup_core.threads import LATENCY_BOUND_THREADS, host_threads, ordered_map
 
@@ -73,16 +74,46 @@ def deciding_score(pruning: pa.Table, cross: pa.Table | None) -> np.ndarray:
     return score if cross is None else np.maximum(score, cross.column(layout.SCORE).to_numpy())
 
 
+def check_rank_order(out: Storage, cluster: int, cfg: DedupConfig,
+                     pruning_ids: pa.Array | None = None,
+                     shard: pa.Table | None = None) -> None:
+    """A pruning table read back for removals lists its clips in the rank order `cfg` gives
+    them (from the shard's ids and distances); else one InputError naming it: a table pruned
+    with other settings would remove the wrong clips. `shard`: its ids and both distances."""
+    if pruning_ids is None:
+        pruning_ids = read_table(out, layout.pruning_table(cluster), [layout.ID]).column(layout.ID)
+    if shard is None:
+        shard = read_shard(out, cluster, [layout.ID, layout.COSINE_DIST, layout.L2_DIST])
+    if shard is None:
+        return  # named by the caller (no shard)
+    ids = shard.column(layout.ID).combine_chunks()
+    order = rank_order(ids, shard.column(layout.L2_DIST).to_numpy(),
+                       shard.column(layout.COSINE_DIST).to_numpy(), cfg.sim_metric,
+                       cfg.which_to_keep, cfg.random_state, cluster)
+    if not ids.take(pa.array(order)).equals(pruning_ids.combine_chunks()
+                                            if isinstance(pruning_ids, pa.ChunkedArray)
+                                            else pruning_ids):
+        settings = f"which_to_keep {cfg.which_to_keep!r}, sim_metric {cfg.sim_metric!r}" + (
+            f", random_state {cfg.random_state}" if cfg.which_to_keep == "random" else "")
+        raise InputError(f"{out.display(layout.pruning_table(cluster))} is not in this run's "
+                         f"rank order ({settings}) of its shard: it was made by a run with other "
+                         "settings; materialise semdedup_pruning_tables for these partitions "
+                         "with this run's config (or run the whole job)")
+
+
 def extract_from_tables(out: Storage, cluster: int, eps_list: list[float],
                         cross_cluster: bool = False,
                         scores: dict[int, np.ndarray] | None = None,
-                        made_from: str | None = None) -> dict[float, int]:
+                        made_from: str | None = None,
+                        ranked_by: DedupConfig | None = None) -> dict[float, int]:
     """Write one cluster's `unique_ids_<eps>` parts from its pruning table and shard on storage
     (no embeddings read, no ranking redone: the shard only supplies cosine_dist_to_cent), and
     its cross table where there is one (`cross_cluster`: there must be). `scores`: where to
     put the cluster's deciding scores (`deciding_score`), for the audit that follows.
     `made_from` (`run_provenance`): the cross table must have been made for it
-    (`check_cross_table`; a Dagster step of a run, not a sweep of a finished output)."""
+    (`check_cross_table`), and `ranked_by` (the run's config): the pruning table must be in
+    its rank order (`check_rank_order`); both for a Dagster step of a run, not for a sweep of
+    a finished output."""
     pruning = read_table(out, layout.pruning_table(cluster))
     cross = read_cross_table(out, cluster, required=cross_cluster)
     if cross is not None and made_from is not None:
@@ -93,10 +124,13 @@ def extract_from_tables(out: Storage, cluster: int, eps_list: list[float],
     if cross is not None and not cross.column(layout.ID).equals(pruning.column(layout.ID)):
         raise InputError(f"{out.display(layout.cross_table(cluster))} does not list the clips of "
                          f"{out.display(layout.pruning_table(cluster))} in its order; re-run")
-    shard = read_shard(out, cluster, [layout.ID, layout.COSINE_DIST])
+    shard = read_shard(out, cluster, [layout.ID, layout.COSINE_DIST] +
+                       ([layout.L2_DIST] if ranked_by is not None else []))
     if shard is None:
         raise InputError(f"{out.display(layout.shard_dir(cluster))}: no shard for the pruning "
                          f"table of cluster {cluster}; re-run assignment")
+    if ranked_by is not None:
+        check_rank_order(out, cluster, ranked_by, pruning.column(layout.ID), shard)
     ids = pruning.column(layout.ID).combine_chunks()
     where = pc.index_in(ids, value_set=shard.column(layout.ID).combine_chunks())
     if where.null_count:

@@ -22,8 +22,8 @@ from semdedup_core.config import DedupConfig, eps_text
 from semdedup_core.audit import audit_rate
 from semdedup_core.cross_cluster import (cross_cluster_tables, require_cross_tables,
                                          run_provenance)
-from semdedup_core.extraction import (audit_output, extract_from_tables, removed_by_cross_only,
-                                      removed_mask, summarize)
+from semdedup_core.extraction import (audit_output, check_rank_order, extract_from_tables,
+                                      removed_by_cross_only, removed_mask, summarize)
 from semdedup_core.inspection import EPS_GRID, score_stats
 from semdedup_core.shards import load_centroids, save_centroids, shard_files_by_cluster
 from semdedup_core.pipeline import (
@@ -293,9 +293,11 @@ def cluster_dedup_stage(context, cfg: DedupConfig, out: Storage, clusters: list[
     with holding_output(context, out) as lock:
         files_of = shard_files_by_cluster(out)  # one listing, not one per shard folder
         made_from = run_provenance(cfg, out) if extract and cfg.cross_cluster else None
+        with_shard = [c for c in clusters if c in files_of]
         if made_from is not None:  # checked before anything is written
-            require_cross_tables(out, [c for c in clusters if c in files_of], made_from,
-                                 max(cfg.eps_to_extract))
+            require_cross_tables(out, with_shard, made_from, max(cfg.eps_to_extract))
+        if extract and not prune and with_shard:  # the pruning tables too (each again later)
+            check_rank_order(out, with_shard[0], cfg)
         run_record.begin_writing(out, lock)
         if prune:
             for cluster, result in zip(clusters, prune_clusters(cfg, out, clusters, backend,
@@ -306,7 +308,8 @@ def cluster_dedup_stage(context, cfg: DedupConfig, out: Storage, clusters: list[
             return
         for cluster in clusters:
             removed = extract_from_tables(out, cluster, cfg.eps_to_extract, cfg.cross_cluster,
-                                          made_from=made_from) if cluster in files_of else {}
+                                          made_from=made_from, ranked_by=cfg) \
+                if cluster in files_of else {}
             secs, last = time.perf_counter() - last, time.perf_counter()
             yield cluster, None, removed, secs
 

@@ -249,6 +249,25 @@ def test_assets_materialise_one_by_one_and_one_partition_alone(planted, referenc
     assert materialize([dedup_summary], run_config=config("dedup_summary"), instance=instance,
                        resources=resources).success
     assert tree(out) == reference
+
+    # unique_ids alone with another which_to_keep: its removals would come from pruning tables
+    # ranked the other way, so the step fails naming the table, before it writes anything;
+    # with the same settings it writes the same parts.
+    every = {"dagster/asset_partition_range_start": "0", "dagster/asset_partition_range_end": "6"}
+    failed = materialize([cluster_dedup], selection=["unique_ids"], instance=instance,
+                         resources=resources, tags=every, raise_on_error=False,
+                         run_config=run_config_for({**cfg, "which_to_keep": "easy"}))
+    assert not failed.success
+    message = step_failures(failed)[0].error.message
+    assert f"{out / layout.pruning_table(0)} is not in this run's rank order (which_to_keep " \
+           "'easy', sim_metric 'cosine') of its shard" in message
+    assert "materialise semdedup_pruning_tables" in message
+    assert {k: v for k, v in tree(out).items() if k != layout.RUN_RECORD} == \
+        {k: v for k, v in reference.items() if k != layout.RUN_RECORD}
+    assert materialize([cluster_dedup, dedup_summary], selection=["unique_ids", "dedup_summary"],
+                       instance=instance, resources=resources, tags=every,
+                       run_config=config()).success
+    assert tree(out) == reference
     mat = instance.get_latest_materialization_event(AssetKey("semdedup_pruning_tables"))
     assert mat.asset_materialization.partition == "3"
 
