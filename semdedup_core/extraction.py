@@ -242,13 +242,15 @@ def _sweep_held(out: Storage, lock, eps_list: list[float], clusters: list[int], 
             progress(1)
     rows = summarize(out, eps_list, clusters, total=sum(len(v) for v in scores.values()),
                      removed_by_eps=removed)
-    # The audit again, for these eps, with the run's sample rate and seed (as a fresh run
-    # with these eps would write it); outputs from before the audit have none to follow.
+    # The audit again, with the run's sample rate and seed, for every eps the folder holds
+    # (those it had, then these: as a fresh run with all of them would write it); outputs from
+    # before the audit have none to follow.
     previous = read_audit(out)
     if previous is not None:
-        audit_output(out, clusters, eps_list, backend or get_backend("auto"),
-                     previous["sample_rate"], previous["seed"], previous["cross_cluster"],
-                     scores)
+        held = [float(e) for e in previous.get("eps", {})]
+        audit_output(out, clusters, held + [e for e in eps_list if e not in held],
+                     backend or get_backend("auto"), previous["sample_rate"], previous["seed"],
+                     previous["cross_cluster"], scores)
     run_record.add_swept_eps(out, lock, eps_list, rows)
     return rows
 

@@ -41,11 +41,14 @@ def test_sweep_equals_a_fresh_run_for_those_eps(finished, tmp_path):
     rows = sweep(Storage(str(work)), [0.05, 0.2])
     fresh = tmp_path / "fresh"
     run_pipeline(make_config(input_embeddings_path=str(folder), output_path=str(fresh),
-                             n_clusters=6, eps_to_extract=[0.05, 0.2]))
+                             n_clusters=6, eps_to_extract=[0.01, 0.05, 0.2]))
     swept, want = tree(work), tree(fresh)
+    assert set(swept) == set(want)
     for rel, digest in want.items():
         if rel != layout.RUN_RECORD:  # (its config names the run's own eps)
-            assert swept[rel] == digest, rel  # same bytes as if those eps had been asked up front
+            # same bytes as if those eps had been asked up front beside the run's own (the
+            # audit covers every eps the folder holds)
+            assert swept[rel] == digest, rel
     record = json.loads((work / layout.RUN_RECORD).read_text())
     assert record["config"]["eps_to_extract"] == [0.01]
     assert set(record["swept_eps"]) == {"0.05", "0.2"}
