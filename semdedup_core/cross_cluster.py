@@ -465,14 +465,15 @@ STALE_CROSS = ("materialise semdedup_cross_cluster_tables for these partitions w
 
 
 def check_cross_table(out: Storage, cluster: int, cross: pa.Table, pruning_ids: pa.Array | None,
-                      made_from: str, max_eps: float) -> None:
+                      made_from: str | None, max_eps: float) -> None:
     """Before a cross table's scores are combined with a pruning table's: the cross table was
-    made for this run's clustering and settings (`cross_provenance`) by a search at least as
-    wide as its largest eps, and lists the clips of `pruning_ids` (None: not checked) in
-    their order; else one InputError naming the table and what differs."""
+    made for this run's clustering and settings (`made_from`: `cross_provenance`; None, a
+    sweep of a finished output: not checked) by a search at least as wide as its largest eps,
+    and lists the clips of `pruning_ids` (None: not checked) in their order; else one
+    InputError naming the table and what differs."""
     where = out.display(layout.cross_table(cluster))
     meta = cross.schema.metadata or {}
-    if MADE_FROM_KEY in meta:
+    if made_from is not None and MADE_FROM_KEY in meta:
         made, want = json.loads(meta[MADE_FROM_KEY]), json.loads(made_from)
         differ = [f"{k} {made.get(k)!r} (this run: {want.get(k)!r})"
                   for k in sorted(set(made) | set(want)) if made.get(k) != want.get(k)]
@@ -480,7 +481,7 @@ def check_cross_table(out: Storage, cluster: int, cross: pa.Table, pruning_ids: 
             raise InputError(f"{where} was made by a run with other settings: "
                              f"{', '.join(differ)}; {STALE_CROSS}")
     searched = searched_eps(cross)
-    if searched is not None and searched < max_eps:
+    if made_from is not None and searched is not None and searched < max_eps:
         raise InputError(f"{where} was searched up to eps {eps_text(searched)}, this run's "
                          f"largest eps is {eps_text(max_eps)}; {STALE_CROSS}")
 

@@ -116,14 +116,11 @@ def extract_from_tables(out: Storage, cluster: int, eps_list: list[float],
     a finished output."""
     pruning = read_table(out, layout.pruning_table(cluster))
     cross = read_cross_table(out, cluster, required=cross_cluster)
-    if cross is not None and made_from is not None:
+    if cross is not None:
         check_cross_table(out, cluster, cross, pruning.column(layout.ID), made_from,
                           max(eps_list))
     if scores is not None:
         scores[cluster] = deciding_score(pruning, cross)
-    if cross is not None and not cross.column(layout.ID).equals(pruning.column(layout.ID)):
-        raise InputError(f"{out.display(layout.cross_table(cluster))} does not list the clips of "
-                         f"{out.display(layout.pruning_table(cluster))} in its order; re-run")
     shard = read_shard(out, cluster, [layout.ID, layout.COSINE_DIST] +
                        ([layout.L2_DIST] if ranked_by is not None else []))
     if shard is None:

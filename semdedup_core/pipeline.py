@@ -210,11 +210,8 @@ def write_cluster_outputs(cfg: DedupConfig, out: Storage, scored: ScoredShard,
     """Write the pruning table and, with `extract`, every eps's `unique_ids` part. With
     cross_cluster the removals take the cluster's cross table: `cross` where the caller holds
     it, else read; either way checked against this run's (`check_cross_table`; `made_from`:
-    `run_provenance`, else read here)."""
+    `run_provenance`, else read here) before anything of the cluster is written."""
     ranked = scored.ranked
-    pruning = pa.table({layout.ID: ranked.ids, layout.MAX_ID: ranked.ids.take(pa.array(scored.match)),
-                        layout.SCORE: pa.array(scored.score, type=pa.float32())})
-    write_table(out, layout.pruning_table(ranked.cluster), pruning)
     if not (cfg.cross_cluster and extract):
         cross = None
     elif cross is None:
@@ -222,6 +219,9 @@ def write_cluster_outputs(cfg: DedupConfig, out: Storage, scored: ScoredShard,
     if cross is not None:
         check_cross_table(out, ranked.cluster, cross, ranked.ids,
                           made_from or run_provenance(cfg, out), max(cfg.eps_to_extract))
+    pruning = pa.table({layout.ID: ranked.ids, layout.MAX_ID: ranked.ids.take(pa.array(scored.match)),
+                        layout.SCORE: pa.array(scored.score, type=pa.float32())})
+    write_table(out, layout.pruning_table(ranked.cluster), pruning)
     removed = write_removed(out, pruning, ranked.cosine_dist, ranked.cluster,
                             cfg.eps_to_extract, cross) if extract else {}
     n = len(ranked.ids)
