@@ -252,5 +252,7 @@ def parse_job_spec(source: str | Path | dict, overrides: dict[str, Any] | None =
         origin = where if not flags else ", ".join(f"--{f.replace('_', '-')}" for f in flags)
         if flags and failed - set(flags):
             origin = f"{where} and {origin}"
+        elif overrides and any(not e["loc"] for e in exc.errors()):  # two arguments together
+            origin = f"{where} with the flags given beside it"
         raise ConfigError(f"{origin}: " + format_validation_error(exc)) from None
     return args

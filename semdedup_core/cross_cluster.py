@@ -44,10 +44,11 @@ from semdedup_core.config import DedupConfig, eps_text
 from semdedup_core.errors import InputError
 from semdedup_core.kmeans import ASSIGN_CHUNK, nearest_centroid
 from semdedup_core.pairwise import TIE_TOL
-from semdedup_core.parquet import content_sha, read_table, read_table_if_present, write_table
+from semdedup_core.parquet import (content_sha, footer, read_table, read_table_if_present,
+                                   write_table)
 from semdedup_core.shards import KeptShards, RankedShard, load_centroids, ranked_shard
 from semdedup_core.storage import Storage
-from semdedup_core.threads import host_threads, ordered_map
+from semdedup_core.threads import LATENCY_BOUND_THREADS, host_threads, ordered_map
 
 # Bisector distances come from float32 GEMMs (error ~1e-6 for unit vectors); the exact bound
 # is widened by this much so that rounding never rules out a real pair.
@@ -449,7 +450,8 @@ def cross_provenance(cfg: DedupConfig, centroids_sha: str) -> str:
     (`check_cross_table`): a table from a run with other settings is never combined with
     this run's pruning tables."""
     made = {"centroids": centroids_sha, "which_to_keep": cfg.which_to_keep,
-            "sim_metric": cfg.sim_metric, "max_probes": cfg.cross_cluster_max_probes}
+            "sim_metric": cfg.sim_metric,
+            "cross_cluster_max_probes": cfg.cross_cluster_max_probes}
     if cfg.which_to_keep == "random":
         made["random_state"] = cfg.random_state
     return json.dumps(made, sort_keys=True)
@@ -464,6 +466,27 @@ STALE_CROSS = ("materialise semdedup_cross_cluster_tables for these partitions w
                "config (or run the whole job)")
 
 
+def check_made_for(where: str, meta: dict | None, made_from: str, max_eps: float) -> None:
+    """A cross table's schema metadata `meta` says it was made for `made_from` (this run's
+    `cross_provenance`) by a search at least as wide as `max_eps`; else one InputError naming
+    the table (`where`) and what differs. A table that does not say (written before the
+    record existed, or rewritten by another tool) is refused too: it cannot be vouched for."""
+    meta = meta or {}
+    if MADE_FROM_KEY not in meta or SEARCHED_EPS_KEY not in meta:
+        raise InputError(f"{where} does not record what it was made from (written by an older "
+                         f"semdedup, or rewritten since); {STALE_CROSS}")
+    made, want = json.loads(meta[MADE_FROM_KEY]), json.loads(made_from)
+    differ = [f"{k} {made.get(k)!r} (this run: {want.get(k)!r})"
+              for k in sorted(set(made) | set(want)) if made.get(k) != want.get(k)]
+    if differ:
+        raise InputError(f"{where} was made by a run with other settings: {', '.join(differ)}; "
+                         f"{STALE_CROSS}")
+    searched = float(meta[SEARCHED_EPS_KEY])
+    if searched < max_eps:
+        raise InputError(f"{where} was searched up to eps {eps_text(searched)}, this run's "
+                         f"largest eps is {eps_text(max_eps)}; {STALE_CROSS}")
+
+
 def check_cross_table(out: Storage, cluster: int, cross: pa.Table, pruning_ids: pa.Array | None,
                       made_from: str | None, max_eps: float) -> None:
     """Before a cross table's scores are combined with a pruning table's: the cross table was
@@ -472,18 +495,8 @@ def check_cross_table(out: Storage, cluster: int, cross: pa.Table, pruning_ids: 
     and lists the clips of `pruning_ids` (None: not checked) in their order; else one
     InputError naming the table and what differs."""
     where = out.display(layout.cross_table(cluster))
-    meta = cross.schema.metadata or {}
-    if made_from is not None and MADE_FROM_KEY in meta:
-        made, want = json.loads(meta[MADE_FROM_KEY]), json.loads(made_from)
-        differ = [f"{k} {made.get(k)!r} (this run: {want.get(k)!r})"
-                  for k in sorted(set(made) | set(want)) if made.get(k) != want.get(k)]
-        if differ:
-            raise InputError(f"{where} was made by a run with other settings: "
-                             f"{', '.join(differ)}; {STALE_CROSS}")
-    searched = searched_eps(cross)
-    if made_from is not None and searched is not None and searched < max_eps:
-        raise InputError(f"{where} was searched up to eps {eps_text(searched)}, this run's "
-                         f"largest eps is {eps_text(max_eps)}; {STALE_CROSS}")
+    if made_from is not None:
+        check_made_for(where, cross.schema.metadata, made_from, max_eps)
 
     def whole(a):  # a table's column is chunked, a ranked shard's ids are not
         return a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
@@ -697,16 +710,20 @@ def require_cross_tables(out: Storage, clusters: list[int], made_from: str,
                          max_eps: float) -> None:
     """With cross_cluster, before removals are written for `clusters` (those with a shard):
     every one of them has its cross table (one listing), else the first missing is named; and
-    the first was made for this run (`check_cross_table`: a run with other settings made all
-    of them), all before anything is written. Each is checked again when it is used."""
+    each was made for this run (`check_made_for`, from the tables' footers: one request each
+    on S3), all before anything is written. Each is checked again when it is used."""
     present = set(out.list_files(layout.CROSS_TABLES, recursive=False))
     missing = [c for c in clusters if layout.cross_table(c) not in present]
     if missing:
         raise InputError(f"{out.display(layout.cross_table(missing[0]))}: not found"
                          f"{CROSS_TABLE_MISSING}")
-    if clusters:
-        check_cross_table(out, clusters[0], read_cross_table(out, clusters[0], required=True),
-                          None, made_from, max_eps)
+
+    def check(cluster: int) -> None:
+        meta = footer(out, layout.cross_table(cluster)).schema.to_arrow_schema().metadata
+        check_made_for(out.display(layout.cross_table(cluster)), meta, made_from, max_eps)
+
+    for _ in ordered_map(check, clusters, LATENCY_BOUND_THREADS):
+        pass
 
 
 def read_cross_table(out: Storage, cluster: int, required: bool = False) -> pa.Table | None:

@@ -14,7 +14,7 @@ from semdedup_core.backends import Backend, get_backend
 from semdedup_core.cross_cluster import check_cross_table, read_cross_table, searched_eps
 from semdedup_core.parquet import read_table, row_count, write_table
 from semdedup_core.shards import (load_centroids, read_shard, read_shard_vectors, shard_files,
-                                  take_rows)
+                                  shard_files_by_cluster, take_rows)
 from semdedup_core.ranking import rank_order
 from semdedup_core.storage import Storage
 from semdedup_core.threads import LATENCY_BOUND_THREADS, host_threads, ordered_map
@@ -195,17 +195,26 @@ def sweep(out: Storage, eps_list: list[float], progress=None, owner: str | None 
     same bytes). A sweep killed half-way cannot undo its writes: the record notes what it adds
     before it writes (`run_record.begin_sweep`), and the next sweep undoes them first."""
     with run_record.take_output(out, owner, wait) as lock:
-        run_record.require_complete(out, lock)
+        record = run_record.require_complete(out, lock)
         _undo_interrupted_sweep(out, lock)
         clusters = pruned_clusters(out)
         if not clusters:
             raise InputError(f"{out.display(layout.PRUNING_TABLES)}: no pruning tables; run the "
                              "pipeline first")
+        # Every cluster with a shard has its pruning table (a sweep of the others would read
+        # as the whole output's), checked before anything is written.
+        lacking = sorted(set(shard_files_by_cluster(out)) - set(clusters))
+        if lacking:
+            raise InputError(f"{out.display(layout.pruning_table(lacking[0]))}: not found ("
+                             f"{len(lacking)} of the clusters with a shard have no pruning "
+                             "table); re-run the pipeline into this folder")
+        # The run's cross_cluster: then every cluster's cross table is required.
+        cross_cluster = bool((record or {}).get("config", {}).get("cross_cluster", False))
         new_eps = [e for e in eps_list if not out.exists(layout.summary_csv(e))]
         previous_audit = out.read_bytes(layout.AUDIT) if out.exists(layout.AUDIT) else None
         record_before = run_record.begin_sweep(out, lock, new_eps, previous_audit)
         try:
-            rows = _sweep_held(out, lock, eps_list, clusters, progress, backend)
+            rows = _sweep_held(out, lock, eps_list, clusters, progress, backend, cross_cluster)
         except BaseException:
             _undo_sweep(out, new_eps, previous_audit, record_before)
             raise
@@ -218,9 +227,9 @@ def sweep(out: Storage, eps_list: list[float], progress=None, owner: str | None 
 
 
 def _sweep_held(out: Storage, lock, eps_list: list[float], clusters: list[int], progress,
-                backend: Backend | None) -> dict[float, dict]:
+                backend: Backend | None, cross_cluster: bool) -> dict[float, dict]:
     """The sweep's writes, the folder held: parts, summaries, the audit, the record."""
-    cross = read_cross_table(out, clusters[0])
+    cross = read_cross_table(out, clusters[0], required=cross_cluster)
     covered = searched_eps(cross) if cross is not None else None
     if covered is not None and max(eps_list) > covered:
         remedy = ("rebuild the corpus" if out.exists(layout.MAX_DROP_TABLE) else
@@ -231,7 +240,8 @@ def _sweep_held(out: Storage, lock, eps_list: list[float], clusters: list[int], 
                     eps_text(max(eps_list)), remedy)
     removed = dict.fromkeys(eps_list, 0)
     scores: dict[int, np.ndarray] = {}  # read once here, for the summary and the audit
-    for counts in ordered_map(lambda c: extract_from_tables(out, c, eps_list, scores=scores),
+    for counts in ordered_map(lambda c: extract_from_tables(out, c, eps_list, cross_cluster,
+                                                            scores=scores),
                               clusters, host_threads()):
         for eps, n in counts.items():
             removed[eps] += n

@@ -104,17 +104,22 @@ def read_table_if_present(out: Storage, rel: str) -> pa.Table | None:
 FOOTER_READ = 1 << 16
 
 
-def row_count(out: Storage, rel: str) -> int:
-    """A parquet file's rows, from its footer: on S3 one GET of its last FOOTER_READ bytes
-    (a second, longer one only for a larger footer), not a HEAD and then a GET."""
+def footer(out: Storage, rel: str) -> pq.FileMetaData:
+    """A parquet file's footer (rows, schema and its metadata): on S3 one GET of the file's
+    last FOOTER_READ bytes (a second, longer one only for a larger footer), not a HEAD and
+    then a GET."""
     with reading(out, rel), out.open_mapped(rel) as f:
         if out.local:
-            return pq.ParquetFile(f).metadata.num_rows
+            return pq.ParquetFile(f).metadata
         tail = f.read_tail(FOOTER_READ)
         need = 8 + int.from_bytes(tail.to_pybytes()[-8:-4], "little")  # footer + length + magic
         if need > tail.size:
             tail = f.read_tail(need)
-        return pq.ParquetFile(pa.BufferReader(tail)).metadata.num_rows
+        return pq.ParquetFile(pa.BufferReader(tail)).metadata
+
+
+def row_count(out: Storage, rel: str) -> int:
+    return footer(out, rel).num_rows
 
 
 def plain_float_values(data, meta, column: int) -> np.ndarray | None:

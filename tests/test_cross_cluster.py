@@ -269,6 +269,24 @@ def test_sweep_and_inspect_use_both_tables(capped_output, capsys, caplog, tmp_pa
     assert "and the cross-cluster tables" in text
 
 
+def test_sweep_of_a_cross_output_requires_every_cross_table(capped_output, tmp_path):
+    """The run had cross_cluster (its record says so): a sweep with one cross table gone fails
+    naming it, before it writes anything (it once counted that cluster without the cross rule,
+    exit 0, wrong removals)."""
+    from semdedup_core.errors import InputError
+    from semdedup_core.extraction import sweep
+
+    root, _, _ = capped_output
+    out = tmp_path / "on"
+    shutil.copytree(root / "on", out)
+    gone = out / layout.cross_table(5)
+    gone.unlink()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(InputError, match=f"{gone}: not found, and cross_cluster is on"):
+        sweep(Storage(str(out)), [0.02])
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_cap_finds_nearly_what_exact_search_finds(real_clips, capped_output, tmp_path):
     """The default cap against the exact search (max_probes 0) on the same clustering: never
     more removals (the cap only leaves pairs unsearched), and on these copies, made to sit at

@@ -569,9 +569,32 @@ def test_cross_cluster_assets_without_the_cross_tables_fail_naming_them(planted,
     def extraction():
         return {k: v for k, v in tree(tmp_path / "out").items() if k.startswith("extraction/")}
 
+    # One table that is not this config's among good ones (not the first): its metadata
+    # stripped by another tool, or made with another cap for its partition alone. Every table
+    # is checked before anything is written, so the folder keeps its completion record.
+    odd = tables / "cluster_3.parquet"
+    good = odd.read_bytes()
+    meta = pq.read_table(odd).schema.metadata
+    altered = json.loads(meta[b"semdedup.cross_cluster.made_from"])
+    altered["cross_cluster_max_probes"] = 5
+    for new_meta, says in ((None, "does not record what it was made from"),
+                           ({**meta, b"semdedup.cross_cluster.made_from":
+                             json.dumps(altered).encode()},
+                            "cross_cluster_max_probes 5 (this run: 3)")):
+        pq.write_table(pq.read_table(odd).replace_schema_metadata(new_meta), odd)
+        before = tree(tmp_path / "out")
+        failed = materialize([*upstream, cluster_dedup], selection=[cluster_dedup],
+                             instance=instance, resources=resources, tags=every,
+                             run_config=run_config_for(args), raise_on_error=False)
+        assert not failed.success
+        message = step_failures(failed)[0].error.message
+        assert f"{odd} " in message and says in message, message
+        assert tree(tmp_path / "out") == before and layout.RUN_RECORD in before
+    odd.write_bytes(good)
+
     for change, says, redo in (
             (dict(which_to_keep="easy"), "which_to_keep 'hard' (this run: 'easy')", []),
-            (dict(cross_cluster_max_probes=2), "max_probes 3 (this run: 2)", []),
+            (dict(cross_cluster_max_probes=2), "cross_cluster_max_probes 3 (this run: 2)", []),
             (dict(eps_to_extract=[0.1, 0.4]),
              "searched up to eps 0.3, this run's largest eps is 0.4", []),
             # a new clustering (centroids and shards redone in the same run)

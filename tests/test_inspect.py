@@ -77,11 +77,14 @@ def file_bytes(root) -> dict:
             if p.is_file()}
 
 
-@pytest.mark.parametrize("damage", ["shard_missing", "vectors_missing", "audit_damaged"])
+@pytest.mark.parametrize("damage", ["shard_missing", "vectors_missing", "audit_damaged",
+                                    "pruning_missing"])
 def test_a_failed_sweep_leaves_the_folder_as_it_found_it(finished, tmp_path, damage):
     """The sweep fails in its extraction (a cluster's shard is gone: parts of the clusters
     before it are written by then) or in its audit (the shards have no vectors, or the run's
-    audit file is damaged: parts and summaries are written by then). Either way no
+    audit file is damaged: parts and summaries are written by then), or before it writes (a
+    cluster with a shard has no pruning table: it once swept the others as if they were the
+    whole output). Either way no
     unique_ids_<eps> of the new eps is left without its summary, nothing of the eps the folder
     held changes, and the error names the file."""
     _, _, out, _, _ = finished
@@ -95,9 +98,13 @@ def test_a_failed_sweep_leaves_the_folder_as_it_found_it(finished, tmp_path, dam
         for f in work.joinpath(layout.SHARDS).rglob("*.parquet"):
             pq.write_table(pq.read_table(f).drop_columns([layout.EMBEDDING]), f)
         error = "no embedding column"
-    else:
+    elif damage == "audit_damaged":
         (work / layout.AUDIT).write_text('{"sample_rate": 0.0')  # cut short
         error = f"{work / layout.AUDIT}: damaged"
+    else:
+        (work / layout.pruning_table(3)).unlink()
+        error = (f"{work / layout.pruning_table(3)}: not found \\(1 of the clusters with a "
+                 "shard have no pruning table\\)")
     before = file_bytes(work)
     with pytest.raises(InputError, match=error):
         sweep(Storage(str(work)), [0.01, 0.2])
