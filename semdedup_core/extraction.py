@@ -13,7 +13,7 @@ from semdedup_core.audit import EpsAudit, KeptPairsAudit, read_audit, write_audi
 from semdedup_core.backends import Backend, get_backend
 from semdedup_core.cross_cluster import check_cross_table, read_cross_table, searched_eps
 from semdedup_core.parquet import read_table, row_count, write_table
-from semdedup_core.shards import (load_centroids, read_shard, read_shard_vectors, shard_files,
+from semdedup_core.shards import (load_centroids, read_shard, read_shard_vectors,
                                   shard_files_by_cluster, take_rows)
 from semdedup_core.ranking import rank_order
 from semdedup_core.storage import Storage
@@ -105,7 +105,8 @@ def extract_from_tables(out: Storage, cluster: int, eps_list: list[float],
                         cross_cluster: bool = False,
                         scores: dict[int, np.ndarray] | None = None,
                         made_from: str | None = None,
-                        ranked_by: DedupConfig | None = None) -> dict[float, int]:
+                        ranked_by: DedupConfig | None = None,
+                        files: list[str] | None = None) -> dict[float, int]:
     """Write one cluster's `unique_ids_<eps>` parts from its pruning table and shard on storage
     (no embeddings read, no ranking redone: the shard only supplies cosine_dist_to_cent), and
     its cross table where there is one (`cross_cluster`: there must be). `scores`: where to
@@ -113,7 +114,7 @@ def extract_from_tables(out: Storage, cluster: int, eps_list: list[float],
     `made_from` (`run_provenance`): the cross table must have been made for it
     (`check_cross_table`), and `ranked_by` (the run's config): the pruning table must be in
     its rank order (`check_rank_order`); both for a Dagster step of a run, not for a sweep of
-    a finished output."""
+    a finished output. `files`: the cluster's shard files where the caller listed them."""
     pruning = read_table(out, layout.pruning_table(cluster))
     cross = read_cross_table(out, cluster, required=cross_cluster)
     if cross is not None:
@@ -122,7 +123,7 @@ def extract_from_tables(out: Storage, cluster: int, eps_list: list[float],
     if scores is not None:
         scores[cluster] = deciding_score(pruning, cross)
     shard = read_shard(out, cluster, [layout.ID, layout.COSINE_DIST] +
-                       ([layout.L2_DIST] if ranked_by is not None else []))
+                       ([layout.L2_DIST] if ranked_by is not None else []), files)
     if shard is None:
         raise InputError(f"{out.display(layout.shard_dir(cluster))}: no shard for the pruning "
                          f"table of cluster {cluster}; re-run assignment")
@@ -139,7 +140,8 @@ def extract_from_tables(out: Storage, cluster: int, eps_list: list[float],
 
 def audit_output(out: Storage, clusters: list[int], eps_list: list[float], backend: Backend,
                  rate: float, seed: int, cross_cluster: bool,
-                 scores: dict[int, np.ndarray] | None = None) -> list[EpsAudit]:
+                 scores: dict[int, np.ndarray] | None = None,
+                 files_of: dict[int, list[str]] | None = None) -> list[EpsAudit]:
     """The audit as a pass of its own over a finished output (Dagster's summary step,
     `sweep`); writes `extraction/audit.json`. Every cluster's kept clips come from its tables
     (or `scores`: each cluster's deciding score, the larger of its pruning and cross scores,
@@ -152,10 +154,13 @@ def audit_output(out: Storage, clusters: list[int], eps_list: list[float], backe
         pruning = read_table(out, layout.pruning_table(c), [layout.SCORE])
         return deciding_score(pruning, read_cross_table(out, c) if cross_cluster else None)
 
+    if files_of is None:
+        files_of = shard_files_by_cluster(out)  # one listing, not one per cluster read
+
     def ranked_emb(c: int) -> np.ndarray:
         """The cluster's unit rows in its pruning table's (rank) order."""
         pruning = read_table(out, layout.pruning_table(c), [layout.ID])
-        files = shard_files(out, c)
+        files = files_of.get(c, [])
         if not files:
             raise InputError(f"{out.display(layout.shard_dir(c))}: no shard for the pruning "
                              f"table of cluster {c}; re-run assignment")
@@ -203,7 +208,8 @@ def sweep(out: Storage, eps_list: list[float], progress=None, owner: str | None 
                              "pipeline first")
         # Every cluster with a shard has its pruning table (a sweep of the others would read
         # as the whole output's), checked before anything is written.
-        lacking = sorted(set(shard_files_by_cluster(out)) - set(clusters))
+        files_of = shard_files_by_cluster(out)  # one listing for the whole sweep
+        lacking = sorted(set(files_of) - set(clusters))
         if lacking:
             raise InputError(f"{out.display(layout.pruning_table(lacking[0]))}: not found ("
                              f"{len(lacking)} of the clusters with a shard have no pruning "
@@ -214,7 +220,8 @@ def sweep(out: Storage, eps_list: list[float], progress=None, owner: str | None 
         previous_audit = out.read_bytes(layout.AUDIT) if out.exists(layout.AUDIT) else None
         record_before = run_record.begin_sweep(out, lock, new_eps, previous_audit)
         try:
-            rows = _sweep_held(out, lock, eps_list, clusters, progress, backend, cross_cluster)
+            rows = _sweep_held(out, lock, eps_list, clusters, progress, backend, cross_cluster,
+                               files_of)
         except BaseException:
             _undo_sweep(out, new_eps, previous_audit, record_before)
             raise
@@ -227,7 +234,8 @@ def sweep(out: Storage, eps_list: list[float], progress=None, owner: str | None 
 
 
 def _sweep_held(out: Storage, lock, eps_list: list[float], clusters: list[int], progress,
-                backend: Backend | None, cross_cluster: bool) -> dict[float, dict]:
+                backend: Backend | None, cross_cluster: bool,
+                files_of: dict[int, list[str]]) -> dict[float, dict]:
     """The sweep's writes, the folder held: parts, summaries, the audit, the record."""
     cross = read_cross_table(out, clusters[0], required=cross_cluster)
     covered = searched_eps(cross) if cross is not None else None
@@ -241,7 +249,8 @@ def _sweep_held(out: Storage, lock, eps_list: list[float], clusters: list[int], 
     removed = dict.fromkeys(eps_list, 0)
     scores: dict[int, np.ndarray] = {}  # read once here, for the summary and the audit
     for counts in ordered_map(lambda c: extract_from_tables(out, c, eps_list, cross_cluster,
-                                                            scores=scores),
+                                                            scores=scores,
+                                                            files=files_of.get(c, [])),
                               clusters, host_threads()):
         for eps, n in counts.items():
             removed[eps] += n
@@ -257,7 +266,7 @@ def _sweep_held(out: Storage, lock, eps_list: list[float], clusters: list[int], 
         held = [float(e) for e in previous.get("eps", {})]
         audit_output(out, clusters, held + [e for e in eps_list if e not in held],
                      backend or get_backend("auto"), previous["sample_rate"], previous["seed"],
-                     previous["cross_cluster"], scores)
+                     previous["cross_cluster"], scores, files_of)
     run_record.add_swept_eps(out, lock, eps_list, rows)
     return rows
 

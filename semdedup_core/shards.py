@@ -313,10 +313,12 @@ def shard_files_by_cluster(out: Storage) -> dict[int, list[str]]:
     return found
 
 
-def read_shard(out: Storage, cluster: int, columns: list[str] | None = None) -> pa.Table | None:
+def read_shard(out: Storage, cluster: int, columns: list[str] | None = None,
+               files: list[str] | None = None) -> pa.Table | None:
     """The shard of one cluster (all its files, in name order; the row order carries no
-    meaning: ranking sorts by distance and id); None when the cluster has none (it is empty)."""
-    files = shard_files(out, cluster)
+    meaning: ranking sorts by distance and id); None when the cluster has none (it is empty).
+    `files`: its files where the caller knows them (else listed)."""
+    files = shard_files(out, cluster) if files is None else files
     if not files:
         return None
     return pa.concat_tables(read_table(out, f, columns, ranged=columns is not None)

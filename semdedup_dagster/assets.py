@@ -308,7 +308,8 @@ def cluster_dedup_stage(context, cfg: DedupConfig, out: Storage, clusters: list[
             return
         for cluster in clusters:
             removed = extract_from_tables(out, cluster, cfg.eps_to_extract, cfg.cross_cluster,
-                                          made_from=made_from, ranked_by=cfg) \
+                                          made_from=made_from, ranked_by=cfg,
+                                          files=files_of[cluster]) \
                 if cluster in files_of else {}
             secs, last = time.perf_counter() - last, time.perf_counter()
             yield cluster, None, removed, secs

@@ -177,6 +177,9 @@ def test_a_sweep_on_s3_reads_each_table_once_or_twice(planted, s3_client, s3_end
     assert len(cross) == len(pruning) == 6 and sum(cross.values()) == 7
     assert max(pruning.values()) <= 2 and not [m for m, p in s3_requests()[before:]
                                                if m == "HEAD" and "/extraction/semdedup_" in p]
+    # The shards folder is listed once for the whole sweep, not once per cluster.
+    assert not [p for m, p in s3_requests()[before:]
+                if "prefix=out/clustering_results/embs_by_nearest_center/nearest_cent" in p]
     fresh = Storage("s3://sweep/fresh", S3Options(aws_profile, s3_endpoint))
     run_pipeline(make_config(output_path=fresh.uri, eps_to_extract=[0.01, 0.05, 0.03], **args))
     parts = out.list_files(layout.unique_ids_dir(0.03))
