@@ -271,8 +271,8 @@ def test_sweep_and_inspect_use_both_tables(capped_output, capsys, caplog, tmp_pa
 
 def test_sweep_of_a_cross_output_requires_every_cross_table(capped_output, tmp_path):
     """The run had cross_cluster (its record says so): a sweep with one cross table gone fails
-    naming it, before it writes anything (it once counted that cluster without the cross rule,
-    exit 0, wrong removals)."""
+    naming it, from one listing before it writes anything (it once counted that cluster without
+    the cross rule, exit 0, wrong removals)."""
     from semdedup_core.errors import InputError
     from semdedup_core.extraction import sweep
 
