@@ -706,17 +706,21 @@ CROSS_TABLE_MISSING = (", and cross_cluster is on: the cross tables come before 
                        "partitions first, or run the whole job)")
 
 
-def require_cross_tables(out: Storage, clusters: list[int], made_from: str,
-                         max_eps: float) -> None:
+def require_cross_tables(out: Storage, clusters: list[int], made_from: str | None = None,
+                         max_eps: float = 0.0) -> None:
     """With cross_cluster, before removals are written for `clusters` (those with a shard):
     every one of them has its cross table (one listing), else the first missing is named; and
-    each was made for this run (`check_made_for`, from the tables' footers: one request each
-    on S3), all before anything is written. Each is checked again when it is used."""
+    with `made_from` (a run's step, not a sweep of a finished output) each was made for this
+    run (`check_made_for`, from the tables' footers: one request each on S3), all before
+    anything is written. Each is checked again when it is used."""
     present = set(out.list_files(layout.CROSS_TABLES, recursive=False))
     missing = [c for c in clusters if layout.cross_table(c) not in present]
     if missing:
         raise InputError(f"{out.display(layout.cross_table(missing[0]))}: not found"
                          f"{CROSS_TABLE_MISSING}")
+
+    if made_from is None:
+        return
 
     def check(cluster: int) -> None:
         meta = footer(out, layout.cross_table(cluster)).schema.to_arrow_schema().metadata

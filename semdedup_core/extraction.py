@@ -11,8 +11,8 @@ from semdedup_core.config import DedupConfig, eps_text
 from semdedup_core.errors import InputError
 from semdedup_core.audit import EpsAudit, KeptPairsAudit, read_audit, write_audit
 from semdedup_core.backends import Backend, get_backend
-from semdedup_core.cross_cluster import (CROSS_TABLE_MISSING, check_cross_table,
-                                         read_cross_table, searched_eps)
+from semdedup_core.cross_cluster import (check_cross_table, read_cross_table,
+                                         require_cross_tables, searched_eps)
 from semdedup_core.parquet import read_table, row_count, write_table
 from semdedup_core.shards import (load_centroids, read_shard, read_shard_vectors,
                                   shard_files_by_cluster, take_rows)
@@ -218,11 +218,7 @@ def sweep(out: Storage, eps_list: list[float], progress=None, owner: str | None 
         # The run's cross_cluster: then every cluster's cross table is required (one listing).
         cross_cluster = bool((record or {}).get("config", {}).get("cross_cluster", False))
         if cross_cluster:
-            present = set(out.list_files(layout.CROSS_TABLES, recursive=False))
-            gone = [c for c in clusters if layout.cross_table(c) not in present]
-            if gone:
-                raise InputError(f"{out.display(layout.cross_table(gone[0]))}: not found"
-                                 f"{CROSS_TABLE_MISSING}")
+            require_cross_tables(out, clusters)
         new_eps = [e for e in eps_list if not out.exists(layout.summary_csv(e))]
         previous_audit = out.read_bytes(layout.AUDIT) if out.exists(layout.AUDIT) else None
         record_before = run_record.begin_sweep(out, lock, new_eps, previous_audit)
