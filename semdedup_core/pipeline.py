@@ -181,6 +181,8 @@ class ClusterResult:
     pruning: pa.Table  # as written, so callers (Dagster metadata) need not read it back
     cross: pa.Table | None = None  # the cluster's cross-cluster table (cross_cluster only)
     emb: np.ndarray | None = None  # unit rows in rank order, for the audit
+    # per eps, the removals only the cross rule makes (`removed_by_cross_only`; with a cross table)
+    by_cross_only: dict[float, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -208,15 +210,14 @@ def write_cluster_outputs(cfg: DedupConfig, out: Storage, scored: ScoredShard,
                           extract: bool, cross: pa.Table | None = None,
                           made_from: str | None = None) -> ClusterResult:
     """Write the pruning table and, with `extract`, every eps's `unique_ids` part. With
-    cross_cluster the removals take the cluster's cross table: `cross` where the caller holds
-    it, else read; either way checked against this run's (`check_cross_table`; `made_from`:
-    `run_provenance`, else read here) before anything of the cluster is written."""
+    cross_cluster the removals take the cluster's cross table: `cross` where this run made it
+    and holds it, else read from storage and checked against this run's (`check_cross_table`;
+    `made_from`: `run_provenance`, else read here) before anything of the cluster is written."""
     ranked = scored.ranked
     if not (cfg.cross_cluster and extract):
         cross = None
     elif cross is None:
         cross = read_cross_table(out, ranked.cluster, required=True)
-    if cross is not None:
         check_cross_table(out, ranked.cluster, cross, ranked.ids,
                           made_from or run_provenance(cfg, out), max(cfg.eps_to_extract))
     pruning = pa.table({layout.ID: ranked.ids, layout.MAX_ID: ranked.ids.take(pa.array(scored.match)),
@@ -225,15 +226,18 @@ def write_cluster_outputs(cfg: DedupConfig, out: Storage, scored: ScoredShard,
     removed = write_removed(out, pruning, ranked.cosine_dist, ranked.cluster,
                             cfg.eps_to_extract, cross) if extract else {}
     n = len(ranked.ids)
+    by_cross_only = {} if cross is None else {
+        e: removed_by_cross_only(pruning, cross, e) for e in cfg.eps_to_extract}
     return ClusterResult(ranked.cluster, n, removed, scored.flops,
-                         float(scored.score.max()) if n else 0.0, pruning, cross, ranked.emb)
+                         float(scored.score.max()) if n else 0.0, pruning, cross, ranked.emb,
+                         by_cross_only)
 
 
 def prune_clusters(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Backend,
                    extract: bool = True,
                    kept: KeptShards | None = None,
-                   files_of: dict[int, list[str]] | None = None
-                   ) -> Iterator[ClusterResult | None]:
+                   files_of: dict[int, list[str]] | None = None,
+                   made_from: str | None = None) -> Iterator[ClusterResult | None]:
     """Prune (and extract) each cluster, yielding results in the order given (None for a cluster
     without a shard). Results never depend on which thread computed what.
     On the CPU, each cluster is read, ranked, scored and written on a host thread of its own,
@@ -244,20 +248,23 @@ def prune_clusters(cfg: DedupConfig, out: Storage, clusters: list[int], backend:
     ones, so the device is not left waiting on parquet; about 2 x host_threads() clusters are
     in memory at once. `kept`: shards (and cross tables) the cross step kept, taken instead
     of read again. `files_of`: every cluster's shard files (none for a cluster it lacks), as
-    assignment wrote them, so that no shard folder is listed again."""
+    assignment wrote them, so that no shard folder is listed again. `made_from`: this run's
+    `run_provenance` where the caller has it (else read once, when a cross table is read)."""
     workers = host_threads()
     take = ranked_shard if kept is None else kept.ranked_shard
 
     def read(cluster: int) -> RankedShard | None:
         return take(cfg, out, cluster, None if files_of is None else files_of.get(cluster, []))
 
-    made_from = run_provenance(cfg, out) if cfg.cross_cluster and extract else None
+    provenance = functools.cache(lambda: made_from or run_provenance(cfg, out))
 
     def finish(s: ScoredShard | None) -> ClusterResult | None:
         if s is None:
             return None
         cross = kept.table(s.ranked.cluster) if kept is not None else None
-        return write_cluster_outputs(cfg, out, s, extract, cross, made_from)
+        read = cfg.cross_cluster and extract and cross is None  # checked against `provenance`
+        return write_cluster_outputs(cfg, out, s, extract, cross,
+                                     provenance() if read else None)
 
     with backend.compute_pool() as pool:
         if pool is not None:
@@ -322,7 +329,7 @@ def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Back
     audit's time would flatter the prune row (its seconds are what #14's GFLOP/s divide).
     `kept`: shards the cross step kept (`cross_all`); `files_of`: see `prune_clusters`;
     `by_cross_only`: with cross_cluster, summed into per eps: the removals only the cross-cluster
-    rule makes (`removed_by_cross_only`)."""
+    rule makes (`ClusterResult.by_cross_only`)."""
     timer = timer or PhaseTimer()
     flops = 0
     removed = dict.fromkeys(cfg.eps_to_extract, 0)
@@ -343,9 +350,9 @@ def prune_all(cfg: DedupConfig, out: Storage, clusters: list[int], backend: Back
                 flops += result.flops
                 for eps, n in result.removed.items():
                     removed[eps] += n
-                    if by_cross_only is not None and result.cross is not None:
-                        by_cross_only[eps] = by_cross_only.get(eps, 0) + \
-                            removed_by_cross_only(result.pruning, result.cross, eps)
+                if by_cross_only is not None:
+                    for eps, n in result.by_cross_only.items():
+                        by_cross_only[eps] = by_cross_only.get(eps, 0) + n
                 if audit is not None:
                     beside(functools.partial(check, result))
             bar.update(1)

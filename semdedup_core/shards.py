@@ -424,20 +424,20 @@ class KeptShards:
     def __init__(self, budget: int):
         self.budget = budget
         self.kept: dict[int, RankedShard] = {}
-        self.tables: dict[int, object] = {}  # cluster -> its cross table (pa.Table)
+        self.tables: dict[int, pa.Table] = {}  # cluster -> its cross table, as written
 
     def keep(self, ranked: RankedShard) -> None:
         if ranked.emb.nbytes <= self.budget:
             self.budget -= ranked.emb.nbytes
             self.kept[ranked.cluster] = ranked
 
-    def keep_table(self, cluster: int, table) -> None:
+    def keep_table(self, cluster: int, table: pa.Table) -> None:
         """A cluster's cross table as written: kept where its shard is (tens of bytes a clip
         beside the shard's kilobytes)."""
         if cluster in self.kept:
             self.tables[cluster] = table
 
-    def table(self, cluster: int):
+    def table(self, cluster: int) -> pa.Table | None:
         """The kept cross table of `cluster` (given up), else None."""
         return self.tables.pop(cluster, None)
 

@@ -23,7 +23,7 @@ from semdedup_core.audit import audit_rate
 from semdedup_core.cross_cluster import (cross_cluster_tables, require_cross_tables,
                                          run_provenance)
 from semdedup_core.extraction import (audit_output, check_rank_order, extract_from_tables,
-                                      removed_by_cross_only, removed_mask, summarize)
+                                      removed_mask, summarize)
 from semdedup_core.inspection import EPS_GRID, score_stats
 from semdedup_core.shards import load_centroids, save_centroids, shard_files_by_cluster
 from semdedup_core.pipeline import (
@@ -168,14 +168,17 @@ def assign_stage(context, cfg: DedupConfig, storage: LayoutStorage, only: set[in
 def cross_stage(context, cfg: DedupConfig, out: Storage, backend,
                 targets: list[int] | None = None):
     """With cross_cluster, write the cross tables of `targets` (default: every non-empty
-    cluster), yielding (cluster, metadata) per table; without it, nothing (the tables of an
-    earlier run go with the other leftovers in the summary step)."""
+    cluster; those without a shard are left out), yielding (cluster, metadata) per table;
+    without it, nothing (the tables of an earlier run go with the other leftovers in the
+    summary step)."""
     if not cfg.cross_cluster:
         return
     with holding_output(context, out) as lock:
         run_record.begin_writing(out, lock)
         last = time.perf_counter()
         files_of = shard_files_by_cluster(out)  # one listing, not one per shard folder
+        if targets is not None:
+            targets = [k for k in targets if k in files_of]
         for result in cross_cluster_tables(cfg, out, sorted(files_of), backend, targets,
                                            files_of=files_of):
             secs, last = time.perf_counter() - last, time.perf_counter()
@@ -223,13 +226,13 @@ def cluster_metadata(out: Storage, result: ClusterResult, seconds: float) -> dic
 
 
 def removed_metadata(cfg: DedupConfig, out: Storage, cluster: int, removed: dict,
-                     result=None) -> dict:
+                     result: ClusterResult | None = None) -> dict:
     """A unique_ids partition's: removals and parts per eps; with cross_cluster, where the
-    cluster's tables are at hand (`result`), how many of them only the cross rule makes."""
+    step pruned the cluster (`result`), how many of them only the cross rule makes."""
     meta = {f"removed_{eps_text(e)}": int(n) for e, n in removed.items()}
-    if result is not None and result.cross is not None:
-        meta.update({f"removed_by_cross_only_{eps_text(e)}":
-                     removed_by_cross_only(result.pruning, result.cross, e) for e in removed})
+    if result is not None:
+        meta.update({f"removed_by_cross_only_{eps_text(e)}": n
+                     for e, n in result.by_cross_only.items()})
     meta.update({f"path_{eps_text(e)}": where(out, layout.unique_ids_part(e, cluster))
                  for e in cfg.eps_to_extract})
     return meta
@@ -302,7 +305,8 @@ def cluster_dedup_stage(context, cfg: DedupConfig, out: Storage, clusters: list[
         if prune:
             for cluster, result in zip(clusters, prune_clusters(cfg, out, clusters, backend,
                                                                 extract=extract,
-                                                                files_of=files_of)):
+                                                                files_of=files_of,
+                                                                made_from=made_from)):
                 secs, last = time.perf_counter() - last, time.perf_counter()
                 yield cluster, result, (result.removed if result else {}), secs
             return
@@ -372,8 +376,7 @@ def cross_cluster_tables_asset(context: AssetExecutionContext, semdedup: Semdedu
                                layout_storage: LayoutStorage) -> MaterializeResult:
     cfg = semdedup.engine()
     out = layout_storage.output(cfg)
-    present = set(nonempty_clusters(out))
-    targets = sorted(k for k in map(int, context.partition_keys) if k in present)
+    targets = sorted(map(int, context.partition_keys))
     done = dict(cross_stage(context, cfg, out, get_backend(cfg.backend), targets))
     for k, meta in done.items():  # each partition's own figures and table (as the job's)
         context.add_asset_metadata(meta, partition_key=str(k))
