@@ -211,7 +211,8 @@ def format_inspection(out: Storage, ids: list[str], top: int = 10,
                              f"cluster {rep.cross_max_cluster} (cosine similarity "
                              f"{rep.cross_score:.6f})")
         for e, rule in rep.removed.items():
-            match = "" if rule is None else f" by the {rule} rule" + (
+            both = rule is not None and " and " in rule
+            match = "" if rule is None else f" by the {rule} rule{'s' if both else ''}" + (
                 f" (matching {rep.cross_max_id} of cluster {rep.cross_max_cluster})"
                 if rule == "cross-cluster" else f" (matching {rep.max_id})"
                 if rule == "in-cluster" else "")
